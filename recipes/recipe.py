@@ -1,0 +1,247 @@
+"""Recipes: TOML files that say how to train and evaluate everything for one dataset and scale.
+
+A recipe has the sections `data`, `tokenizer`, `ar`, `diffusion` and `evaluate`. A model
+section takes the fields of that model's config dataclass plus the fields of `TrainConfig`
+(`steps`, `batch_size`, `lr`, ...). Every key is checked: an unknown key, in the file or in
+`--set section.key=value`, is an error that names it. The resolved recipe (defaults filled in)
+is written to `RUN/recipe.toml`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vqdiff.train import TrainConfig
+
+RECIPE_DIR = Path(__file__).parent
+
+
+class RecipeError(Exception):
+    """A bad recipe or --set; the message is one line."""
+
+
+DATA_DEFAULTS: dict[str, Any] = {
+    "dataset": "mnist",
+    "image_size": 32,
+    "path": "",  # the image folder, for dataset = "folder"
+    "limit_train": 0,  # > 0: use only the first N training images
+    "limit_test": 0,
+    "seed": 0,  # for `shapes`
+}
+
+EVALUATE_DEFAULTS: dict[str, Any] = {
+    "generators": ["ar", "diffusion"],
+    "num": 1000,  # samples per generator and setting
+    "steps": [4, 8, 16],  # diffusion sampling steps (AR ignores them)
+    "temperatures": [1.0],
+    "cfg": 1.0,  # classifier-free guidance scale for class-conditional generators (1 = none)
+    "extractor": "auto",  # auto | classifier | inception
+    "batch_size": 100,  # sampling batch size
+    "seed": 0,
+    "gif_steps": 16,  # steps of the diffusion trajectory GIF in the report
+}
+
+# keys a generator section takes besides its model config and TrainConfig
+GENERATOR_EXTRAS: dict[str, Any] = {"conditional": True}
+# filled in from the tokenizer and the dataset, not from the recipe (the recipe may state them; they are checked)
+DERIVED = {"tokenizer": ("channels", "image_size"), "ar": ("codebook_size", "grid_h", "grid_w", "num_classes")}
+DERIVED["diffusion"] = DERIVED["ar"]
+
+
+def _model_config_cls(section: str) -> type:
+    if section == "tokenizer":
+        from vqdiff.tokenizer import TokenizerConfig
+
+        return TokenizerConfig
+    if section == "ar":
+        from vqdiff.ar import ARConfig
+
+        return ARConfig
+    from vqdiff.diffusion import DiffusionConfig
+
+    return DiffusionConfig
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    if section == "data":
+        return dict(DATA_DEFAULTS)
+    if section == "evaluate":
+        return dict(EVALUATE_DEFAULTS)
+    model = {k: v for k, v in _defaults(_model_config_cls(section)).items() if k not in DERIVED[section]}
+    train = _defaults(TrainConfig)
+    extras = GENERATOR_EXTRAS if section in ("ar", "diffusion") else {}
+    return {**model, **train, **extras}
+
+
+SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
+
+
+def _allowed(section: str) -> set[str]:
+    allowed = set(section_defaults(section))
+    if section in DERIVED:
+        allowed |= set(DERIVED[section])
+    return allowed
+
+
+@dataclass
+class Recipe:
+    name: str
+    sections: dict[str, dict[str, Any]]  # every section, defaults filled in
+    source: str  # the file it came from
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.sections[section]
+
+    # ------------------------------------------------------------------ configs
+
+    def train_config(self, section: str) -> TrainConfig:
+        keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        return _build(TrainConfig, {k: v for k, v in self.sections[section].items() if k in keys}, section)
+
+    def model_config(self, section: str, **derived: Any) -> Any:
+        """The model's config dataclass from the section, with derived fields (e.g. `codebook_size`).
+
+        A derived field the recipe states must agree with the derived value.
+        """
+        cls = _model_config_cls(section)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in self.sections[section].items() if k in fields}
+        for k, v in derived.items():
+            if k in values and values[k] != v:
+                raise RecipeError(f"{section}.{k} = {values[k]} does not match the {_derived_from(k)} ({v})")
+            values[k] = v
+        return _build(cls, values, section)
+
+    def to_toml(self) -> str:
+        lines = [f"name = {_toml_value(self.name)}", ""]
+        for section in SECTIONS:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in self.sections[section].items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _derived_from(key: str) -> str:
+    return {"codebook_size": "tokenizer's codebook", "grid_h": "tokenizer's grid", "grid_w": "tokenizer's grid"}.get(
+        key, "dataset"
+    )
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    fixed = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints.get(k)) else v for k, v in values.items()}
+    try:
+        return cls(**fixed)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"[{section}] {e}") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise RecipeError(f"cannot write {v!r} to TOML")
+
+
+def bundled() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return p
+    bundled_path = RECIPE_DIR / f"{name_or_path}.toml"
+    if not bundled_path.is_file():
+        raise RecipeError(f"unknown recipe {name_or_path!r}; bundled: {', '.join(bundled())}, or give a path to a .toml")
+    return bundled_path
+
+
+def parse_set(item: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value); the value is read as TOML, else as a string."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    if "." not in key:
+        raise RecipeError(f"--set {item!r}: the key needs its section, e.g. tokenizer.steps=100")
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, name, value
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = find_recipe(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    return resolve(raw, source=str(path), default_name=path.stem, overrides=overrides)
+
+
+def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()) -> Recipe:
+    raw = copy.deepcopy(raw)
+    name = raw.pop("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise RecipeError(f"{source}: name must be a non-empty string")
+    for key in raw:
+        if key not in SECTIONS:
+            raise RecipeError(f"{source}: unknown section or key {key!r}; sections are {', '.join(SECTIONS)}")
+    for item in overrides:
+        section, key, value = parse_set(item)
+        if section not in SECTIONS:
+            raise RecipeError(f"--set {item!r}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})[key] = value
+    sections = {}
+    for section in SECTIONS:
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise RecipeError(f"{source}: [{section}] must be a table")
+        unknown = sorted(set(given) - _allowed(section))
+        if unknown:
+            raise RecipeError(f"unknown key {section}.{unknown[0]} in {source} or --set")
+        merged = section_defaults(section)
+        for k, v in given.items():
+            default = merged.get(k)
+            if default is not None and not _same_type(default, v):
+                raise RecipeError(f"{section}.{k} = {v!r}: expected a {type(default).__name__}")
+            merged[k] = v
+        sections[section] = merged
+    recipe = Recipe(name=name, sections=sections, source=source)
+    for section in ("tokenizer", "ar", "diffusion"):
+        recipe.train_config(section)  # validate now, not after an hour of training
+    return recipe
+
+
+def _same_type(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))

@@ -1,0 +1,223 @@
+"""Save and load models as a folder: `config.json` + `model.safetensors` (+ `train_state.pt`).
+
+`config.json` carries `kind`, `format_version` and the model's dataclass config, so a folder is
+enough to rebuild the model (nanoGPT's lesson). Weights come from the plain module (never a
+compiled or DDP-wrapped one: nanoGPT issue #325) and are loaded with `strict=True` (taming's
+`strict=False` silently dropped weights). Every write goes to a temp file and is `os.replace`d,
+so a kill never leaves half a checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that is missing, corrupt or does not fit the model; the message is one line."""
+
+
+# kind -> (config dataclass, model class)
+_REGISTRY: dict[str, tuple[type, type]] = {}
+
+
+def register_model(kind: str, config_cls: type) -> Callable[[type], type]:
+    """Class decorator: `@register_model("ar", ARConfig)` makes `load_model` able to rebuild it."""
+
+    def wrap(model_cls: type) -> type:
+        _REGISTRY[kind] = (config_cls, model_cls)
+        model_cls.kind = kind
+        return model_cls
+
+    return wrap
+
+
+def _ensure_registry() -> None:
+    # the models register themselves on import; import them lazily to avoid cycles
+    import importlib
+
+    for mod in ("vqdiff.tokenizer", "vqdiff.ar", "vqdiff.diffusion"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a module not written yet is not an error here
+            if e.name != mod:
+                raise
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# ---------------------------------------------------------------- config <-> dict
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(cls: type, d: dict[str, Any], *, where: str = "config") -> Any:
+    """Build a dataclass config from a dict, rejecting unknown keys and restoring tuples."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in d.items():
+        origin = typing.get_origin(hints.get(k))
+        if isinstance(v, list) and origin is tuple:
+            v = tuple(v)
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+    _atomic_write(Path(path), w)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e})") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); delete it to retrain") from None
+
+
+# ---------------------------------------------------------------- models
+
+
+def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write `config.json` and `model.safetensors` for a registered model into `folder`."""
+    model = unwrap(model)
+    folder = Path(folder)
+    # weights first, config last: a folder with a config always has matching weights
+    save_tensors(folder / WEIGHTS_FILE, model.state_dict())
+    meta = {"kind": model.kind, "format_version": FORMAT_VERSION, "config": config_to_dict(model.cfg)}
+    if extra:
+        meta.update(extra)
+    write_json(folder / CONFIG_FILE, meta)
+
+
+def read_config(folder: str | Path, kind: str | None = None) -> tuple[str, Any]:
+    """(kind, config dataclass) from a checkpoint folder's `config.json`."""
+    _ensure_registry()
+    folder = Path(folder)
+    meta = read_json(folder / CONFIG_FILE)
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a vqdiff checkpoint config")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    found = meta["kind"]
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{folder} holds a {found!r} checkpoint, not {kind!r}")
+    if found not in _REGISTRY:
+        raise CheckpointError(f"{folder}: unknown model kind {found!r}")
+    config_cls, _ = _REGISTRY[found]
+    return found, config_from_dict(config_cls, meta["config"], where=str(folder / CONFIG_FILE))
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load `model.safetensors` into `model` strictly; a mismatch is a CheckpointError."""
+    path = Path(folder) / WEIGHTS_FILE
+    state = load_tensors(path)
+    try:
+        unwrap(model).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path} does not fit the model config: {' '.join(first[:3])[:300]}") from None
+
+
+def load_model(folder: str | Path, kind: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from its folder alone, strictly. Returns it in eval mode on `device`."""
+    kind, cfg = read_config(folder, kind)
+    _, model_cls = _REGISTRY[kind]
+    model = model_cls(cfg)
+    load_weights(model, folder)
+    return model.to(device).eval()
+
+
+def is_complete(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / CONFIG_FILE).exists() and (folder / WEIGHTS_FILE).exists()
+
+
+# ---------------------------------------------------------------- training state
+
+
+def save_train_state(folder: str | Path, state: dict[str, Any]) -> None:
+    _atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_train_state(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a truncated zip
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it to restart") from None

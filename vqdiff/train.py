@@ -1,0 +1,301 @@
+"""One training loop for the tokenizer and both generators.
+
+A model plugs in by owning `cfg` (a frozen dataclass), `kind` (from `register_model`) and
+`loss(batch) -> (loss, logs)`. The loop owns the optimiser (AdamW), warmup + cosine LR,
+gradient clipping, autocast, an optional EMA of the weights, atomic checkpoints and resume.
+
+Determinism: the batch of step s is a function of (seed, s) alone (epoch permutations), and the
+global RNG is re-seeded from (seed, s) before every step, so a run that is killed and resumed
+from its last checkpoint computes the same losses as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from vqdiff.checkpoint import (
+    CheckpointError,
+    config_to_dict,
+    load_train_state,
+    save_model,
+    save_train_state,
+    unwrap,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables
+    ema: float = 0.0  # decay of the weight EMA; 0 disables
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
+
+TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+class BatchSource(Protocol):
+    """Anything with a length and a way to gather a batch dict from indices."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class TensorSource:
+    """In-memory tensors sharing the first dimension, e.g. {"ids": [n h w], "labels": [n]}."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        sizes = {len(t) for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"tensors differ in length: {sizes}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[indices] for k, v in self.tensors.items()}
+
+
+@lru_cache(maxsize=4)
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the batch at `step`: consecutive slices of per-epoch permutations (pure in its inputs)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(_epoch_perm(n, seed, epoch)[offset : offset + take].tolist())
+    return torch.tensor(out, dtype=torch.long)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 7_919 + step * 104_729 + 1) % (2**63 - 1)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # decay matrices and convolutions only; never norms, biases or embeddings' padding (nanoGPT)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+    )
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(p, 1 - decay)
+        else:
+            e.copy_(p)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the weights to use: the EMA when enabled
+    step: int
+    resumed_from: int
+    logs: list[dict[str, Any]]
+
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+def train(
+    model: nn.Module,
+    data: BatchSource,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    on_log: LogFn | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` on `data` for `cfg.steps` steps, checkpointing into `out_dir`.
+
+    Running it again with the same arguments resumes from `out_dir/train_state.pt`.
+    `on_log(step, logs)` is called every `log_every` steps (the CLI draws its progress bar there).
+    `stop_after` ends the call early after that many steps in total (used to test resume).
+    Returns the trained model (the EMA copy when `cfg.ema > 0`) in eval mode.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = unwrap(model).to(device)
+    amp = autocast_dtype(cfg.precision, device)
+    opt = make_optimizer(model, cfg, device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
+    step = 0
+    log_path = out_dir / "log.jsonl"
+
+    state = load_train_state(out_dir)
+    if state is not None:
+        if state.get("model_config") != config_to_dict(model.cfg):
+            raise CheckpointError(
+                f"{out_dir / 'train_state.pt'} was saved for another {model.kind} config; "
+                "use another run dir or delete it"
+            )
+        try:
+            model.load_state_dict(state["model"], strict=True)
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"], strict=True)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{out_dir / 'train_state.pt'} does not fit the model ({str(e)[:200]})") from None
+        step = int(state["step"])
+    resumed_from = step
+    _truncate_log(log_path, step)
+
+    def checkpoint(at: int) -> None:
+        final = ema if ema is not None else model
+        # weights and config first, then the resumable state: a crash in between re-runs a few steps
+        save_model(final, out_dir, extra={"trained_steps": at, "train": config_to_dict(cfg)})
+        save_train_state(
+            out_dir,
+            {
+                "step": at,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "model_config": config_to_dict(model.cfg),
+                "train_config": config_to_dict(cfg),
+            },
+        )
+
+    fwd = torch.compile(model) if cfg.compile else model
+    logs: list[dict[str, Any]] = []
+    last_end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    window_t, window_items = time.perf_counter(), 0
+    model.train()
+    with open(log_path, "a") as log_file:
+        while step < last_end:
+            torch.manual_seed(step_seed(cfg.seed, step))
+            batch = data.batch(batch_indices(len(data), cfg.batch_size, step, cfg.seed))
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, step_logs = fwd.loss(batch) if fwd is model else unwrap(fwd).loss(batch)
+            if not torch.isfinite(loss):
+                checkpoint(step) if step > resumed_from else None
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {out_dir}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
+            )
+            opt.step()
+            if ema is not None:
+                _ema_update(ema, model, cfg.ema)
+            step += 1
+            window_items += len(next(iter(batch.values())))
+            if step % cfg.log_every == 0 or step == last_end:
+                dt = time.perf_counter() - window_t
+                entry = {
+                    "step": step,
+                    "loss": float(loss.item()),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "items_per_s": window_items / max(dt, 1e-9),
+                    **{k: float(v) for k, v in step_logs.items()},
+                }
+                logs.append(entry)
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                if on_log is not None:
+                    on_log(step, entry)
+                window_t, window_items = time.perf_counter(), 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint(step)
+    if step > resumed_from and step % cfg.checkpoint_every != 0 and step != cfg.steps:
+        checkpoint(step)  # stop_after: keep what was done
+    final = ema if ema is not None else model
+    return TrainResult(model=final.eval(), step=step, resumed_from=resumed_from, logs=logs)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so a resumed log reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def is_trained(out_dir: str | Path, steps: int) -> bool:
+    """True when `out_dir` holds a finished run of `steps` steps."""
+    state_path = Path(out_dir) / "config.json"
+    if not state_path.exists() or not (Path(out_dir) / "model.safetensors").exists():
+        return False
+    try:
+        return int(json.loads(state_path.read_text()).get("trained_steps", -1)) >= steps
+    except (json.JSONDecodeError, ValueError, TypeError):
+        return False
