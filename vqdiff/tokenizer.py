@@ -74,7 +74,11 @@ class Decoder(nn.Module):
             layers += [ResBlock(w, w) for _ in range(num_res)]
         layers += [_norm(widths[-1]), nn.SiLU(), nn.ConvTranspose2d(widths[-1], channels, 4, stride=2, padding=1)]
         self.net = nn.Sequential(*layers)
-        self.last = layers[-1]  # the VQGAN adaptive weight is taken at this layer
+
+    @property
+    def last(self) -> nn.Module:
+        """The output layer: the VQGAN adaptive weight balances gradients here."""
+        return self.net[-1]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

@@ -1,0 +1,114 @@
+"""CliRunner runs of every command on a tiny `shapes` run, and of bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from recipes.cli import app
+
+runner = CliRunner()
+
+TINY = [
+    "data.limit_train=96",
+    "data.limit_test=32",
+    "tokenizer.steps=6",
+    "tokenizer.batch_size=16",
+    "tokenizer.width=8",
+    "tokenizer.max_width=16",
+    "tokenizer.codebook_size=16",
+    "tokenizer.codebook_dim=4",
+    "tokenizer.warmup_steps=1",
+    "tokenizer.checkpoint_every=3",
+]
+
+
+def sets(items):
+    return [x for item in items for x in ("--set", item)]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def tok_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "shapes"
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", run, *sets(TINY))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_train_tokenizer_writes_metrics_and_reconstructions(tok_run):
+    metrics = json.loads((tok_run / "tokenizer" / "metrics.json").read_text())
+    for key in ("psnr", "mse", "codebook_usage", "perplexity"):
+        assert key in metrics
+    assert 0 <= metrics["codebook_usage"] <= 1
+    assert (tok_run / "tokenizer" / "reconstructions.png").stat().st_size > 0
+    for f in ("config.json", "model.safetensors", "train_state.pt", "log.jsonl"):
+        assert (tok_run / "tokenizer" / f).exists()
+    assert "steps = 6" in (tok_run / "recipe.toml").read_text()
+
+
+def test_train_tokenizer_again_skips_finished_stage(tok_run):
+    before = (tok_run / "tokenizer" / "model.safetensors").stat().st_mtime_ns
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", tok_run, *sets(TINY))
+    assert result.exit_code == 0, result.output
+    assert (tok_run / "tokenizer" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_encode_writes_tokens(tok_run):
+    result = invoke("encode", tok_run)
+    assert result.exit_code == 0, result.output
+    from vqdiff.data import load_tokens
+
+    ids, labels = load_tokens(tok_run / "tokens" / "train.safetensors")
+    assert ids.shape == (96, 8, 8) and labels.shape == (96,)
+    assert 0 <= ids.min() and ids.max() < 16
+    ids_test, _ = load_tokens(tok_run / "tokens" / "test.safetensors")
+    assert ids_test.shape == (32, 8, 8)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:")
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_unknown_recipe_key_in_set(tmp_path):
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path, "--set", "tokenizer.stepz=5")
+    one_line_error(result, "tokenizer.stepz")
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ndataset = "shapes"\ncolour = "blue"\n')
+    result = invoke("train", "tokenizer", bad, "--run-dir", tmp_path / "run")
+    one_line_error(result, "data.colour")
+
+
+def test_unknown_recipe_name(tmp_path):
+    result = invoke("train", "tokenizer", "no-such-recipe", "--run-dir", tmp_path)
+    one_line_error(result, "no-such-recipe")
+
+
+def test_bad_value_type(tmp_path):
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path, "--set", "tokenizer.steps=many")
+    one_line_error(result, "tokenizer.steps")
+
+
+def test_missing_data_root(tmp_path):
+    result = invoke(
+        "train", "tokenizer", "mnist", "--run-dir", tmp_path / "run", "--data-root", tmp_path / "nowhere"
+    )
+    one_line_error(result, str(tmp_path / "nowhere"), "VQDIFF_DATA_ROOT")
+
+
+def test_encode_without_run(tmp_path):
+    result = invoke("encode", tmp_path)
+    one_line_error(result, "not a run folder")
