@@ -166,6 +166,80 @@ def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None)
         )
 
 
+def _train_generator(kind: str, recipe, run_dir, set_, data_root, device) -> None:
+    with edge():
+        r, ctx = _context(recipe, run_dir, set_, data_root, device)
+        if not (ctx.run_dir / "tokenizer" / "config.json").exists():
+            fail(f"no tokenizer in {ctx.run_dir}; run `vqdiff train tokenizer {recipe}` first")
+        stages.write_recipe(r, ctx.run_dir)
+        with progress_bar() as p:
+            metrics = stages.train_generator(
+                kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"), on_batch=batch_logger(p, "encode")
+            )
+        what = "exact" if metrics["kind"] == "exact" else "ELBO bound"
+        out.print(
+            f"{kind}: {metrics['bits_per_token']:.3f} bits per token on the test split ({what}) -> {ctx.run_dir / kind}",
+            soft_wrap=True,
+        )
+
+
+@train_app.command("ar")
+def train_ar(
+    recipe: RecipeArg, run_dir: RunDirOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None, device: DeviceOpt = None
+) -> None:
+    """Train the next-token generator on RUN/tokens (encoding the dataset first if needed)."""
+    _train_generator("ar", recipe, run_dir, set_, data_root, device)
+
+
+@train_app.command("diffusion")
+def train_diffusion(
+    recipe: RecipeArg, run_dir: RunDirOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None, device: DeviceOpt = None
+) -> None:
+    """Train the discrete diffusion generator on RUN/tokens (encoding the dataset first if needed)."""
+    _train_generator("diffusion", recipe, run_dir, set_, data_root, device)
+
+
+@app.command("sample")
+def sample(
+    run: RunArg,
+    generator: Annotated[str, typer.Option("--generator", "-g", help="ar or diffusion.")] = "diffusion",
+    num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature, > 0.")] = 1.0,
+    steps: Annotated[Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes (AR ignores it).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="AR: keep the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR: nucleus sampling.")] = None,
+    class_: Annotated[Optional[int], typer.Option("--class", help="Class to generate (conditional models).")] = None,
+    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")] = 1.0,
+    prefix_rows: Annotated[int, typer.Option("--prefix-rows", help="AR: keep the first R token rows of test images.")] = 0,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder. [default: RUN/samples/GEN-tT-sS]")] = None,
+    gif: Annotated[bool, typer.Option("--gif", help="Diffusion: write trajectory.gif, the grid after every step.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per sampling batch.")] = 64,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="AR: recompute every step without the KV cache.")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Sample images from a trained generator: PNGs, grid.png and (diffusion, --gif) trajectory.gif."""
+    with edge():
+        if generator == "ar" and steps is not None:
+            console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
+        spec = stages.SampleSpec(
+            generator=generator, num=num, temperature=temperature, steps=steps if steps is not None else 8, seed=seed,
+            top_k=top_k, top_p=top_p, class_=class_, cfg=cfg, prefix_rows=prefix_rows, batch_size=batch_size,
+            use_cache=not no_cache,
+        )  # fmt: skip
+        spec.validate()
+        if gif and generator != "diffusion":
+            console.print("note: --gif is for the diffusion generator; ignored")
+        ctx = stages.Context(run, None, device)
+        with progress_bar() as p:
+            result = stages.generate(ctx, spec, out=out_dir, gif=gif, on_batch=batch_logger(p, f"sample {generator}"))
+        out.print(
+            f"{num} images from {generator} at {result.images_per_second:.1f} images/s "
+            f"({result.forward_passes} forward passes each) -> {result.folder}",
+            soft_wrap=True,
+        )
+
+
 def main() -> None:
     app()
 

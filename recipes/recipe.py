@@ -47,7 +47,10 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
 }
 
 # keys a generator section takes besides its model config and TrainConfig
-GENERATOR_EXTRAS: dict[str, Any] = {"conditional": True}
+GENERATOR_EXTRAS: dict[str, Any] = {
+    "conditional": True,  # class-conditional (with CFG) when the dataset has labels
+    "eval_grids": 2000,  # test grids for bits per token after training (0 = all)
+}
 # filled in from the tokenizer and the dataset, not from the recipe (the recipe may state them; they are checked)
 DERIVED = {"tokenizer": ("channels", "image_size"), "ar": ("codebook_size", "grid_h", "grid_w", "num_classes")}
 DERIVED["diffusion"] = DERIVED["ar"]

@@ -229,3 +229,342 @@ def ensure_tokens(ctx: Context, on_batch=None) -> dict[str, Any]:
     if not tokens_current(ctx.run_dir):
         encode_dataset(ctx, on_batch)
     return read_json(ctx.run_dir / "tokens" / "meta.json")
+
+
+# ------------------------------------------------------------------ generators
+
+
+def generator_class(kind: str) -> type:
+    if kind == "ar":
+        from vqdiff.ar import ARTransformer
+
+        return ARTransformer
+    if kind == "diffusion":
+        from vqdiff.diffusion import DiffusionTransformer
+
+        return DiffusionTransformer
+    raise StageError(f"unknown generator {kind!r}; choose ar or diffusion")
+
+
+def check_fits_tokenizer(kind: str, cfg: Any, tokens_meta: dict[str, Any], where: Path) -> None:
+    """Refuse a generator whose codebook or grid is not the tokenizer's."""
+    grid = tuple(tokens_meta["grid"])
+    if cfg.codebook_size != tokens_meta["codebook_size"] or (cfg.grid_h, cfg.grid_w) != grid:
+        raise StageError(
+            f"the {kind} generator in {where} expects a {cfg.codebook_size}-code book and a "
+            f"{cfg.grid_h}x{cfg.grid_w} grid, but the tokenizer has {tokens_meta['codebook_size']} codes "
+            f"and a {grid[0]}x{grid[1]} grid; retrain the {kind} generator (delete {where}) or use another run dir"
+        )
+
+
+def tokenizer_meta(run_dir: Path) -> dict[str, Any]:
+    """codebook_size and grid of the run's tokenizer, from its config alone."""
+    from vqdiff.checkpoint import read_config
+
+    folder = run_dir / "tokenizer"
+    if not (folder / "config.json").exists():
+        raise StageError(f"no tokenizer in {run_dir}; run `vqdiff train tokenizer` first")
+    _, cfg = read_config(folder, "tokenizer")
+    return {"codebook_size": cfg.codebook_size, "grid": list(cfg.grid)}
+
+
+def generator_config(kind: str, recipe: Recipe, meta: dict[str, Any]) -> Any:
+    section = recipe[kind]
+    num_classes = meta.get("num_classes", 0) if section["conditional"] else 0
+    return recipe.model_config(
+        kind,
+        codebook_size=meta["codebook_size"],
+        grid_h=meta["grid"][0],
+        grid_w=meta["grid"][1],
+        num_classes=num_classes,
+    )
+
+
+def train_generator(kind: str, recipe: Recipe, ctx: Context, on_log=None, on_batch=None) -> dict[str, Any]:
+    """Train (or resume) the `kind` generator on RUN/tokens, then measure bits per token on the test split."""
+    folder = ctx.run_dir / kind
+    generator_class(kind)
+    tcfg = recipe.train_config(kind)
+    meta = ensure_tokens(ctx, on_batch)
+    if (folder / "config.json").exists():
+        from vqdiff.checkpoint import read_config
+
+        _, old = read_config(folder, kind)
+        check_fits_tokenizer(kind, old, meta, folder)
+    cfg = generator_config(kind, recipe, meta)
+    if is_trained(folder, tcfg.steps) and (folder / "metrics.json").exists():
+        return read_json(folder / "metrics.json")
+    ids, labels = load_tokens(ctx.run_dir / "tokens" / "train.safetensors")
+    t0 = time.perf_counter()
+    result = train(
+        generator_class(kind)(cfg), TensorSource(ids=ids, labels=labels), tcfg, folder, device=ctx.torch_device, on_log=on_log
+    )
+    seconds = time.perf_counter() - t0
+    metrics = test_bits_per_token(result.model, ctx, recipe[kind]["eval_grids"])
+    n_params = sum(p.numel() for p in result.model.parameters())
+    metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params)
+    write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def test_bits_per_token(model: Any, ctx: Context, max_grids: int, batch_size: int = 250) -> dict[str, Any]:
+    ids, labels = load_tokens(ctx.run_dir / "tokens" / "test.safetensors")
+    if max_grids:
+        ids, labels = ids[:max_grids], labels[:max_grids]
+    gen = torch.Generator(device=ctx.torch_device).manual_seed(0)
+    total, info = 0.0, {}
+    for start in range(0, len(ids), batch_size):
+        batch = {"ids": ids[start : start + batch_size], "labels": labels[start : start + batch_size]}
+        info = model.bits_per_token(batch, generator=gen)
+        total += info["bits_per_token"] * len(batch["ids"])
+    return {
+        "bits_per_token": total / len(ids),
+        "kind": info.get("kind"),  # exact (AR) or elbo (diffusion: an upper bound)
+        "estimator": info.get("estimator"),
+        "split": "test",
+        "num_grids": len(ids),
+        "conditional": model.cfg.num_classes > 0,
+    }
+
+
+def load_generator(run_dir: Path, kind: str, device: torch.device | str = "cpu") -> Any:
+    generator_class(kind)
+    folder = run_dir / kind
+    if not (folder / "config.json").exists():
+        raise StageError(f"no {kind} generator in {run_dir}; run `vqdiff train {kind}` first")
+    model = load_model(folder, kind, device)
+    check_fits_tokenizer(kind, model.cfg, tokenizer_meta(run_dir), folder)
+    return model
+
+
+# ------------------------------------------------------------------ sampling
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    generator: str
+    num: int = 64
+    temperature: float = 1.0
+    steps: int = 8  # diffusion forward passes; AR ignores it
+    seed: int = 0
+    top_k: int | None = None
+    top_p: float | None = None
+    class_: int | None = None  # None: random classes for a conditional model
+    cfg: float = 1.0
+    prefix_rows: int = 0
+    batch_size: int = 64
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        if self.generator not in GENERATORS:
+            raise StageError(f"unknown generator {self.generator!r}; choose ar or diffusion")
+        if not self.temperature > 0:
+            raise StageError(f"temperature must be > 0, got {self.temperature}")
+        if self.steps < 1:
+            raise StageError(f"steps must be >= 1, got {self.steps}")
+        if self.num < 1:
+            raise StageError(f"num must be >= 1, got {self.num}")
+        if self.batch_size < 1:
+            raise StageError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.top_k is not None and self.top_k < 1:
+            raise StageError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise StageError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not self.cfg > 0:
+            raise StageError(f"cfg must be > 0 (1 = no guidance), got {self.cfg}")
+        if self.prefix_rows < 0:
+            raise StageError(f"prefix rows must be >= 0, got {self.prefix_rows}")
+        if self.generator == "diffusion" and (self.top_k is not None or self.top_p is not None or self.prefix_rows):
+            raise StageError("--top-k, --top-p and --prefix-rows are for the ar generator")
+
+    def folder_name(self, forward_passes: int) -> str:
+        name = f"{self.generator}-t{self.temperature:g}-s{forward_passes}"
+        extras = []
+        if self.top_k is not None:
+            extras.append(f"k{self.top_k}")
+        if self.top_p is not None:
+            extras.append(f"p{self.top_p:g}")
+        if self.class_ is not None:
+            extras.append(f"c{self.class_}")
+        if self.cfg != 1.0:
+            extras.append(f"g{self.cfg:g}")
+        if self.prefix_rows:
+            extras.append(f"r{self.prefix_rows}")
+        if not self.use_cache:
+            extras.append("nocache")
+        return "-".join([name, *extras])
+
+
+@dataclass
+class Samples:
+    ids: torch.Tensor  # long [n h w]
+    images: torch.Tensor  # float [n c H W] in [-1, 1]
+    seconds: float  # generation + decoding
+    forward_passes: int  # per image
+    folder: Path
+    reused: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.ids) / max(self.seconds, 1e-9)
+
+
+def generate(
+    ctx: Context,
+    spec: SampleSpec,
+    *,
+    out: Path | None = None,
+    gif: bool = False,
+    write_pngs: bool = True,
+    on_batch=None,
+) -> Samples:
+    """Sample `spec.num` images into RUN/samples/GENERATOR-tTEMP-sSTEPS/ (or `out`).
+
+    Writes the PNGs, grid.png, ids.safetensors and sample.json; with `gif` (diffusion), trajectory.gif.
+    A folder whose sample.json records the same inputs (spec, generator and tokenizer weights) is
+    reused instead of sampled again.
+    """
+    spec.validate()
+    device = ctx.torch_device
+    model = load_generator(ctx.run_dir, spec.generator, device)
+    tokenizer = load_tokenizer(ctx.run_dir, device)
+    cfg = model.cfg
+    h = cfg.grid_h
+    if spec.class_ is not None:
+        if cfg.num_classes == 0:
+            raise StageError(f"the {spec.generator} generator is unconditional; --class needs conditional = true")
+        if not 0 <= spec.class_ < cfg.num_classes:
+            raise StageError(f"--class must be in [0, {cfg.num_classes}), got {spec.class_}")
+    if spec.prefix_rows >= h:
+        raise StageError(f"--prefix-rows must be < the grid height {h}, got {spec.prefix_rows}")
+    passes = model.forward_passes(spec.steps)
+    folder = out or ctx.run_dir / "samples" / spec.folder_name(passes)
+    key = {
+        "spec": {k: v for k, v in spec.__dict__.items()},
+        "generator_hash": file_hash(ctx.run_dir / spec.generator / "model.safetensors"),
+        "tokenizer_hash": file_hash(ctx.run_dir / "tokenizer" / "model.safetensors"),
+        "gif": gif,
+        "pngs": write_pngs,
+    }
+    if (folder / "sample.json").exists() and (folder / "ids.safetensors").exists():
+        try:
+            old = json.loads((folder / "sample.json").read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("key") == key:
+            ids, _ = load_tokens(folder / "ids.safetensors")
+            images = decode_all(tokenizer, ids, device)
+            return Samples(ids, images, old["seconds"], old["forward_passes"], folder, reused=True)
+
+    gen = torch.Generator(device=device).manual_seed(spec.seed)
+    prefix_all = None
+    if spec.prefix_rows:
+        ensure_tokens(ctx)
+        test_ids, _ = load_tokens(ctx.run_dir / "tokens" / "test.safetensors")
+        if len(test_ids) < spec.num:
+            raise StageError(f"--prefix-rows takes prefixes from {len(test_ids)} test grids; ask for at most that many")
+        prefix_all = test_ids[: spec.num, : spec.prefix_rows]
+    if spec.class_ is not None:
+        labels_all = torch.full((spec.num,), spec.class_, dtype=torch.long)
+    elif cfg.num_classes > 0:
+        labels_all = torch.randint(0, cfg.num_classes, (spec.num,), generator=torch.Generator().manual_seed(spec.seed))
+    else:
+        labels_all = None
+
+    frames: list[torch.Tensor] = []
+    trajectory_n = min(spec.num, 16)
+    all_ids, all_images = [], []
+    _sync(device)
+    t0 = time.perf_counter()
+    for start in range(0, spec.num, spec.batch_size):
+        n = min(spec.batch_size, spec.num - start)
+        labels = labels_all[start : start + n].to(device) if labels_all is not None else None
+        if spec.generator == "ar":
+            prefix = prefix_all[start : start + n].to(device) if prefix_all is not None else None
+            ids = model.sample(
+                n,
+                temperature=spec.temperature,
+                top_k=spec.top_k,
+                top_p=spec.top_p,
+                labels=labels,
+                cfg_scale=spec.cfg,
+                prefix=prefix,
+                use_cache=spec.use_cache,
+                generator=gen,
+            )
+        else:
+            record = gif and start == 0
+            callback = (lambda i, x: frames.append(x[:trajectory_n].cpu().clone())) if record else None
+            ids = model.sample(
+                n, steps=spec.steps, temperature=spec.temperature, labels=labels, cfg_scale=spec.cfg, generator=gen,
+                callback=callback,
+            )  # fmt: skip
+        all_images.append(tokenizer.decode(ids).float().cpu())
+        all_ids.append(ids.cpu())
+        if on_batch is not None:
+            on_batch(start + n, spec.num)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    ids = torch.cat(all_ids)
+    images = torch.cat(all_images)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if write_pngs:
+        save_pngs(images, folder)
+    save_grid(images[:64], folder / "grid.png", nrow=8)
+    if frames:
+        save_trajectory_gif(tokenizer, frames, model_mask_id(model), folder / "trajectory.gif", device)
+    save_tokens(folder / "ids.safetensors", ids, labels_all if labels_all is not None else torch.zeros(len(ids)), cfg.codebook_size)
+    record = {
+        "key": key,
+        "seconds": seconds,
+        "images_per_second": len(ids) / max(seconds, 1e-9),
+        "forward_passes": passes,
+        "device": str(device),
+    }
+    write_json(folder / "sample.json", record)
+    return Samples(ids, images, seconds, passes, folder, reused=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_mask_id(model: Any) -> int:
+    return getattr(model, "mask_id", model.cfg.codebook_size)
+
+
+@torch.no_grad()
+def decode_all(tokenizer: VQTokenizer, ids: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([tokenizer.decode(ids[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(ids), batch_size)])
+
+
+def save_pngs(images: torch.Tensor, folder: Path) -> None:
+    from PIL import Image
+
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    for i, a in enumerate(arr):
+        Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"{i:06d}.png")
+
+
+@torch.no_grad()
+def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], mask_id: int, path: Path, device) -> None:
+    """Decode the ids after every step into a grid; positions still masked are shown grey."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    f = tokenizer.cfg.downsample
+    pictures = []
+    for ids in frames:
+        masked = ids >= tokenizer.cfg.codebook_size  # mask_id = k
+        images = tokenizer.decode(ids.clamp_max(tokenizer.cfg.codebook_size - 1).to(device)).float().cpu()
+        pixel_mask = masked.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]  # [n 1 H W]
+        images = torch.where(pixel_mask, torch.zeros_like(images), images)
+        grid = make_grid(to_uint8(images), nrow=4, padding=2, pad_value=128)
+        pictures.append(Image.fromarray(grid.permute(1, 2, 0).numpy()).convert("P"))
+    durations = [250] * (len(pictures) - 1) + [1500]  # hold the last frame
+    tmp = path.with_name(f".{path.name}.tmp")
+    pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    tmp.replace(path)
