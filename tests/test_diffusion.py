@@ -1,0 +1,254 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqdiff.checkpoint import load_model, save_model
+from vqdiff.diffusion import CORRUPTIONS, DiffusionConfig, DiffusionTransformer
+from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
+
+K, H, W = 16, 4, 4
+N = H * W
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: one thread is faster and immune to other processes on a small machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make(corruption="mask", num_classes=0, seed=0, **kw):
+    torch.manual_seed(seed)
+    sizes = {"dim": 32, "depth": 2, "heads": 4, "mlp_ratio": 2.0, **kw}
+    cfg = DiffusionConfig(codebook_size=K, grid_h=H, grid_w=W, num_classes=num_classes, corruption=corruption, **sizes)
+    return DiffusionTransformer(cfg).eval()
+
+
+def wake(model):
+    """An untrained trunk barely mixes tokens (adaLN-Zero even starts as the identity): give every
+    matrix unit-gain random weights, so that the class changes what an untrained model samples."""
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    return model
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def oracle(model, monkeypatch, target, scale=30.0):
+    """Replace the trunk by one that is sure the clean grid is `target` (long [b n])."""
+
+    def trunk(seq, labels=None, **kw):
+        logits = scale * F.one_hot(target[: len(seq)], K).float()
+        return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)  # + the class position
+
+    monkeypatch.setattr(model.trunk, "forward", trunk)
+
+
+def test_config_validation_and_names():
+    assert not {f.name for f in dataclasses.fields(DiffusionConfig)} & TRAIN_KEYS
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        DiffusionConfig(codebook_size=K, grid_h=H, grid_w=W, corruption="gauss")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        DiffusionConfig(codebook_size=K, grid_h=H, grid_w=W, schedule="exp")
+    with pytest.raises(ValueError, match="needs time_conditioning"):
+        DiffusionConfig(codebook_size=K, grid_h=H, grid_w=W, corruption="uniform", time_conditioning=False)
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_corruption_statistics(corruption):
+    model = make(corruption, replace_fraction=0.5)
+    ids = torch.randint(0, K, (4, 100, 100), generator=gen(0))
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    x_t = model.corrupt(ids, t, gen(1))
+    gamma = model.schedule(t)
+    masked = (x_t == K).flatten(1).float().mean(1)
+    replaced = ((x_t != ids) & (x_t != K)).flatten(1).float().mean(1)
+    top = K if model.uses_mask else K - 1
+    assert x_t.min() >= 0 and x_t.max() <= top
+    if corruption == "mask":
+        expect_mask, expect_replaced = gamma, torch.zeros(4)
+    elif corruption == "uniform":
+        expect_mask, expect_replaced = torch.zeros(4), gamma * (1 - 1 / K)  # a random id may be the same
+    else:
+        expect_mask, expect_replaced = gamma, (1 - gamma) * 0.5 * gamma * (1 - 1 / K)
+    assert torch.allclose(masked, expect_mask, atol=0.015), (masked, expect_mask)
+    assert torch.allclose(replaced, expect_replaced, atol=0.015), (replaced, expect_replaced)
+    assert torch.equal(x_t, model.corrupt(ids, t, gen(1)))
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("t, s", [(0.9, 0.5), (0.3, 0.25), (1.0, 0.0), (0.05, 0.0)])
+def test_posterior_averages_back_to_the_marginal(corruption, t, s):
+    # sum_{x_t} q(x_t | x0) q(x_s | x_t, x0) = q(x_s | x0): checks posterior() against marginals()
+    model = make(corruption, replace_fraction=0.3)
+    v = K + 1 if model.uses_mask else K
+
+    def q(time, x0):  # q(x | x0) over the v ids, from the marginals alone
+        keep, uniform, mask = (p.item() for p in model.marginals(torch.tensor([time], dtype=torch.float64)))
+        out = torch.zeros(v, dtype=torch.float64)
+        out[:K] = uniform / K
+        out[x0] += keep
+        if model.uses_mask:
+            out[K] = mask
+        return out
+
+    for x0 in (0, 7):
+        x_t = torch.arange(v)[None]  # every possible x_t at once: [1 v]
+        p0 = F.one_hot(torch.full((1, v), x0), K)
+        post = model.posterior(x_t, p0, torch.tensor([t]), torch.tensor([s]))[0]  # [v v]
+        qt = q(t, x0)
+        ok = qt > 0  # x_t that can occur
+        assert torch.allclose(post[ok].sum(-1), torch.ones(int(ok.sum()), dtype=torch.float64))
+        assert torch.allclose((qt[ok, None] * post[ok]).sum(0), q(s, x0), atol=1e-9)
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("steps", [1, 5, 20])
+def test_sampler_takes_exactly_steps_passes_and_leaves_no_mask(corruption, steps):
+    model = make(corruption)
+    calls, trajectory = [], []
+    model.trunk.register_forward_hook(lambda *args: calls.append(1))
+    out = model.sample(3, steps=steps, generator=gen(0), callback=lambda i, ids: trajectory.append((i, ids)))
+    assert len(calls) == steps == model.forward_passes(steps)
+    assert [i for i, _ in trajectory] == list(range(steps))
+    assert out.shape == (3, H, W) and out.dtype == torch.long
+    assert out.min() >= 0 and out.max() < K
+    assert torch.equal(trajectory[-1][1], out)
+    if corruption == "mask":
+        masked = [int((ids == K).sum()) for _, ids in trajectory]
+        gamma = model.schedule
+        # on the schedule (while each step can still decode one id), ending at zero
+        expect = [3 * max(0, min(math.floor(gamma(1 - (i + 1) / steps) * N), N - i - 1)) for i in range(steps)]
+        expect[-1] = 0
+        assert masked == expect
+        for (_, before), (_, after) in zip(trajectory, trajectory[1:]):
+            decoded = before != K
+            assert torch.equal(after[decoded], before[decoded])  # decoded ids stay
+
+
+def test_cfg_guided_batch(monkeypatch):
+    model = wake(make("mask", num_classes=3))
+    calls = []
+    model.trunk.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    guided = model.sample(4, steps=4, labels=torch.tensor([0, 1, 2, 0]), cfg_scale=3.0, generator=gen(0))
+    assert calls == [8] * 4  # one pass on the doubled batch per step
+    # cfg_scale = 0 keeps only the unconditional half: the null class
+    uncond = model.sample(4, steps=4, labels=2, cfg_scale=0.0, generator=gen(1))
+    assert torch.equal(uncond, model.sample(4, steps=4, generator=gen(1)))
+    assert not torch.equal(guided, model.sample(4, steps=4, labels=1, cfg_scale=3.0, generator=gen(0)))
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_seeds(corruption):
+    model = make(corruption)
+    a = model.sample(4, steps=4, generator=gen(0))
+    assert torch.equal(a, model.sample(4, steps=4, generator=gen(0)))
+    assert not torch.equal(a, model.sample(4, steps=4, generator=gen(1)))
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_samplers_reach_an_oracles_grid(corruption, monkeypatch):
+    model = make(corruption)
+    target = torch.randint(0, K, (4, N), generator=gen(3))
+    oracle(model, monkeypatch, target)
+    out = model.sample(4, steps=6, generator=gen(0))
+    assert torch.equal(out.flatten(1), target)
+
+
+def test_uniform_sampler_changes_fewer_ids_when_colder(monkeypatch):
+    # a model whose x0 guess is self-consistent (as a trained one is): a soft oracle, p(target) ~ 0.57
+    model = make("uniform")
+    oracle(model, monkeypatch, torch.randint(0, K, (8, N), generator=gen(3)), scale=3.0)
+
+    def changes_per_step(temperature):
+        trajectory = []
+        model.sample(8, steps=8, temperature=temperature, generator=gen(0), callback=lambda i, ids: trajectory.append(ids))
+        return sum(int((a != b).sum()) for a, b in zip(trajectory, trajectory[1:])) / (len(trajectory) - 1)
+
+    cold, hot = changes_per_step(0.1), changes_per_step(3.0)
+    assert cold < 0.5 * hot, (cold, hot)
+
+
+def test_mask_loss_only_on_masked_positions(monkeypatch):
+    model = make("mask")
+    ids = torch.randint(0, K, (8, H, W), generator=gen(0))
+    flat = ids.flatten(1)
+
+    def trunk(seq, labels=None, **kw):  # right where masked, wrong everywhere else
+        guess = torch.where(seq == K, flat, (flat + 1) % K)
+        logits = 30.0 * F.one_hot(guess, K).float()
+        return torch.cat([torch.zeros_like(logits[:, :1]), logits], dim=1)
+
+    monkeypatch.setattr(model.trunk, "forward", trunk)
+    torch.manual_seed(0)
+    loss, logs = model.loss({"ids": ids})
+    assert loss.item() < 1e-6 and 0 < logs["masked_fraction"] < 1
+    model.cfg = dataclasses.replace(model.cfg, corruption="uniform")  # same logits, CE on all positions
+    assert model.loss({"ids": ids})[0].item() > 1
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("elbo_weighting", [False, True])
+def test_losses_are_finite_and_train(corruption, elbo_weighting):
+    model = make(corruption, num_classes=2, elbo_weighting=elbo_weighting).train()
+    batch = {"ids": torch.randint(0, K, (8, H, W)), "labels": torch.randint(0, 2, (8,))}
+    loss, logs = model.loss(batch)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(math.isfinite(v) for v in logs.values())
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_bits_per_token_bounds(corruption, monkeypatch):
+    model = make(corruption)
+    ids = torch.randint(0, K, (16, H, W), generator=gen(0))
+    oracle(model, monkeypatch, ids.flatten(1))  # knows the data: the bound goes to 0
+    sure = model.bits_per_token({"ids": ids}, gen(1))
+    assert sure["kind"] == "elbo" and 0 <= sure["bits_per_token"] < 1e-3
+    if corruption == "mask":  # uniform predictions: E_t[gamma'/gamma * #masked] / n * log k = log k
+        oracle(model, monkeypatch, ids.flatten(1), scale=0.0)
+        flat = model.bits_per_token({"ids": ids}, gen(1), samples=16)["bits_per_token"]
+        assert abs(flat - math.log2(K)) < 0.1 * math.log2(K)
+
+
+def test_overfit_four_grids(tmp_path):
+    torch.manual_seed(0)
+    # 4 grids that differ at every cell, so that any one decoded id tells which grid is meant
+    grids = torch.stack([torch.randperm(K)[:4] for _ in range(N)], dim=1).view(4, H, W)
+    model = make("mask", num_classes=4, class_dropout=0.5, dim=64)
+    data = TensorSource(ids=grids.repeat(4, 1, 1), labels=torch.arange(4).repeat(4))
+    cfg = TrainConfig(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, log_every=100, checkpoint_every=1000)
+    trained = train(model, data, cfg, tmp_path, device="cpu").model
+    labels = torch.arange(8) % 4
+    cond = trained.sample(8, steps=8, temperature=0.5, labels=labels, generator=gen(0))
+    assert torch.equal(cond, grids[labels])
+    # unconditional: from one decoded id the model must infer the grid, an association per
+    # (cell, id) that 400 steps do not always finish learning; over 10 training seeds 13-16 of
+    # 16 samples were exact copies (an untrained or broken sampler gives none)
+    uncond = trained.sample(16, steps=8, temperature=0.1, generator=gen(1))
+    copies = sum(bool((x == grids).flatten(1).all(1).any()) for x in uncond)
+    assert copies >= 10, copies
+    bits = trained.bits_per_token({"ids": grids, "labels": torch.arange(4)}, gen(2))
+    assert bits["bits_per_token"] < 1.0
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_save_load_round_trip(corruption, tmp_path):
+    model = make(corruption, num_classes=3)
+    save_model(model, tmp_path / "diffusion")
+    loaded = load_model(tmp_path / "diffusion", kind="diffusion")
+    assert loaded.cfg == model.cfg
+    ids = torch.randint(0, K + int(model.uses_mask), (2, H, W))
+    labels, t = torch.tensor([2, 3]), torch.tensor([0.3, 0.9])
+    assert torch.equal(model(ids, labels, t), loaded(ids, labels, t))
+    bits = loaded.bits_per_token({"ids": ids.clamp(max=K - 1), "labels": labels.clamp(max=2)}, gen(0), samples=2)
+    assert math.isfinite(bits["bits_per_token"]) and bits["bits_per_token"] > 0

@@ -1,0 +1,154 @@
+"""The next-token generator: a causal transformer over token grids in raster order.
+
+The sequence is `[class or start token] + ids`; the trunk's output at sequence position i
+predicts ids[i], so the loss is `cross_entropy(logits[:, :-1], ids)` over the n + 1 outputs (the
+last output would predict a token past the grid). This off-by-one is the classic bug and
+`tests/test_ar.py` pins it down.
+
+Sampling decodes one token per forward pass with a KV cache, with temperature, top-k and top-p,
+prefix completion (keep the first r rows of a real grid), and class conditioning with
+classifier-free guidance (the class is dropped to the null class with prob `class_dropout` in
+training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqdiff.checkpoint import register_model
+from vqdiff.nn import (
+    KVCache,
+    Transformer,
+    cfg_mix,
+    check_trunk_config,
+    guidance_labels,
+    sample_labels,
+    sample_logits,
+    train_labels,
+)
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    codebook_size: int  # k: ids are in [0, k)
+    grid_h: int
+    grid_w: int
+    num_classes: int = 0  # 0 = unconditional
+    class_dropout: float = 0.1  # prob. of the null class in training, for classifier-free guidance
+    dim: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_trunk_config(self)
+
+
+@register_model("ar", ARConfig)
+class ARTransformer(nn.Module):
+    def __init__(self, cfg: ARConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = Transformer(cfg, vocab_size=cfg.codebook_size, causal=True, time_conditioning=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, ids: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Next-token logits: float [b n k], where logits[:, i] predicts ids[:, i] from ids[:, :i].
+
+        ids: long [b h w] in [0, k). labels: long [b] in [0, num_classes] (num_classes = null), or None.
+        """
+        seq = rearrange(ids, "b h w -> b (h w)")
+        logits = self.trunk(seq, labels)  # [b 1+n k] over [class] + ids
+        return logits[:, :-1]  # the last position would predict cell n, past the grid
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Mean next-token cross-entropy in nats. batch: {"ids": long [b h w], "labels": long [b] (optional)}."""
+        ids = batch["ids"]
+        labels = train_labels(batch, self.cfg.num_classes, self.cfg.class_dropout)
+        logits = self(ids, labels)  # [b n k]
+        loss = F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"))
+        return loss, {"bits_per_token": loss.item() / math.log(2)}
+
+    def forward_passes(self, steps: int | None = None) -> int:
+        """Forward passes per sample: one per token, h * w (`steps` is ignored)."""
+        return self.cfg.grid_h * self.cfg.grid_w
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        labels: Tensor | int | None = None,
+        cfg_scale: float = 1.0,
+        prefix: Tensor | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample n grids: long [n h w] in [0, k).
+
+        temperature >= 0 (0 = greedy); top_k / top_p filter before sampling. labels: long [n] or
+        one int, in [0, num_classes); None samples with the null class. cfg_scale != 1 with labels
+        mixes uncond + s * (cond - uncond) on a doubled batch. prefix: long [n r w], its r rows are
+        kept exactly and the rest is generated. use_cache=False recomputes the whole sequence at
+        every step (slow; gives the same ids as the cached path for the same generator).
+        """
+        cfg = self.cfg
+        h, w, num = cfg.grid_h, cfg.grid_w, cfg.grid_h * cfg.grid_w
+        device = self.device
+        labels = sample_labels(labels, n, cfg.num_classes, device)
+        labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
+        ids = torch.zeros(n, 0, dtype=torch.long, device=device)  # [n i] decoded so far
+        if prefix is not None:
+            if prefix.dim() != 3 or prefix.shape[0] != n or prefix.shape[2] != w or prefix.shape[1] > h:
+                raise ValueError(f"prefix must be long [{n} r {w}] with r <= {h}, got {list(prefix.shape)}")
+            if prefix.numel() and (prefix.min() < 0 or prefix.max() >= cfg.codebook_size):
+                raise ValueError(f"prefix ids must be in [0, {cfg.codebook_size})")
+            ids = rearrange(prefix.to(device).long(), "n r w -> n (r w)")
+
+        def double(x: Tensor) -> Tensor:  # the same tokens for the cond and uncond halves
+            return torch.cat([x, x]) if guided else x
+
+        cache = KVCache(self.trunk.seq_len) if use_cache else None
+        pending = ids  # tokens the cache has not seen yet (the whole prefix at first)
+        for _ in range(ids.shape[1], num):
+            if cache is not None:
+                logits = self.trunk(double(pending), labels, cache=cache)[:, -1]  # [n k] (x2 if guided)
+            else:
+                logits = self.trunk(double(ids), labels)[:, -1]
+            if guided:
+                logits = cfg_mix(logits, cfg_scale)
+            nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            pending = nxt[:, None]
+        return rearrange(ids, "n (h w) -> n h w", h=h, w=w)
+
+    @torch.no_grad()
+    def bits_per_token(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict:
+        """Exact negative log-likelihood in bits per token, averaged over the batch.
+
+        batch: {"ids": long [b h w], "labels": long [b] (optional, used when the model is
+        class-conditional: then it is -log2 p(ids | label))}. `generator` is unused (nothing random).
+        """
+        ids = batch["ids"].to(self.device)
+        labels = batch.get("labels") if self.cfg.num_classes > 0 else None
+        labels = labels.to(self.device).long() if labels is not None else None
+        logits = self(ids, labels).float()
+        nats = F.cross_entropy(rearrange(logits, "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"))
+        return {
+            "bits_per_token": nats.item() / math.log(2),
+            "kind": "exact",
+            "estimator": "next-token NLL, log2",
+        }

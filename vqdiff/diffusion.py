@@ -1,0 +1,410 @@
+"""Discrete diffusion over token grids: the corruption processes, the loss and the samplers.
+
+One bidirectional transformer predicts the clean ids x0 from corrupted ids x_t and the time t.
+Time runs from t = 0 (data) to t = 1 (noise); gamma = schedules.get_schedule(cfg.schedule) is the
+corruption probability, the same function in training and sampling. Each corruption is written
+as a marginal q(x_t | x0) = keep * onehot(x0) + uniform / k * ones + mask * onehot(mask_id):
+
+| corruption | keep | uniform (spread over the k ids) | mask |
+| --- | --- | --- | --- |
+| `mask` (absorbing: MaskGIT, MDLM) | 1 - gamma | 0 | gamma |
+| `uniform` (D3PM-uniform) | 1 - gamma | gamma | 0 |
+| `mask-and-replace` (VQ-Diffusion) | (1 - gamma)(1 - rho gamma) | (1 - gamma) rho gamma | gamma |
+
+with rho = `replace_fraction`: of the tokens not masked at time t, a share rho * gamma(t) holds a
+random id. Every t -> t' > t step is then a valid Markov transition (the kept share
+keep / (1 - mask) never grows), everything is masked at t = 1 for the mask kinds, and uniform
+noise is exactly uniform at t = 1. `posterior` uses these marginals for q(x_s | x_t, x0).
+
+Training draws t ~ U(0, 1) (stratified over the batch), corrupts, and takes the cross-entropy on
+the masked positions (`mask`) or on all positions (`uniform`, `mask-and-replace`: the model has to
+find which visible ids are wrong). With `elbo_weighting` the loss is a bound in nats per token:
+MDLM's continuous-time weight gamma'(t) / gamma(t) for `mask`, the D3PM discrete-time KL term
+(times T = `elbo_steps`) otherwise.
+
+Samplers take exactly `steps` forward passes (a CFG pass over a doubled batch counts as one):
+`mask` uses MaskGIT's confidence-based parallel decoding, `uniform` the x0-posterior refinement
+described at `_sample_uniform`, `mask-and-replace` the VQ-Diffusion posterior.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqdiff.checkpoint import register_model
+from vqdiff.nn import (
+    Transformer,
+    cfg_mix,
+    check_trunk_config,
+    gumbel,
+    guidance_labels,
+    rand,
+    randint,
+    sample_labels,
+    sample_logits,
+    train_labels,
+)
+from vqdiff.schedules import get_schedule
+
+CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    codebook_size: int  # k: ids are in [0, k); mask_id = k
+    grid_h: int
+    grid_w: int
+    num_classes: int = 0  # 0 = unconditional
+    class_dropout: float = 0.1  # prob. of the null class in training, for classifier-free guidance
+    dim: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    corruption: str = "mask"  # mask | uniform | mask-and-replace
+    schedule: str = "cosine"  # a name in vqdiff.schedules.SCHEDULES
+    elbo_weighting: bool = False  # train on the ELBO (nats per token) instead of the plain cross-entropy
+    replace_fraction: float = 0.1  # mask-and-replace: rho, random ids among visible tokens = rho * gamma(t)
+    time_conditioning: bool = True  # adaLN on t; optional for mask only (the mask count tells t)
+    elbo_steps: int = 100  # T of the discrete-time bound for uniform and mask-and-replace
+
+    def __post_init__(self) -> None:
+        check_trunk_config(self)
+        if self.corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be one of {', '.join(CORRUPTIONS)}, got {self.corruption!r}")
+        get_schedule(self.schedule)  # raises ValueError naming the choices
+        if not 0.0 < self.replace_fraction <= 1.0:
+            raise ValueError(f"replace_fraction must be in (0, 1], got {self.replace_fraction}")
+        if not self.time_conditioning and self.corruption != "mask":
+            raise ValueError(f"corruption {self.corruption!r} needs time_conditioning = true: the model cannot count random ids")
+        if self.elbo_steps < 1:
+            raise ValueError(f"elbo_steps must be >= 1, got {self.elbo_steps}")
+
+
+def _per_sample(x: Tensor) -> Tensor:
+    """[b] -> [b 1 1], to broadcast a per-sample scalar over [b n k]."""
+    return rearrange(x, "b -> b 1 1")
+
+
+@register_model("diffusion", DiffusionConfig)
+class DiffusionTransformer(nn.Module):
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.schedule = get_schedule(cfg.schedule)
+        self.mask_id = cfg.codebook_size
+        self.uses_mask = cfg.corruption != "uniform"
+        vocab = cfg.codebook_size + 1 if self.uses_mask else cfg.codebook_size  # + the mask row
+        self.trunk = Transformer(cfg, vocab_size=vocab, causal=False, time_conditioning=cfg.time_conditioning)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------ the forward process
+
+    def marginals(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(keep, uniform, mask) probabilities of q(x_t | x0) at t (float tensor, any shape); they sum to 1."""
+        g = self.schedule(t)
+        zero = torch.zeros_like(g)
+        if self.cfg.corruption == "mask":
+            return 1 - g, zero, g
+        if self.cfg.corruption == "uniform":
+            return 1 - g, g, zero
+        rho = self.cfg.replace_fraction
+        return (1 - g) * (1 - rho * g), (1 - g) * rho * g, g
+
+    def corrupt(self, ids: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Sample x_t ~ q(x_t | x0): ids long [b h w] in [0, k), t float [b] in [0, 1] ->
+        long [b h w] in [0, k] (mask_id = k) for the mask kinds, in [0, k) for uniform."""
+        _, uniform, mask = (_per_sample(p) for p in self.marginals(t.float()))
+        r = rand(ids.shape, device=ids.device, generator=generator)
+        out = ids
+        if self.cfg.corruption != "mask":
+            noise = randint(self.cfg.codebook_size, ids.shape, device=ids.device, generator=generator)
+            out = torch.where(r < mask + uniform, noise, out)  # mask <= r < mask + uniform: a random id
+        if self.uses_mask:
+            out = torch.where(r < mask, torch.full_like(ids, self.mask_id), out)
+        return out
+
+    def posterior(self, x_t: Tensor, p0: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p0(x0) for s < t, in float64 (D3PM eq. 4, the
+        x0-parametrisation; VQ-Diffusion eq. 11).
+
+        x_t: long [b n] in [0, v); p0: float [b n k], a distribution over x0 (one-hot for the true
+        posterior); t, s: float [b] in [0, 1]. Returns probs float64 [b n v], v = k + 1 with the
+        mask column last for the mask kinds, v = k for uniform.
+
+        Bayes: q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0), so the sum over x0 is
+        q(x_t | x_s) * sum_x0 q(x_s | x0) w(x0) with w = p0 / q(x_t | x0); an x0 that cannot
+        produce x_t (q = 0) gets w = 0.
+        """
+        k = self.cfg.codebook_size
+        # float64 throughout: 1 - gamma near t = 1 and u / k at small t lose digits in float32
+        a_t, u_t, m_t = (_per_sample(p) for p in self.marginals(t.double()))
+        a_s, u_s, m_s = (_per_sample(p) for p in self.marginals(s.double()))
+        # one step s -> t for a token still visible at s: masked g, kept al, uniform be (incl. itself)
+        g = (m_t - m_s) / (1 - m_s).clamp_min(1e-300)
+        al = a_t / a_s.clamp_min(1e-300)
+        be = (1 - g - al).clamp_min(0)
+        is_mask = (x_t == self.mask_id)[..., None]  # [b n 1]; never true for uniform
+        visible = (~is_mask).double()
+        onehot = F.one_hot(x_t.clamp(max=k - 1), k).double() * visible  # [b n k]
+        q_t0 = a_t * onehot + u_t / k * visible + m_t * is_mask  # q(x_t | x0) for every x0: [b n k]
+        w = torch.where(q_t0 > 0, p0.double() / q_t0.clamp_min(1e-300), 0.0)
+        w_sum = w.sum(-1, keepdim=True)  # [b n 1]
+        q_t_s = al * onehot + be / k * visible + g * is_mask  # q(x_t | x_s) for every visible x_s
+        probs = q_t_s * (a_s * w + u_s / k * w_sum)  # x_s in [0, k): [b n k]
+        if self.uses_mask:
+            probs = torch.cat([probs, is_mask * m_s * w_sum], dim=-1)  # x_s = mask only if x_t is
+        return probs / probs.sum(-1, keepdim=True)
+
+    # ------------------------------------------------------------ model
+
+    def forward(self, ids: Tensor, labels: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+        """Logits over the clean ids: float [b n k].
+
+        ids: long [b h w] in [0, v), corrupted (mask_id = k for the mask kinds).
+        labels: long [b] in [0, num_classes] (num_classes = null), or None.
+        t: float [b] in [0, 1], the noise level; needed with time conditioning, ignored without.
+        """
+        seq = rearrange(ids, "b h w -> b (h w)")
+        t = t if self.cfg.time_conditioning else None
+        return self.trunk(seq, labels, t=t)[:, 1:]  # drop the class position
+
+    def _stratified_t(self, b: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """t float [b] in (0, 1): one draw per stratum [i/b, (i+1)/b), lower variance than iid."""
+        u = rand((b,), device=device, generator=generator)
+        return ((torch.arange(b, device=device) + u) / b).clamp(1e-6, 1.0)
+
+    def _discrete_kl(self, x_t: Tensor, x0: Tensor, logits: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """KL(q(x_s | x_t, x0) || p(x_s | x_t)) per position: float64 [b n] (nats). At s = 0 it is
+        -log p0(x0), the reconstruction term."""
+        q = self.posterior(x_t, F.one_hot(x0, self.cfg.codebook_size), t, s)
+        p = self.posterior(x_t, logits.double().softmax(-1), t, s)
+        # where q = 0 (e.g. the mask column of a visible x_t) p is 0 too: clamp so 0 * log 0 has a 0 gradient
+        return (torch.xlogy(q, q) - q * p.clamp_min(1e-300).log()).sum(-1)
+
+    def _discrete_steps(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """u float [b] in [0, 1) -> (t, s) = (i / T, (i - 1) / T) with i = floor(u T) + 1 in [1, T]."""
+        steps = self.cfg.elbo_steps
+        i = (u * steps).floor().clamp(0, steps - 1) + 1
+        return i / steps, (i - 1) / steps
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Training loss in nats. batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional)}.
+
+        Uses the global RNG (the training loop re-seeds it every step).
+        """
+        cfg = self.cfg
+        ids = batch["ids"]
+        b = ids.shape[0]
+        n = cfg.grid_h * cfg.grid_w
+        labels = train_labels(batch, cfg.num_classes, cfg.class_dropout)
+        u = self._stratified_t(b, ids.device)
+        if cfg.elbo_weighting and cfg.corruption != "mask":
+            # D3PM: T * KL at a uniformly drawn step i estimates the sum of the T terms
+            t, s = self._discrete_steps(u)
+            x_t = self.corrupt(ids, t)
+            logits = self(x_t, labels, t).float()
+            kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), rearrange(ids, "b h w -> b (h w)"), logits, t, s)
+            loss = (cfg.elbo_steps * kl.sum(1) / n).mean().float()
+            return loss, {"elbo_bits_per_token": loss.item() / math.log(2)}
+        t = u
+        x_t = self.corrupt(ids, t)
+        logits = self(x_t, labels, t).float()  # [b n k]
+        ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"), reduction="none")
+        if cfg.corruption != "mask":
+            loss = ce.mean()  # all positions: a visible id may be a random one
+            return loss, {"ce": loss.item()}
+        # loss only on masked positions: elsewhere the target is the input (MaskGIT Sec. 3.2)
+        masked = (rearrange(x_t, "b h w -> b (h w)") == self.mask_id).float()
+        logs = {"masked_fraction": masked.mean().item()}
+        if cfg.elbo_weighting:
+            # MDLM continuous-time bound: E_t[gamma'(t) / gamma(t) * sum_masked -log p] / n
+            weight = self.schedule.dgamma(t) / self.schedule(t)  # [b]
+            loss = (weight * (ce * masked).sum(1)).mean() / n
+            logs["elbo_bits_per_token"] = loss.item() / math.log(2)
+        else:
+            loss = (ce * masked).sum() / masked.sum().clamp_min(1)
+            logs["ce_masked"] = loss.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def bits_per_token(self, batch: dict[str, Tensor], generator: torch.Generator | None = None, *, samples: int = 8) -> dict:
+        """An upper bound (negative ELBO) on -log2 p(ids) per token, averaged over the batch.
+
+        batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional, used when the model
+        is class-conditional)}. All randomness (t and the corruption) comes from `generator`.
+
+        - `mask`: MDLM's continuous-time bound (Sahoo et al. 2024, eq. 10; Shi et al. 2024)
+          E_t[gamma'(t) / gamma(t) * sum_masked -log p(x0 | x_t)] / n, with `samples` stratified
+          draws of t per grid.
+        - `uniform`, `mask-and-replace`: the discrete-time D3PM bound with T = cfg.elbo_steps
+          (Austin et al. 2021, eq. 1): sum_{i=1..T} E KL(q(x_{s} | x_t, x0) || p(x_s | x_t)),
+          t = i/T, s = (i-1)/T, the i = 1 term being -log p(x0 | x_{1/T}) and the prior term zero
+          (q(x_1 | x0) is the prior exactly). Estimated as T * KL at `samples` stratified steps.
+        Both are comparable with the AR model's exact bits per token (the same data, log2, / n).
+        """
+        cfg = self.cfg
+        device = self.device
+        ids = batch["ids"].to(device)
+        labels = batch.get("labels") if cfg.num_classes > 0 else None
+        labels = labels.to(device).long() if labels is not None else None
+        b, n = ids.shape[0], cfg.grid_h * cfg.grid_w
+        flat = rearrange(ids, "b h w -> b (h w)")
+        total = torch.zeros(b, dtype=torch.float64, device=device)  # nats per token, summed over samples
+        for j in range(samples):
+            u = (j + rand((b,), device=device, generator=generator)) / samples  # stratum j of [0, 1)
+            if cfg.corruption == "mask":
+                t = u.clamp(1e-6, 1.0)
+                x_t = self.corrupt(ids, t, generator)
+                logits = self(x_t, labels, t).float()
+                ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), flat, reduction="none")  # [b n]
+                masked = rearrange(x_t, "b h w -> b (h w)") == self.mask_id
+                weight = self.schedule.dgamma(t) / self.schedule(t)
+                total += (weight * (ce * masked).sum(1)).double() / n
+            else:
+                t, s = self._discrete_steps(u)
+                x_t = self.corrupt(ids, t, generator)
+                logits = self(x_t, labels, t).float()
+                kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), flat, logits, t, s)
+                total += cfg.elbo_steps * kl.sum(1) / n
+        nats = (total / samples).mean().item()
+        if cfg.corruption == "mask":
+            estimator = f"MDLM continuous-time ELBO, {samples} stratified t per grid"
+        else:
+            estimator = f"D3PM discrete-time ELBO, T={cfg.elbo_steps}, {samples} stratified steps per grid"
+        return {"bits_per_token": nats / math.log(2), "kind": "elbo", "estimator": estimator}
+
+    # ------------------------------------------------------------ sampling
+
+    def forward_passes(self, steps: int) -> int:
+        """Forward passes per sample: exactly `steps`."""
+        return steps
+
+    def _denoise(self, x: Tensor, labels: Tensor | None, guided: bool, cfg_scale: float, t: float) -> Tensor:
+        """One forward pass in a sampler: x long [n N] at noise level t -> logits float [n N k]."""
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        if guided:  # [cond; uncond] on a doubled batch, one pass
+            x, tt = torch.cat([x, x]), torch.cat([tt, tt])
+        logits = self.trunk(x, labels, t=tt if self.cfg.time_conditioning else None)[:, 1:].float()
+        return cfg_mix(logits, cfg_scale) if guided else logits
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        steps: int,
+        temperature: float = 1.0,
+        labels: Tensor | int | None = None,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Sample n grids in exactly `steps` forward passes: long [n h w] in [0, k).
+
+        temperature >= 0 (0 = argmax). labels: long [n] or one int, in [0, num_classes); None
+        samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
+        callback(step_index, ids long [n h w]) is called after every step (still-masked positions
+        hold mask_id = k), e.g. to record the trajectory.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        cfg = self.cfg
+        labels = sample_labels(labels, n, cfg.num_classes, self.device)
+        labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
+        sampler = {
+            "mask": self._sample_mask,
+            "uniform": self._sample_uniform,
+            "mask-and-replace": self._sample_mask_and_replace,
+        }[cfg.corruption]
+
+        def denoise(x: Tensor, t: float) -> Tensor:
+            return self._denoise(x, labels, guided, cfg_scale, t)
+
+        def report(i: int, x: Tensor) -> None:
+            if callback is not None:
+                callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
+
+        x = sampler(n, steps, temperature, denoise, generator, report)
+        return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
+
+    def _sample_mask(self, n: int, steps: int, temperature: float, denoise, generator, report) -> Tensor:
+        """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
+        temperature at the masked positions, then re-mask the floor(gamma(1 - (i+1)/steps) * N)
+        least confident of them. Confidence is log p of the sampled id plus Gumbel noise annealed
+        by temperature * (1 - progress); decoded ids are never re-masked."""
+        num = self.cfg.grid_h * self.cfg.grid_w
+        x = torch.full((n, num), self.mask_id, dtype=torch.long, device=self.device)
+        for i in range(steps):
+            logits = denoise(x, 1 - i / steps)  # [n N k]
+            masked = x == self.mask_id
+            x0 = sample_logits(logits, temperature=temperature, generator=generator)  # [n N]
+            confidence = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+            noise_scale = temperature * (1 - (i + 1) / steps)
+            if noise_scale > 0:
+                confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
+            confidence = confidence.masked_fill(~masked, float("inf"))
+            # on the schedule, but decode at least one id per step while any is masked
+            target = 0 if i == steps - 1 else math.floor(self.schedule(1 - (i + 1) / steps) * num)
+            keep_masked = (masked.sum(1) - 1).clamp(min=0).clamp(max=target)  # [n]
+            rank = confidence.argsort(-1).argsort(-1)  # 0 = least confident
+            x = torch.where(masked, x0, x)
+            x = x.masked_fill(rank < keep_masked[:, None], self.mask_id)
+            report(i, x)
+        return x
+
+    def _sample_uniform(self, n: int, steps: int, temperature: float, denoise, generator, report) -> Tensor:
+        """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
+        x0 with the temperature; where x0 differs from the current id, move to x0 with the D3PM
+        posterior odds q(x_s = x0 | x_t, x0) : q(x_s = x_t | x_t, x0), else keep the current id
+        (the posterior's jumps to a third, random id are left out: re-corruption keeps the current
+        ids). A cold x0 agrees with the current ids, so a lower temperature changes fewer ids;
+        at s = 0 the odds are 1 and every id becomes x0."""
+        k = self.cfg.codebook_size
+        num = self.cfg.grid_h * self.cfg.grid_w
+        x = randint(k, (n, num), device=self.device, generator=generator)
+        for i in range(steps):
+            t, s = 1 - i / steps, 1 - (i + 1) / steps
+            logits = denoise(x, t)
+            x0 = sample_logits(logits, temperature=temperature, generator=generator)  # [n N]
+            tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
+            post = self.posterior(x, F.one_hot(x0, k), tt, ss)  # [n N k]
+            to_x0 = post.gather(-1, x0[..., None])[..., 0]
+            stay = post.gather(-1, x[..., None])[..., 0]
+            move = to_x0 / (to_x0 + stay)
+            u = rand(x.shape, device=x.device, generator=generator)
+            x = torch.where((x0 != x) & (u < move), x0, x)
+            report(i, x)
+        return x
+
+    def _sample_mask_and_replace(self, n: int, steps: int, temperature: float, denoise, generator, report) -> Tensor:
+        """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
+        x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t), p tempered by the temperature; s = 0 at the last
+        step leaves no mask."""
+        k = self.cfg.codebook_size
+        num = self.cfg.grid_h * self.cfg.grid_w
+        x = torch.full((n, num), self.mask_id, dtype=torch.long, device=self.device)
+        for i in range(steps):
+            t, s = 1 - i / steps, 1 - (i + 1) / steps
+            logits = denoise(x, t)
+            if temperature == 0:
+                p0 = F.one_hot(logits.argmax(-1), k).double()
+            else:
+                p0 = (logits.double() / temperature).softmax(-1)
+            tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
+            probs = self.posterior(x, p0, tt, ss)  # [n N k+1]
+            x = sample_logits(probs.log(), generator=generator)
+            report(i, x)
+        return x
