@@ -7,6 +7,7 @@ line and exit with code 1; tracebacks are for bugs.
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -26,8 +27,9 @@ app = typer.Typer(
 )
 train_app = typer.Typer(help="Train one model of a recipe.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-console = Console(stderr=True)
-out = Console()
+# rich wraps at 80 columns when not on a terminal (CI logs, pipes); reports read better wider
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+out = Console(width=None if sys.stdout.isatty() else 140)
 
 
 # ------------------------------------------------------------------ shared options
@@ -238,6 +240,180 @@ def sample(
             f"({result.forward_passes} forward passes each) -> {result.folder}",
             soft_wrap=True,
         )
+
+
+def _csv(value: Optional[str], cast, what: str):
+    if value is None:
+        return None
+    try:
+        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        fail(f"{what}: expected a comma-separated list, got {value!r}")
+
+
+def print_report(report: dict) -> None:
+    from rich.table import Table
+
+    from recipes.report import setting
+
+    tok = report["tokenizer"]
+    title = (
+        f"{report['recipe']}: {report['num_samples']} samples per setting, extractor {report['extractor']} "
+        f"({report['extractor_hash']})"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("setting", "FID", "KID x1e3", "precision", "recall", "images/s", "passes"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in report["results"]:
+        kid = f"{r['kid'] * 1e3:.2f}" if r.get("kid") is not None else "-"
+        table.add_row(
+            setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
+            f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",
+            str(r["forward_passes"]),
+        )  # fmt: skip
+    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
+    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
+    out.print(table)
+    out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
+
+
+def _evaluate(ctx: "stages.Context", opts: "stages.EvalOptions") -> dict:
+    with progress_bar() as p:
+        report = stages.evaluate(ctx, opts, bars=lambda d: batch_logger(p, d))
+    print_report(report)
+    return report
+
+
+ExtractorOpt = Annotated[
+    Optional[str], typer.Option("--extractor", help="classifier | inception | auto. [default: the recipe's, auto]")
+]
+InceptionOpt = Annotated[
+    Optional[str],
+    typer.Option("--inception-weights", help="Local Inception weights for standard FID. [default: $VQDIFF_INCEPTION_WEIGHTS]"),
+]
+
+
+@app.command("evaluate")
+def evaluate(
+    run: RunArg,
+    generators: Annotated[Optional[str], typer.Option("--generators", help="Comma list: ar,diffusion.")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="Samples per generator and setting.")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="Diffusion steps, comma list, e.g. 4,8,16.")] = None,
+    temperatures: Annotated[Optional[str], typer.Option("--temperatures", help="Comma list, e.g. 0.8,1.0.")] = None,
+    extractor: ExtractorOpt = None,
+    inception_weights: InceptionOpt = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for conditional generators.")] = None,
+    data_root: DataRootOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Sample each generator and setting, compute FID/KID/precision/recall, write RUN/report/."""
+    with edge():
+        ctx = stages.Context(run, data_root, device)
+        recipe = stages.read_run_recipe(run)
+        opts = stages.EvalOptions.from_recipe(
+            recipe,
+            generators=_csv(generators, str, "--generators"),
+            num=num,
+            steps=_csv(steps, int, "--steps"),
+            temperatures=_csv(temperatures, float, "--temperatures"),
+            extractor=extractor,
+            inception_weights=inception_weights,
+            cfg=cfg,
+        )
+        _evaluate(ctx, opts)
+
+
+@app.command("run")
+def run_all(
+    recipe: RecipeArg,
+    run_dir: RunDirOpt = None,
+    set_: SetOpt = None,
+    data_root: DataRootOpt = None,
+    device: DeviceOpt = None,
+    extractor: ExtractorOpt = None,
+    inception_weights: InceptionOpt = None,
+) -> None:
+    """Every stage in order: tokenizer, encode, ar, diffusion, evaluate. Finished stages are skipped,
+    an interrupted one resumes."""
+    import time
+
+    with edge():
+        t0 = time.perf_counter()
+        r, ctx = _context(recipe, run_dir, set_, data_root, device)
+        stages.write_recipe(r, ctx.run_dir)
+        opts = stages.EvalOptions.from_recipe(r, extractor=extractor, inception_weights=inception_weights)
+        timings = {}
+        with progress_bar() as p:
+            t = time.perf_counter()
+            m = stages.train_tokenizer(
+                r, ctx, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
+            )
+            timings["tokenizer"] = time.perf_counter() - t
+            p.console.print(f"tokenizer: psnr {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.3f}")
+            t = time.perf_counter()
+            stages.ensure_tokens(ctx, batch_logger(p, "encode"))
+            timings["encode"] = time.perf_counter() - t
+            for kind in stages.GENERATORS:
+                t = time.perf_counter()
+                m = stages.train_generator(kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"))
+                timings[kind] = time.perf_counter() - t
+                p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
+        t = time.perf_counter()
+        _evaluate(ctx, opts)
+        timings["evaluate"] = time.perf_counter() - t
+        total = time.perf_counter() - t0
+        parts = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+        out.print(f"run {r.name} finished in {total / 60:.1f} min ({parts})", soft_wrap=True)
+
+
+@app.command("bench")
+def bench(
+    recipe: Annotated[str, typer.Argument(help="Recipe whose model sizes are measured.")] = "quickstart",
+    set_: SetOpt = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="JSON file. [default: runs/bench-<recipe>.json]")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Short timings (a smoke run, not a measurement).")] = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s."""
+    import json
+
+    import torch
+    from rich.table import Table
+
+    from recipes.bench import run_bench
+
+    with edge():
+        r = load_recipe(recipe, set_ or [])
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result = run_bench(r, dev, quick=quick, progress=lambda what: console.print(f"bench: {what}..."))
+        path = out_path or Path("runs") / f"bench-{r.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        t = Table(title=f"vqdiff bench: {r.name} on {result['device']}", title_justify="left")
+        for col in ("what", "setting", "batch", "images/s", "detail"):
+            t.add_column(col, justify="left" if col in ("what", "setting", "detail") else "right")
+        for row in result["sampling"]:
+            if row["what"] == "decode":
+                t.add_row("decode", "tokenizer", str(row["batch"]), f"{row['images_per_second']:.1f}", "")
+                continue
+            if row["generator"] == "ar":
+                setting = "ar, KV cache" if row["kv_cache"] else "ar, no cache"
+            else:
+                setting = f"diffusion, {row['steps']} steps"
+            t.add_row("sample", setting, str(row["batch"]), f"{row['images_per_second']:.1f}",
+                      f"{row['forward_passes']} passes")  # fmt: skip
+        for row in result["training"]:
+            unit = "pixels" if row["model"] == "tokenizer" else "tokens"
+            t.add_row(
+                "train", f"{row['model']} ({row['parameters'] / 1e6:.2f}M, {row['dtype']})", str(row["batch"]),
+                f"{row['items_per_second']:.1f}",
+                f"{row['tokens_per_second']:.3g} {unit}/s, {row['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+                f"{100 * row['fraction_of_peak']:.0f}% of matmul peak {row['matmul_peak_flops'] / 1e9:.0f}",
+            )  # fmt: skip
+        for row in result["features"]:
+            t.add_row("features", row["extractor"], str(row["batch"]), f"{row['images_per_second']:.1f}", "")
+        out.print(t)
+        out.print(f"bench -> {path}", soft_wrap=True)
 
 
 def main() -> None:

@@ -568,3 +568,190 @@ def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], mask
     tmp = path.with_name(f".{path.name}.tmp")
     pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvalOptions:
+    generators: tuple[str, ...] = GENERATORS
+    num: int = 1000
+    steps: tuple[int, ...] = (4, 8, 16)
+    temperatures: tuple[float, ...] = (1.0,)
+    cfg: float = 1.0
+    extractor: str = "auto"
+    inception_weights: str | None = None
+    batch_size: int = 100
+    seed: int = 0
+    gif_steps: int = 16
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
+        e = recipe["evaluate"]
+        opts = cls(
+            generators=tuple(e["generators"]),
+            num=e["num"],
+            steps=tuple(e["steps"]),
+            temperatures=tuple(float(t) for t in e["temperatures"]),
+            cfg=float(e["cfg"]),
+            extractor=e["extractor"],
+            batch_size=e["batch_size"],
+            seed=e["seed"],
+            gif_steps=e["gif_steps"],
+        )
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(opts, k, v)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        for g in self.generators:
+            if g not in GENERATORS:
+                raise StageError(f"unknown generator {g!r}; choose from ar, diffusion")
+        if not self.generators:
+            raise StageError("no generators to evaluate")
+        if self.num < 2:
+            raise StageError(f"--num must be >= 2, got {self.num}")
+        if any(s < 1 for s in self.steps) or not self.steps:
+            raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
+        if any(not t > 0 for t in self.temperatures) or not self.temperatures:
+            raise StageError(f"--temperatures must be > 0, got {list(self.temperatures)}")
+        if self.extractor not in ("auto", "classifier", "inception"):
+            raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
+
+
+def _cached_json(path: Path, key: Any) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data.get("value") if data.get("key") == key else None
+
+
+def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
+    """Sample every (generator, temperature, steps), measure FID/KID/PR against the test split, write the report.
+
+    `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
+    Re-runs reuse samples and metrics whose inputs have not changed.
+    """
+    from evaluation import compute_metrics, get_extractor
+
+    def bar(description: str):
+        return bars(description) if bars is not None else None
+
+    recipe = read_run_recipe(ctx.run_dir)
+    dataset = recipe["data"]["dataset"]
+    for g in opts.generators:
+        load_generator(ctx.run_dir, g)  # fail now, not after the extractor is trained
+    train_set = load_split(recipe, "train", ctx)
+    test_set = load_split(recipe, "test", ctx)
+    extractor = get_extractor(
+        opts.extractor,
+        dataset=dataset,
+        image_size=recipe["data"]["image_size"],
+        data_root=ctx.data_root,
+        train_set=train_set,
+        test_set=test_set,
+        inception_weights=opts.inception_weights,
+        device=ctx.device,
+        progress=bar("feature extractor"),
+    )
+    n = min(opts.num, len(test_set))
+    real = test_set.images_uint8(torch.arange(n))
+    real_key = f"{dataset}-test-{recipe['data']['image_size']}"
+
+    def metrics_for(images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
+        return compute_metrics(images_uint8, real, extractor, real_key=real_key, progress=bar(what))
+
+    report_dir = ctx.run_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    tok_hash = file_hash(ctx.run_dir / "tokenizer" / "model.safetensors")
+    context_key = {"tokenizer": tok_hash, "extractor": [extractor.name, extractor.hash], "n": n, "real": real_key}
+    context = _cached_json(report_dir / "context.json", context_key)
+    if context is None:
+        tokenizer = load_tokenizer(ctx.run_dir, ctx.torch_device)
+        recon = to_uint8(decode_all(tokenizer, torch.cat(
+            [tokenizer.encode(real[i : i + 256].to(ctx.torch_device).float() / 127.5 - 1).cpu() for i in range(0, n, 256)]
+        ), ctx.torch_device))  # fmt: skip
+        g = torch.Generator().manual_seed(opts.seed)
+        train_idx = torch.randperm(len(train_set), generator=g)[:n]
+        context = {
+            "rfid": metrics_for(recon, "rFID")["fid"],
+            "floor_fid": metrics_for(train_set.images_uint8(train_idx), "floor")["fid"],
+        }
+        write_json(report_dir / "context.json", {"key": context_key, "value": context})
+
+    results: list[dict[str, Any]] = []
+    for g in opts.generators:
+        for temperature in opts.temperatures:
+            for steps in opts.steps if g == "diffusion" else (None,):
+                spec = SampleSpec(
+                    generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
+                    batch_size=opts.batch_size,
+                )  # fmt: skip
+                label = f"{g} t={temperature:g}" + (f" s={steps}" if steps else "")
+                samples = generate(ctx, spec, on_batch=bar(f"sample {label}"))
+                key = {
+                    "sample": json.loads((samples.folder / "sample.json").read_text())["key"],
+                    "extractor": [extractor.name, extractor.hash],
+                    "real": [real_key, n],
+                }
+                m = _cached_json(samples.folder / "metrics.json", key)
+                if m is None:
+                    m = metrics_for(to_uint8(samples.images), f"metrics {label}")
+                    write_json(samples.folder / "metrics.json", {"key": key, "value": m})
+                results.append(
+                    {
+                        "generator": g,
+                        "temperature": temperature,
+                        "steps": steps,
+                        "fid": m["fid"],
+                        "kid": m.get("kid"),
+                        "kid_std": m.get("kid_std"),
+                        "precision": m.get("precision"),
+                        "recall": m.get("recall"),
+                        "isc": m.get("isc"),
+                        "images_per_second": samples.images_per_second,
+                        "forward_passes": samples.forward_passes,
+                        "samples": str(samples.folder.relative_to(ctx.run_dir)),
+                    }
+                )
+    gif = None
+    if "diffusion" in opts.generators:
+        spec = SampleSpec(generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg)
+        gif_samples = generate(ctx, spec, out=ctx.run_dir / "samples" / f"trajectory-s{opts.gif_steps}", gif=True)
+        gif = str((gif_samples.folder / "trajectory.gif").relative_to(ctx.run_dir))
+    tok_metrics = read_json(ctx.run_dir / "tokenizer" / "metrics.json") if (ctx.run_dir / "tokenizer" / "metrics.json").exists() else {}
+    bits = {}
+    for g in opts.generators:
+        p = ctx.run_dir / g / "metrics.json"
+        if p.exists():
+            mj = read_json(p)
+            bits[g] = {"bits_per_token": mj.get("bits_per_token"), "kind": mj.get("kind")}
+    report = {
+        "run": str(ctx.run_dir),
+        "recipe": recipe.name,
+        "dataset": dataset,
+        "extractor": extractor.name,
+        "extractor_hash": extractor.hash,
+        "extractor_info": extractor.info,
+        "num_samples": n,
+        "reference": f"{dataset} test split, first {n} images",
+        "floor_fid": context["floor_fid"],
+        "tokenizer": {
+            "rfid": context["rfid"],
+            "psnr": tok_metrics.get("psnr"),
+            "codebook_usage": tok_metrics.get("codebook_usage"),
+        },
+        "bits_per_token": bits,
+        "cfg": opts.cfg,
+        "device": str(ctx.torch_device),
+        "results": results,
+        "trajectory_gif": gif,
+    }
+    from recipes.report import write_report
+
+    write_report(report, report_dir)
+    return report

@@ -1,0 +1,186 @@
+"""`vqdiff bench`: sampling and training throughput, achieved FLOP/s against a measured matmul peak,
+and feature-extraction speed. Models are built from a recipe's configs with random weights
+(speed does not depend on the weights), so the bench needs no data and no trained run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from recipes.recipe import Recipe
+from recipes.stages import generator_class
+from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
+from vqdiff.train import autocast_dtype, make_optimizer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], Any], device: torch.device, min_seconds: float = 1.0, max_reps: int = 50) -> float:
+    """Seconds per call: one warm-up call, then repeats until `min_seconds` have passed."""
+    fn()
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds or reps >= max_reps:
+            return elapsed / reps
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`: the peak the achieved training FLOP/s is compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timeit(lambda: a @ b, device, min_seconds=1.0)
+    return 2 * n**3 / seconds
+
+
+@dataclass
+class BenchModels:
+    tokenizer: VQTokenizer
+    generators: dict[str, Any]
+
+
+def build_models(recipe: Recipe, device: torch.device, channels: int = 1, num_classes: int = 10) -> BenchModels:
+    tcfg: TokenizerConfig = recipe.model_config("tokenizer", channels=channels, image_size=recipe["data"]["image_size"])
+    tokenizer = VQTokenizer(tcfg).to(device).eval()
+    meta = {"codebook_size": tcfg.codebook_size, "grid": list(tcfg.grid), "num_classes": num_classes}
+    from recipes.stages import generator_config
+
+    gens = {k: generator_class(k)(generator_config(k, recipe, meta)).to(device).eval() for k in ("ar", "diffusion")}
+    return BenchModels(tokenizer, gens)
+
+
+def bench_sampling(models: BenchModels, device: torch.device, batches=(1, 64), steps=(4, 8, 16), min_seconds=1.0):
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    ar = models.generators["ar"]
+    diff = models.generators["diffusion"]
+    for b in batches:
+        for cached in (True, False):
+            s = timeit(lambda: ar.sample(b, use_cache=cached, generator=gen), device, min_seconds)
+            rows.append({"what": "sample", "generator": "ar", "kv_cache": cached, "steps": None, "batch": b,
+                         "forward_passes": ar.forward_passes(0), "images_per_second": b / s})  # fmt: skip
+        for st in steps:
+            s = timeit(lambda: diff.sample(b, steps=st, generator=gen), device, min_seconds)
+            rows.append({"what": "sample", "generator": "diffusion", "kv_cache": None, "steps": st, "batch": b,
+                         "forward_passes": st, "images_per_second": b / s})  # fmt: skip
+        ids = torch.randint(0, models.tokenizer.cfg.codebook_size, (b, *models.tokenizer.grid), device=device)
+        s = timeit(lambda: models.tokenizer.decode(ids), device, min_seconds)
+        rows.append({"what": "decode", "generator": "tokenizer", "batch": b, "images_per_second": b / s})
+    return rows
+
+
+def bench_training(models: BenchModels, recipe: Recipe, device: torch.device, min_seconds=2.0) -> list[dict]:
+    rows = []
+    for kind, model in [("tokenizer", models.tokenizer), *models.generators.items()]:
+        tc = recipe.train_config(kind)
+        amp = autocast_dtype(tc.precision, device)
+        model = model.train()
+        opt = make_optimizer(model, tc, device)
+        b = tc.batch_size
+        if kind == "tokenizer":
+            c, s = model.cfg.channels, model.cfg.image_size
+            batch = {"images": torch.rand(b, c, s, s, device=device) * 2 - 1}
+            tokens = b * s * s  # pixels
+        else:
+            cfg = model.cfg
+            batch = {
+                "ids": torch.randint(0, cfg.codebook_size, (b, cfg.grid_h, cfg.grid_w), device=device),
+                "labels": torch.randint(0, max(cfg.num_classes, 1), (b,), device=device),
+            }
+            tokens = b * cfg.grid_h * cfg.grid_w
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, _ = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops()
+        seconds = timeit(step, device, min_seconds, max_reps=20)
+        dtype = amp or torch.float32
+        rows.append(
+            {
+                "what": "train",
+                "model": kind,
+                "batch": b,
+                "dtype": str(dtype).replace("torch.", ""),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "steps_per_second": 1 / seconds,
+                "items_per_second": b / seconds,
+                "tokens_per_second": tokens / seconds,
+                "flop_per_step": flops,
+                "achieved_flops": flops / seconds,
+            }
+        )
+        model.eval()
+    return rows
+
+
+def bench_features(device: torch.device, channels: int, image_size: int, min_seconds=1.0) -> list[dict]:
+    from evaluation import Classifier, ClassifierConfig, inception_available
+
+    rows = []
+    clf = Classifier(ClassifierConfig(channels=channels, num_classes=10, image_size=image_size)).to(device).eval()
+    for b in (16, 64, 256):
+        x = torch.rand(b, channels, image_size, image_size, device=device)
+        with torch.no_grad():
+            s = timeit(lambda: clf(x), device, min_seconds)
+        rows.append({"what": "features", "extractor": "classifier", "batch": b, "images_per_second": b / s})
+    if inception_available():
+        from evaluation import get_extractor, extract_features
+
+        ext = get_extractor("inception", dataset="mnist", device=device)
+        imgs = torch.randint(0, 256, (64, 3, image_size, image_size), dtype=torch.uint8)
+        t0 = time.perf_counter()
+        extract_features(imgs, ext)
+        rows.append({"what": "features", "extractor": "inception", "batch": ext.batch_size,
+                     "images_per_second": 64 / (time.perf_counter() - t0)})  # fmt: skip
+    return rows
+
+
+def run_bench(recipe: Recipe, device: torch.device, quick: bool = False, progress=None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    models = build_models(recipe, device)
+    min_s = 0.2 if quick else 1.0
+
+    def note(what: str) -> None:
+        if progress is not None:
+            progress(what)
+
+    note("sampling")
+    sampling = bench_sampling(models, device, batches=(1, 64) if not quick else (1, 4), min_seconds=min_s)
+    note("training")
+    training = bench_training(models, recipe, device, min_seconds=2 * min_s)
+    dtypes = sorted({r["dtype"] for r in training})
+    note("matmul peak")
+    peaks = {d: matmul_peak(getattr(torch, d), device, n=512 if quick else 2048) for d in dtypes}
+    for r in training:
+        r["matmul_peak_flops"] = peaks[r["dtype"]]
+        r["fraction_of_peak"] = r["achieved_flops"] / peaks[r["dtype"]]
+    note("features")
+    features = bench_features(device, 1, recipe["data"]["image_size"], min_seconds=min_s)
+    return {
+        "recipe": recipe.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "sampling": sampling,
+        "training": training,
+        "features": features,
+        "matmul_peak_flops": peaks,
+    }

@@ -1,0 +1,128 @@
+"""The report of a run: report.json, report.md and matplotlib plots in RUN/report/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vqdiff.checkpoint import write_json
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def setting(r: dict[str, Any]) -> str:
+    s = f"{r['generator']} t={r['temperature']:g}"
+    return s + (f" s={r['steps']}" if r.get("steps") else "")
+
+
+def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    plots = {}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    # FID against steps: one line per temperature for diffusion; AR (no steps) as dashed levels
+    fig, ax = plt.subplots(figsize=(6, 4))
+    temps = sorted({r["temperature"] for r in results})
+    for i, t in enumerate(temps):
+        c = colours[i % len(colours)]
+        diff = sorted((r for r in results if r["generator"] == "diffusion" and r["temperature"] == t), key=lambda r: r["steps"])
+        if diff:
+            ax.plot([r["steps"] for r in diff], [r["fid"] for r in diff], "o-", color=c, label=f"diffusion t={t:g}")
+        for r in results:
+            if r["generator"] == "ar" and r["temperature"] == t:
+                ax.axhline(r["fid"], color=c, ls="--", label=f"ar t={t:g} ({r['forward_passes']} passes)")
+    ax.axhline(report["floor_fid"], color="grey", ls=":", label="data floor (train vs test)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("diffusion sampling steps (forward passes)")
+    ax.set_ylabel(f"FID ({report['extractor']})")
+    ax.set_title(f"{report['dataset']}: FID against steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report_dir / "fid_vs_steps.png", dpi=120)
+    plt.close(fig)
+    plots["fid_vs_steps"] = "fid_vs_steps.png"
+
+    # FID against speed: every setting
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for gi, g in enumerate(("ar", "diffusion")):
+        rs = [r for r in results if r["generator"] == g]
+        if not rs:
+            continue
+        ax.scatter([r["images_per_second"] for r in rs], [r["fid"] for r in rs], color=colours[gi], label=g)
+        for r in rs:
+            ax.annotate(setting(r).split(" ", 1)[1], (r["images_per_second"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"images/s ({report['device']}, generation + decoding)")
+    ax.set_ylabel(f"FID ({report['extractor']})")
+    ax.set_title(f"{report['dataset']}: FID against speed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report_dir / "fid_vs_speed.png", dpi=120)
+    plt.close(fig)
+    plots["fid_vs_speed"] = "fid_vs_speed.png"
+    return plots
+
+
+def markdown(report: dict[str, Any], report_dir: Path) -> str:
+    run = Path(report["run"])
+
+    def rel(path_in_run: str) -> str:
+        return os.path.relpath(run / path_in_run, report_dir)
+
+    tok = report["tokenizer"]
+    lines = [
+        f"# vqdiff report: {report['recipe']} ({report['dataset']})",
+        "",
+        f"- Feature extractor: **{report['extractor']}** (hash `{report['extractor_hash']}`)"
+        + (f", test accuracy {report['extractor_info']['test_accuracy']:.4f}" if "test_accuracy" in report.get("extractor_info", {}) else ""),
+        f"- Samples per setting: {report['num_samples']}, against {report['reference']}",
+        f"- Data floor (train vs test, same count): FID **{_fmt(report['floor_fid'])}**",
+        f"- Tokenizer: rFID **{_fmt(tok['rfid'])}**, PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['codebook_usage'], 3)}",
+    ]
+    for g, b in report.get("bits_per_token", {}).items():
+        what = "exact" if b.get("kind") == "exact" else "ELBO upper bound"
+        lines.append(f"- {g}: {_fmt(b.get('bits_per_token'), 3)} bits per token on the test split ({what})")
+    lines += [
+        f"- Device: {report['device']}; classifier-free guidance scale {report['cfg']:g}",
+        "",
+        "| generator | temperature | steps | forward passes | FID | KID ×1e3 | precision | recall | images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["results"]:
+        kid = r["kid"] * 1e3 if r.get("kid") is not None else None
+        lines.append(
+            f"| {r['generator']} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
+            f"{_fmt(kid)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r['images_per_second'], 1)} |"
+        )
+    lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]
+    lines += ["## Samples", ""]
+    shown = set()
+    for r in report["results"]:
+        if r["generator"] in shown:
+            continue
+        shown.add(r["generator"])
+        lines += [f"**{setting(r)}**", "", f"![{setting(r)}]({rel(r['samples'] + '/grid.png')})", ""]
+    if report.get("trajectory_gif"):
+        lines += ["## Diffusion refining an image", "", f"![trajectory]({rel(report['trajectory_gif'])})", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], report_dir: Path) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = write_plots(report, report_dir)
+    write_json(report_dir / "report.json", report)
+    tmp = report_dir / ".report.md.tmp"
+    tmp.write_text(markdown(report, report_dir))
+    tmp.replace(report_dir / "report.md")
