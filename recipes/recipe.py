@@ -44,6 +44,7 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
     "batch_size": 100,  # sampling batch size
     "seed": 0,
     "gif_steps": 16,  # steps of the diffusion trajectory GIF in the report
+    "classifier_steps": 0,  # training steps of the classifier extractor (0 = its fixed default recipe)
 }
 
 # keys a generator section takes besides its model config and TrainConfig

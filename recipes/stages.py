@@ -285,6 +285,13 @@ def train_generator(kind: str, recipe: Recipe, ctx: Context, on_log=None, on_bat
     folder = ctx.run_dir / kind
     generator_class(kind)
     tcfg = recipe.train_config(kind)
+    tok = tokenizer_meta(ctx.run_dir)
+    # refuse a mismatch the recipe states before spending time on encoding
+    for key, value in (("codebook_size", tok["codebook_size"]), ("grid_h", tok["grid"][0]), ("grid_w", tok["grid"][1])):
+        stated = recipe[kind].get(key)
+        if stated is not None and stated != value:
+            what = "codebook" if key == "codebook_size" else "grid"
+            raise RecipeError(f"{kind}.{key} = {stated} does not match the tokenizer's {what} ({value})")
     meta = ensure_tokens(ctx, on_batch)
     if (folder / "config.json").exists():
         from vqdiff.checkpoint import read_config
@@ -585,6 +592,7 @@ class EvalOptions:
     batch_size: int = 100
     seed: int = 0
     gif_steps: int = 16
+    classifier_steps: int = 0  # 0: the classifier extractor's default recipe
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
@@ -599,6 +607,7 @@ class EvalOptions:
             batch_size=e["batch_size"],
             seed=e["seed"],
             gif_steps=e["gif_steps"],
+            classifier_steps=e["classifier_steps"],
         )
         for k, v in overrides.items():
             if v is not None:
@@ -636,7 +645,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
     `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
     Re-runs reuse samples and metrics whose inputs have not changed.
     """
-    from evaluation import compute_metrics, get_extractor
+    from evaluation import ClassifierRecipe, compute_metrics, get_extractor
 
     def bar(description: str):
         return bars(description) if bars is not None else None
@@ -656,6 +665,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
         test_set=test_set,
         inception_weights=opts.inception_weights,
         device=ctx.device,
+        recipe=ClassifierRecipe(steps=opts.classifier_steps) if opts.classifier_steps else None,
         progress=bar("feature extractor"),
     )
     n = min(opts.num, len(test_set))

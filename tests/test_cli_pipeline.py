@@ -1,0 +1,227 @@
+"""CliRunner runs of train ar/diffusion, sample, evaluate, run and bench on a tiny `shapes` run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from recipes import stages
+from recipes.cli import app
+
+runner = CliRunner()
+
+TINY = [
+    "data.limit_train=96",
+    "data.limit_test=48",
+    "tokenizer.steps=6",
+    "tokenizer.batch_size=16",
+    "tokenizer.width=8",
+    "tokenizer.max_width=16",
+    "tokenizer.codebook_size=16",
+    "tokenizer.codebook_dim=4",
+    "tokenizer.warmup_steps=1",
+    "tokenizer.checkpoint_every=3",
+    "ar.steps=4",
+    "ar.dim=32",
+    "ar.depth=1",
+    "ar.heads=2",
+    "ar.batch_size=16",
+    "ar.warmup_steps=1",
+    "ar.checkpoint_every=2",
+    "diffusion.steps=6",
+    "diffusion.dim=32",
+    "diffusion.depth=1",
+    "diffusion.heads=2",
+    "diffusion.batch_size=16",
+    "diffusion.warmup_steps=1",
+    "diffusion.checkpoint_every=3",
+    "evaluate.num=40",
+    "evaluate.steps=[2,4]",
+    "evaluate.batch_size=20",
+    "evaluate.gif_steps=3",
+    "evaluate.classifier_steps=20",  # a classifier extractor trained briefly, so that evaluate takes seconds
+]
+
+
+def sets(items):
+    return [x for item in items for x in ("--set", item)]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VQDIFF_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("runs") / "shapes"
+    ok(invoke("train", "tokenizer", "shapes", "--run-dir", path, *sets(TINY)))
+    # no `encode` first: training a generator encodes the dataset when tokens are missing
+    ok(invoke("train", "ar", "shapes", "--run-dir", path, *sets(TINY)))
+    ok(invoke("train", "diffusion", "shapes", "--run-dir", path, *sets(TINY)))
+    return path
+
+
+def test_train_generators_write_bits_per_token(run):
+    assert (run / "tokens" / "train.safetensors").exists()
+    ar = json.loads((run / "ar" / "metrics.json").read_text())
+    diff = json.loads((run / "diffusion" / "metrics.json").read_text())
+    assert ar["kind"] == "exact" and diff["kind"] == "elbo"
+    assert ar["split"] == diff["split"] == "test"
+    assert 0 < ar["bits_per_token"] < 20 and 0 < diff["bits_per_token"] < 40
+    for kind in ("ar", "diffusion"):
+        for f in ("config.json", "model.safetensors", "train_state.pt", "log.jsonl"):
+            assert (run / kind / f).exists()
+
+
+def test_sample_diffusion_with_gif_and_seed(run, tmp_path):
+    ok(invoke("sample", run, "--generator", "diffusion", "--num", 6, "--temperature", 1.0, "--steps", 3, "--seed", 1, "--gif"))
+    folder = run / "samples" / "diffusion-t1-s3"
+    assert (folder / "grid.png").exists() and (folder / "trajectory.gif").exists()
+    assert len(list(folder.glob("0*.png"))) == 6
+    from PIL import Image
+
+    with Image.open(folder / "trajectory.gif") as gif:
+        assert gif.n_frames == 3
+    # the same seed gives the same images; another seed other images
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 6, "-s", 3, "--seed", 1, "--out", tmp_path / "again"))
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 6, "-s", 3, "--seed", 2, "--out", tmp_path / "other"))
+    from vqdiff.data import load_tokens
+
+    a, _ = load_tokens(folder / "ids.safetensors")
+    b, _ = load_tokens(tmp_path / "again" / "ids.safetensors")
+    c, _ = load_tokens(tmp_path / "other" / "ids.safetensors")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_ar_options(run):
+    result = ok(invoke("sample", run, "-g", "ar", "-n", 4, "--steps", 5, "--top-k", 3, "--class", 1, "--cfg", 2.0))
+    assert "ignores --steps" in result.output
+    assert (run / "samples" / "ar-t1-s64-k3-c1-g2" / "grid.png").exists()
+    ok(invoke("sample", run, "-g", "ar", "-n", 4, "--prefix-rows", 3, "--out", run / "prefix"))
+    from vqdiff.data import load_tokens
+
+    ids, _ = load_tokens(run / "prefix" / "ids.safetensors")
+    test_ids, _ = load_tokens(run / "tokens" / "test.safetensors")
+    assert torch.equal(ids[:, :3], test_ids[:4, :3])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--temperature", "-1"], "temperature must be > 0"),
+        (["--steps", "0"], "steps must be >= 1"),
+        (["--generator", "gan"], "unknown generator"),
+        (["--class", "7"], "--class must be in [0, 3)"),
+    ],
+)
+def test_sample_bad_input(run, args, needle):
+    one_line_error(invoke("sample", run, "-n", 2, *args), needle)
+
+
+def test_mismatched_tokenizer_is_refused(run, tmp_path):
+    other = tmp_path / "other"
+    tiny32 = [s for s in TINY if not s.startswith("tokenizer.codebook_size")] + ["tokenizer.codebook_size=32"]
+    ok(invoke("train", "tokenizer", "shapes", "--run-dir", other, *sets(tiny32)))
+    shutil.copytree(run / "ar", other / "ar")
+    one_line_error(invoke("sample", other, "-g", "ar", "-n", 2), "16-code book", "32 codes")
+    # a recipe that states another codebook than the tokenizer's
+    one_line_error(
+        invoke("train", "diffusion", "shapes", "--run-dir", other, *sets(tiny32), "--set", "diffusion.codebook_size=16"),
+        "does not match",
+    )
+
+
+def test_evaluate_writes_report_and_reuses_work(run, cache):
+    result = ok(invoke("evaluate", run, "--num", 40, "--steps", "2,4", "--extractor", "classifier"))
+    report = json.loads((run / "report" / "report.json").read_text())
+    for key in ("dataset", "extractor", "num_samples", "floor_fid", "tokenizer", "results"):
+        assert key in report
+    for key in ("rfid", "psnr", "codebook_usage"):
+        assert key in report["tokenizer"]
+    assert report["extractor"] == "classifier" and report["extractor_hash"]
+    settings = {(r["generator"], r["steps"]) for r in report["results"]}
+    assert settings == {("ar", None), ("diffusion", 2), ("diffusion", 4)}
+    for r in report["results"]:
+        for key in ("generator", "temperature", "steps", "fid", "kid", "precision", "recall", "images_per_second", "forward_passes"):
+            assert key in r
+        assert r["fid"] >= 0 and r["images_per_second"] > 0
+    assert {r["forward_passes"] for r in report["results"] if r["generator"] == "diffusion"} == {2, 4}
+    md = (run / "report" / "report.md").read_text()
+    assert "classifier" in md and "trajectory.gif" in md
+    for f in ("fid_vs_steps.png", "fid_vs_speed.png"):
+        assert (run / "report" / f).stat().st_size > 0
+    assert "FID" in result.output
+    # a re-run reuses the samples and metrics
+    stamp = (run / "samples" / "diffusion-t1-s2" / "sample.json").stat().st_mtime_ns
+    ok(invoke("evaluate", run, "--num", 40, "--steps", "2,4", "--extractor", "classifier"))
+    assert (run / "samples" / "diffusion-t1-s2" / "sample.json").stat().st_mtime_ns == stamp
+    assert json.loads((run / "report" / "report.json").read_text())["results"] == report["results"]
+
+
+def test_evaluate_bad_input(run):
+    one_line_error(invoke("evaluate", run, "--temperatures", "0"), "temperatures must be > 0")
+    one_line_error(invoke("evaluate", run, "--generators", "gan"), "unknown generator")
+    one_line_error(invoke("evaluate", run, "--extractor", "vgg"), "unknown extractor")
+
+
+def test_run_resumes_after_interruption(tmp_path, cache, monkeypatch):
+    path = tmp_path / "run"
+    real_train = stages.train
+
+    def killed_in_diffusion(model, data, cfg, out_dir, **kw):
+        if "diffusion" in str(out_dir):
+            real_train(model, data, cfg, out_dir, stop_after=3, **kw)
+            raise KeyboardInterrupt
+        return real_train(model, data, cfg, out_dir, **kw)
+
+    monkeypatch.setattr(stages, "train", killed_in_diffusion)
+    result = invoke("run", "shapes", "--run-dir", path, *sets(TINY))
+    assert result.exit_code == 130 and "resume" in result.output
+    assert (path / "ar" / "metrics.json").exists() and not (path / "diffusion" / "metrics.json").exists()
+    done = {k: (path / k / "model.safetensors").stat().st_mtime_ns for k in ("tokenizer", "ar")}
+    tokens = (path / "tokens" / "train.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(stages, "train", real_train)
+    ok(invoke("run", "shapes", "--run-dir", path, *sets(TINY)))
+    assert {k: (path / k / "model.safetensors").stat().st_mtime_ns for k in ("tokenizer", "ar")} == done
+    assert (path / "tokens" / "train.safetensors").stat().st_mtime_ns == tokens
+    steps = [json.loads(line)["step"] for line in (path / "diffusion" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6 and len(steps) == len(set(steps))
+    assert json.loads((path / "diffusion" / "config.json").read_text())["trained_steps"] == 6
+    assert (path / "report" / "report.json").exists()
+
+
+def test_bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    ok(invoke("bench", "shapes", "--quick", "--out", out, *sets([s for s in TINY if not s.startswith(("data", "evaluate"))])))
+    result = json.loads(out.read_text())
+    kinds = {(r["generator"], r.get("kv_cache"), r.get("steps")) for r in result["sampling"] if r["what"] == "sample"}
+    assert ("ar", True, None) in kinds and ("ar", False, None) in kinds and ("diffusion", None, 16) in kinds
+    assert {r["model"] for r in result["training"]} == {"tokenizer", "ar", "diffusion"}
+    assert all(r["achieved_flops"] > 0 and r["matmul_peak_flops"] > 0 for r in result["training"])
+    assert result["features"]
