@@ -1,0 +1,42 @@
+"""Turns images into numbers: FID, KID, precision/recall and IS through torch-fidelity.
+
+    extractor = get_extractor("auto", dataset="mnist")         # classifier offline, inception when its weights are here
+    metrics = compute_metrics(fake_uint8, real_uint8, extractor, real_key="mnist-test-2000")
+
+It knows nothing of generators: images in (uint8 [n c h w]), numbers out.
+"""
+
+from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe, accuracy, train_classifier
+from evaluation.common import CACHE_ENV, EvaluationError, resolve_cache_dir
+from evaluation.extractors import (
+    INCEPTION_ENV,
+    KINDS,
+    Extractor,
+    get_extractor,
+    inception_available,
+    inception_hub_file,
+    resolve_inception_weights,
+)
+from evaluation.metrics import UInt8Images, compute_metrics, extract_features, reference_cache_name
+
+__all__ = [
+    "CACHE_ENV",
+    "INCEPTION_ENV",
+    "KINDS",
+    "Classifier",
+    "ClassifierConfig",
+    "ClassifierRecipe",
+    "EvaluationError",
+    "Extractor",
+    "UInt8Images",
+    "accuracy",
+    "compute_metrics",
+    "extract_features",
+    "get_extractor",
+    "inception_available",
+    "inception_hub_file",
+    "reference_cache_name",
+    "resolve_cache_dir",
+    "resolve_inception_weights",
+    "train_classifier",
+]
