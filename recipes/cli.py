@@ -25,6 +25,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from vqdiff import __version__
+
+        print(f"vqdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train a VQ-VAE tokenizer, a next-token and a discrete diffusion generator, and compare them by FID."""
+
+
 train_app = typer.Typer(help="Train one model of a recipe.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 # rich wraps at 80 columns when not on a terminal (CI logs, pipes); reports read better wider
@@ -218,6 +237,9 @@ def sample(
     gif: Annotated[bool, typer.Option("--gif", help="Diffusion: write trajectory.gif, the grid after every step.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per sampling batch.")] = 64,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="AR: recompute every step without the KV cache.")] = False,
+    choice_temperature: Annotated[
+        float, typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences, MaskGIT's 4.5.")
+    ] = 4.5,
     device: DeviceOpt = None,
 ) -> None:
     """Sample images from a trained generator: PNGs, grid.png and (diffusion, --gif) trajectory.gif."""
@@ -227,7 +249,7 @@ def sample(
         spec = stages.SampleSpec(
             generator=generator, num=num, temperature=temperature, steps=steps if steps is not None else 8, seed=seed,
             top_k=top_k, top_p=top_p, class_=class_, cfg=cfg, prefix_rows=prefix_rows, batch_size=batch_size,
-            use_cache=not no_cache,
+            use_cache=not no_cache, choice_temperature=choice_temperature,
         )  # fmt: skip
         spec.validate()
         if gif and generator != "diffusion":
@@ -262,10 +284,10 @@ def print_report(report: dict) -> None:
         f"({report['extractor_hash']})"
     )
     table = Table(title=title, title_justify="left")
-    for col in ("setting", "FID", "KID x1e3", "precision", "recall", "images/s", "passes"):
+    for col in ("setting", "FID", "KID", "precision", "recall", "images/s", "passes"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in report["results"]:
-        kid = f"{r['kid'] * 1e3:.2f}" if r.get("kid") is not None else "-"
+        kid = f"{r['kid']:.3f}" if r.get("kid") is not None else "-"
         table.add_row(
             setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
             f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",

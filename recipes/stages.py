@@ -362,6 +362,7 @@ class SampleSpec:
     prefix_rows: int = 0
     batch_size: int = 64
     use_cache: bool = True
+    choice_temperature: float = 4.5  # diffusion, mask corruption: Gumbel noise on the confidences (MaskGIT)
 
     def validate(self) -> None:
         if self.generator not in GENERATORS:
@@ -380,6 +381,8 @@ class SampleSpec:
             raise StageError(f"top-p must be in (0, 1], got {self.top_p}")
         if not self.cfg > 0:
             raise StageError(f"cfg must be > 0 (1 = no guidance), got {self.cfg}")
+        if self.choice_temperature < 0:
+            raise StageError(f"choice temperature must be >= 0, got {self.choice_temperature}")
         if self.prefix_rows < 0:
             raise StageError(f"prefix rows must be >= 0, got {self.prefix_rows}")
         if self.generator == "diffusion" and (self.top_k is not None or self.top_p is not None or self.prefix_rows):
@@ -400,6 +403,8 @@ class SampleSpec:
             extras.append(f"r{self.prefix_rows}")
         if not self.use_cache:
             extras.append("nocache")
+        if self.generator == "diffusion" and self.choice_temperature != 4.5:
+            extras.append(f"ct{self.choice_temperature:g}")
         return "-".join([name, *extras])
 
 
@@ -505,7 +510,7 @@ def generate(
             callback = (lambda i, x: frames.append(x[:trajectory_n].cpu().clone())) if record else None
             ids = model.sample(
                 n, steps=spec.steps, temperature=spec.temperature, labels=labels, cfg_scale=spec.cfg, generator=gen,
-                callback=callback,
+                callback=callback, choice_temperature=spec.choice_temperature,
             )  # fmt: skip
         all_images.append(tokenizer.decode(ids).float().cpu())
         all_ids.append(ids.cpu())

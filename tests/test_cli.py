@@ -3,33 +3,8 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from recipes.cli import app
-
-runner = CliRunner()
-
-TINY = [
-    "data.limit_train=96",
-    "data.limit_test=32",
-    "tokenizer.steps=6",
-    "tokenizer.batch_size=16",
-    "tokenizer.width=8",
-    "tokenizer.max_width=16",
-    "tokenizer.codebook_size=16",
-    "tokenizer.codebook_dim=4",
-    "tokenizer.warmup_steps=1",
-    "tokenizer.checkpoint_every=3",
-]
-
-
-def sets(items):
-    return [x for item in items for x in ("--set", item)]
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result
+from helpers import TINY_TOKENIZER as TINY
+from helpers import invoke, one_line_error, sets
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +42,7 @@ def test_encode_writes_tokens(tok_run):
     assert ids.shape == (96, 8, 8) and labels.shape == (96,)
     assert 0 <= ids.min() and ids.max() < 16
     ids_test, _ = load_tokens(tok_run / "tokens" / "test.safetensors")
-    assert ids_test.shape == (32, 8, 8)
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:")
-    for needle in needles:
-        assert needle in result.output, result.output
+    assert ids_test.shape == (48, 8, 8)
 
 
 def test_unknown_recipe_key_in_set(tmp_path):

@@ -13,14 +13,6 @@ K, H, W = 16, 4, 4
 N = H * W
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is faster and immune to other processes on a small machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(corruption="mask", num_classes=0, seed=0, **kw):
     torch.manual_seed(seed)

@@ -14,14 +14,6 @@ from vqdiff.nn import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is faster and immune to other processes on a small machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @dataclass(frozen=True)
 class Cfg:

@@ -123,3 +123,21 @@ def test_discriminator_switches_on_at_its_step(tmp_path):
     assert "d_loss" not in logs0 and "d_loss" not in logs1 and "d_loss" in logs2
     loss2.backward()
     assert all(p.grad is not None for p in model.discriminator.parameters())
+
+
+def test_interrupt_saves_the_last_finished_step(tmp_path):
+    data = load_dataset("shapes", "train", limit=64)
+    cfg = TrainConfig(steps=8, batch_size=8, lr=2e-3, warmup_steps=2, checkpoint_every=100, log_every=1)
+    torch.manual_seed(0)
+    train(VQTokenizer(tiny(kmeans_init=True)), data, cfg, tmp_path / "a")
+
+    def ctrl_c_at_5(step, logs):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train(VQTokenizer(tiny(kmeans_init=True)), data, cfg, tmp_path / "b", on_log=ctrl_c_at_5)
+    resumed = train(VQTokenizer(tiny(kmeans_init=True)), data, cfg, tmp_path / "b")
+    assert resumed.resumed_from == 5
+    assert _losses(tmp_path / "b" / "log.jsonl") == pytest.approx(_losses(tmp_path / "a" / "log.jsonl"), rel=1e-5)

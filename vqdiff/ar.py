@@ -26,7 +26,7 @@ from vqdiff.nn import (
     KVCache,
     Transformer,
     cfg_mix,
-    check_trunk_config,
+    TrunkConfig,
     guidance_labels,
     sample_labels,
     sample_logits,
@@ -35,20 +35,8 @@ from vqdiff.nn import (
 
 
 @dataclass(frozen=True)
-class ARConfig:
-    codebook_size: int  # k: ids are in [0, k)
-    grid_h: int
-    grid_w: int
-    num_classes: int = 0  # 0 = unconditional
-    class_dropout: float = 0.1  # prob. of the null class in training, for classifier-free guidance
-    dim: int = 256
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_trunk_config(self)
+class ARConfig(TrunkConfig):
+    """The next-token generator: the shared trunk fields (vqdiff.nn.TrunkConfig), nothing more."""
 
 
 @register_model("ar", ARConfig)

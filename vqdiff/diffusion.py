@@ -29,6 +29,7 @@ described at `_sample_uniform`, `mask-and-replace` the VQ-Diffusion posterior.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -42,7 +43,7 @@ from vqdiff.checkpoint import register_model
 from vqdiff.nn import (
     Transformer,
     cfg_mix,
-    check_trunk_config,
+    TrunkConfig,
     gumbel,
     guidance_labels,
     rand,
@@ -57,17 +58,9 @@ CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
 
 
 @dataclass(frozen=True)
-class DiffusionConfig:
-    codebook_size: int  # k: ids are in [0, k); mask_id = k
-    grid_h: int
-    grid_w: int
-    num_classes: int = 0  # 0 = unconditional
-    class_dropout: float = 0.1  # prob. of the null class in training, for classifier-free guidance
-    dim: int = 256
-    depth: int = 6
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+class DiffusionConfig(TrunkConfig):
+    """The shared trunk fields (vqdiff.nn.TrunkConfig; mask_id = codebook_size) plus the corruption."""
+
     corruption: str = "mask"  # mask | uniform | mask-and-replace
     schedule: str = "cosine"  # a name in vqdiff.schedules.SCHEDULES
     elbo_weighting: bool = False  # train on the ELBO (nats per token) instead of the plain cross-entropy
@@ -76,7 +69,7 @@ class DiffusionConfig:
     elbo_steps: int = 100  # T of the discrete-time bound for uniform and mask-and-replace
 
     def __post_init__(self) -> None:
-        check_trunk_config(self)
+        super().__post_init__()
         if self.corruption not in CORRUPTIONS:
             raise ValueError(f"corruption must be one of {', '.join(CORRUPTIONS)}, got {self.corruption!r}")
         get_schedule(self.schedule)  # raises ValueError naming the choices
@@ -309,8 +302,13 @@ class DiffusionTransformer(nn.Module):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
+        choice_temperature: float = 4.5,
     ) -> Tensor:
         """Sample n grids in exactly `steps` forward passes: long [n h w] in [0, k).
+
+        `choice_temperature` (mask corruption only) scales the Gumbel noise on the confidences
+        that pick which tokens to keep; MaskGIT's default is 4.5. Without it, confidence-based
+        decoding keeps only the most likely tokens and the samples lose diversity (low recall).
 
         temperature >= 0 (0 = argmax). labels: long [n] or one int, in [0, num_classes); None
         samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
@@ -337,10 +335,14 @@ class DiffusionTransformer(nn.Module):
             if callback is not None:
                 callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
 
+        if cfg.corruption == "mask":
+            sampler = functools.partial(sampler, choice_temperature=choice_temperature)
         x = sampler(n, steps, temperature, denoise, generator, report)
         return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
 
-    def _sample_mask(self, n: int, steps: int, temperature: float, denoise, generator, report) -> Tensor:
+    def _sample_mask(
+        self, n: int, steps: int, temperature: float, denoise, generator, report, choice_temperature: float = 4.5
+    ) -> Tensor:
         """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
         temperature at the masked positions, then re-mask the floor(gamma(1 - (i+1)/steps) * N)
         least confident of them. Confidence is log p of the sampled id plus Gumbel noise annealed
@@ -352,7 +354,7 @@ class DiffusionTransformer(nn.Module):
             masked = x == self.mask_id
             x0 = sample_logits(logits, temperature=temperature, generator=generator)  # [n N]
             confidence = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
-            noise_scale = temperature * (1 - (i + 1) / steps)
+            noise_scale = choice_temperature * temperature * (1 - (i + 1) / steps)
             if noise_scale > 0:
                 confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
             confidence = confidence.masked_fill(~masked, float("inf"))

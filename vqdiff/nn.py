@@ -18,6 +18,7 @@ Letters: `b` batch, `h w` token grid, `n = (h w)`, `m` tokens in one call, `d` w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -158,6 +159,25 @@ def guidance_labels(labels: Tensor | None, num_classes: int, cfg_scale: float) -
 
 
 # ---------------------------------------------------------------- config checks
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    """The fields both generators share; `ARConfig` and `DiffusionConfig` extend it."""
+
+    codebook_size: int  # k: ids are in [0, k)
+    grid_h: int
+    grid_w: int
+    num_classes: int = 0  # 0 = unconditional
+    class_dropout: float = 0.1  # prob. of the null class in training, for classifier-free guidance
+    dim: int = 256
+    depth: int = 6
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_trunk_config(self)
 
 
 def check_trunk_config(cfg: Any) -> None:

@@ -11,6 +11,7 @@ from its last checkpoint computes the same losses as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -208,7 +209,10 @@ def train(
     resumed_from = step
     _truncate_log(log_path, step)
 
+    saved = step
+
     def checkpoint(at: int) -> None:
+        nonlocal saved
         final = ema if ema is not None else model
         # weights and config first, then the resumable state: a crash in between re-runs a few steps
         save_model(final, out_dir, extra={"trained_steps": at, "train": config_to_dict(cfg)})
@@ -223,14 +227,24 @@ def train(
                 "train_config": config_to_dict(cfg),
             },
         )
+        saved = at
 
     fwd = torch.compile(model) if cfg.compile else model
     logs: list[dict[str, Any]] = []
     last_end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     window_t, window_items = time.perf_counter(), 0
     model.train()
-    with open(log_path, "a") as log_file:
+    # a step changes the weights, the optimiser and buffers (codebook statistics) in turn: only a
+    # state between two steps is consistent, so an interruption inside a step keeps the last checkpoint
+    between_steps = True
+
+    def save_on_interrupt() -> None:
+        if between_steps and saved < step:
+            checkpoint(step)
+
+    with open(log_path, "a") as log_file, _checkpoint_on_interrupt(save_on_interrupt):
         while step < last_end:
+            between_steps = False
             torch.manual_seed(step_seed(cfg.seed, step))
             batch = data.batch(batch_indices(len(data), cfg.batch_size, step, cfg.seed))
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -240,7 +254,6 @@ def train(
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, step_logs = fwd.loss(batch) if fwd is model else unwrap(fwd).loss(batch)
             if not torch.isfinite(loss):
-                checkpoint(step) if step > resumed_from else None
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {out_dir}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -251,6 +264,7 @@ def train(
             if ema is not None:
                 _ema_update(ema, model, cfg.ema)
             step += 1
+            between_steps = True
             window_items += len(next(iter(batch.values())))
             if step % cfg.log_every == 0 or step == last_end:
                 dt = time.perf_counter() - window_t
@@ -270,10 +284,20 @@ def train(
                 window_t, window_items = time.perf_counter(), 0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint(step)
-    if step > resumed_from and step % cfg.checkpoint_every != 0 and step != cfg.steps:
+    if step > saved:
         checkpoint(step)  # stop_after: keep what was done
     final = ema if ema is not None else model
     return TrainResult(model=final.eval(), step=step, resumed_from=resumed_from, logs=logs)
+
+
+@contextlib.contextmanager
+def _checkpoint_on_interrupt(save: Callable[[], Any]):
+    """Ctrl-C, a crash or a non-finite loss: save the last finished step before the error propagates."""
+    try:
+        yield
+    except BaseException:
+        save()
+        raise
 
 
 def _truncate_log(path: Path, step: int) -> None:
