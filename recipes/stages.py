@@ -575,7 +575,10 @@ def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], mask
         pixel_mask = masked.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]  # [n 1 H W]
         images = torch.where(pixel_mask, torch.zeros_like(images), images)
         grid = make_grid(to_uint8(images), nrow=4, padding=2, pad_value=128)
-        pictures.append(Image.fromarray(grid.permute(1, 2, 0).numpy()).convert("P"))
+        picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        picture = picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST)
+        # an adaptive palette without dithering: the web palette would dither the grey into a checkerboard
+        pictures.append(picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=256, dither=Image.Dither.NONE))
     durations = [250] * (len(pictures) - 1) + [1500]  # hold the last frame
     tmp = path.with_name(f".{path.name}.tmp")
     pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
