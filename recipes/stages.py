@@ -298,7 +298,10 @@ def train_generator(kind: str, recipe: Recipe, ctx: Context, on_log=None, on_bat
 
         _, old = read_config(folder, kind)
         check_fits_tokenizer(kind, old, meta, folder)
+    check_same_tokens(kind, ctx.run_dir)
     cfg = generator_config(kind, recipe, meta)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"]})
     if is_trained(folder, tcfg.steps) and (folder / "metrics.json").exists():
         return read_json(folder / "metrics.json")
     ids, labels = load_tokens(ctx.run_dir / "tokens" / "train.safetensors")
@@ -335,6 +338,19 @@ def test_bits_per_token(model: Any, ctx: Context, max_grids: int, batch_size: in
     }
 
 
+def check_same_tokens(kind: str, run_dir: Path) -> None:
+    """Refuse a generator trained on the tokens of another tokenizer (retrained since): its ids mean other codes."""
+    path = run_dir / kind / "tokens.json"
+    if not path.exists() or not (run_dir / "tokenizer" / "model.safetensors").exists():
+        return
+    trained_on = read_json(path).get("tokenizer_hash")
+    if trained_on != file_hash(run_dir / "tokenizer" / "model.safetensors"):
+        raise StageError(
+            f"the {kind} generator in {run_dir / kind} was trained on the tokens of another tokenizer "
+            f"(retrained since); delete {run_dir / kind} to retrain it"
+        )
+
+
 def load_generator(run_dir: Path, kind: str, device: torch.device | str = "cpu") -> Any:
     generator_class(kind)
     folder = run_dir / kind
@@ -342,6 +358,7 @@ def load_generator(run_dir: Path, kind: str, device: torch.device | str = "cpu")
         raise StageError(f"no {kind} generator in {run_dir}; run `vqdiff train {kind}` first")
     model = load_model(folder, kind, device)
     check_fits_tokenizer(kind, model.cfg, tokenizer_meta(run_dir), folder)
+    check_same_tokens(kind, run_dir)
     return model
 
 

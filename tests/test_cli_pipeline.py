@@ -99,6 +99,14 @@ def test_mismatched_tokenizer_is_refused(run, tmp_path):
     )
 
 
+def test_generator_of_a_retrained_tokenizer_is_refused(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "ar" / "tokens.json").write_text('{"tokenizer_hash": "0123456789ab"}')
+    one_line_error(invoke("sample", copy, "-g", "ar", "-n", 2), "another tokenizer")
+    one_line_error(invoke("train", "ar", "shapes", "--run-dir", copy, *sets(TINY)), "another tokenizer")
+
+
 def test_evaluate_writes_report_and_reuses_work(run, cache):
     result = ok(invoke("evaluate", run, "--num", 40, "--steps", "2,4", "--extractor", "classifier"))
     report = json.loads((run / "report" / "report.json").read_text())
