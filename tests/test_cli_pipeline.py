@@ -175,3 +175,15 @@ def test_bench_quick(tmp_path):
     assert {r["model"] for r in result["training"]} == {"tokenizer", "ar", "diffusion"}
     assert all(r["achieved_flops"] > 0 and r["matmul_peak_flops"] > 0 for r in result["training"])
     assert result["features"]
+
+
+def test_evaluate_inception_offline_is_one_line(run, tmp_path, monkeypatch):
+    import evaluation.extractors as extractors
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights
+    monkeypatch.delenv("VQDIFF_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(extractors, "_reachable", lambda *args, **kwargs: False)  # offline, whatever the machine
+    one_line_error(invoke("evaluate", run, "--extractor", "inception"), "--inception-weights", "VQDIFF_INCEPTION_WEIGHTS")
+    one_line_error(
+        invoke("evaluate", run, "--extractor", "inception", "--inception-weights", tmp_path / "nope.pth"), "nope.pth"
+    )
