@@ -97,14 +97,15 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     lines += [
         f"- Device: {report['device']}; classifier-free guidance scale {report['cfg']:g}",
         "",
-        "| generator | temperature | steps | forward passes | FID | KID | precision | recall | images/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| generator | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["results"]:
         kid = r.get("kid")
         lines.append(
             f"| {r['generator']} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
-            f"{_fmt(kid, 3)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r['images_per_second'], 1)} |"
+            f"{_fmt(kid, 3)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r.get('isc'))} | "
+            f"{_fmt(r['images_per_second'], 1)} |"
         )
     lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]
     lines += ["## Samples", ""]
