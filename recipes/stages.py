@@ -25,7 +25,7 @@ from vqdiff.checkpoint import CheckpointError, load_model, read_json, write_json
 from vqdiff.data import ImageSet, load_dataset, load_tokens, save_tokens, to_uint8
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import VQTokenizer, psnr
-from vqdiff.train import TensorSource, is_trained, train
+from vqdiff.train import TensorSource, is_trained, seeded, train
 
 GENERATORS = ("ar", "diffusion")
 Progress = Callable[..., Any]  # on_log-style callbacks supplied by the CLI
@@ -120,7 +120,9 @@ def train_tokenizer(recipe: Recipe, ctx: Context, on_log=None, on_eval=None) -> 
     cfg = recipe.model_config("tokenizer", channels=train_set.channels, image_size=train_set.image_size)
     if not (is_trained(folder, tcfg.steps) and (folder / "metrics.json").exists()):
         t0 = time.perf_counter()
-        result = train(VQTokenizer(cfg), train_set, tcfg, folder, device=ctx.torch_device, on_log=on_log)
+        with seeded(tcfg.seed):
+            model = VQTokenizer(cfg)
+        result = train(model, train_set, tcfg, folder, device=ctx.torch_device, on_log=on_log)
         seconds = time.perf_counter() - t0
         model = result.model
         test_set = load_split(recipe, "test", ctx)
@@ -306,9 +308,9 @@ def train_generator(kind: str, recipe: Recipe, ctx: Context, on_log=None, on_bat
         return read_json(folder / "metrics.json")
     ids, labels = load_tokens(ctx.run_dir / "tokens" / "train.safetensors")
     t0 = time.perf_counter()
-    result = train(
-        generator_class(kind)(cfg), TensorSource(ids=ids, labels=labels), tcfg, folder, device=ctx.torch_device, on_log=on_log
-    )
+    with seeded(tcfg.seed):
+        model = generator_class(kind)(cfg)
+    result = train(model, TensorSource(ids=ids, labels=labels), tcfg, folder, device=ctx.torch_device, on_log=on_log)
     seconds = time.perf_counter() - t0
     metrics = test_bits_per_token(result.model, ctx, recipe[kind]["eval_grids"])
     n_params = sum(p.numel() for p in result.model.parameters())

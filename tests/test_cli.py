@@ -77,3 +77,13 @@ def test_missing_data_root(tmp_path):
 def test_encode_without_run(tmp_path):
     result = invoke("encode", tmp_path)
     one_line_error(result, "not a run folder")
+
+
+def test_same_recipe_same_weights(tok_run, tmp_path):
+    import torch
+
+    torch.manual_seed(1234)  # whatever ran before must not change the result
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path, *sets(TINY))
+    assert result.exit_code == 0, result.output
+    a = (tok_run / "tokenizer" / "model.safetensors").read_bytes()
+    assert (tmp_path / "tokenizer" / "model.safetensors").read_bytes() == a

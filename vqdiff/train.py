@@ -110,6 +110,15 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return torch.tensor(out, dtype=torch.long)
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Build a model under a fixed seed (`with seeded(cfg.seed): model = Model(mcfg)`), leaving the
+    caller's global RNG as it was: the same recipe gives the same initial weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def step_seed(seed: int, step: int) -> int:
     return (seed * 7_919 + step * 104_729 + 1) % (2**63 - 1)
 
