@@ -142,15 +142,33 @@ def bench_features(device: torch.device, channels: int, image_size: int, min_sec
         with torch.no_grad():
             s = timeit(lambda: clf(x), device, min_seconds)
         rows.append({"what": "features", "extractor": "classifier", "batch": b, "images_per_second": b / s})
+    imgs = torch.randint(0, 256, (64, 3, image_size, image_size), dtype=torch.uint8)
     if inception_available():
-        from evaluation import get_extractor, extract_features
+        from evaluation import extract_features, get_extractor
 
         ext = get_extractor("inception", dataset="mnist", device=device)
-        imgs = torch.randint(0, 256, (64, 3, image_size, image_size), dtype=torch.uint8)
+        extract_features(imgs[:ext.batch_size], ext)  # warm-up
         t0 = time.perf_counter()
         extract_features(imgs, ext)
         rows.append({"what": "features", "extractor": "inception", "batch": ext.batch_size,
                      "images_per_second": 64 / (time.perf_counter() - t0)})  # fmt: skip
+    else:
+        # no weights here: time torchvision's Inception-v3 with random weights at 299x299, the same
+        # network shape torch-fidelity runs (speed does not depend on the weight values)
+        import torch.nn.functional as F
+        import torchvision
+
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval()
+        for b in (16, 64):
+            x = imgs[:b].to(device)
+
+            def run() -> None:
+                with torch.no_grad():
+                    net(F.interpolate(x.float() / 127.5 - 1, size=(299, 299), mode="bilinear", align_corners=False))
+
+            s = timeit(run, device, min_seconds, max_reps=5)
+            rows.append({"what": "features", "extractor": "inception-v3 (random weights, speed proxy)", "batch": b,
+                         "images_per_second": b / s})  # fmt: skip
     return rows
 
 
