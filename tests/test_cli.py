@@ -67,6 +67,13 @@ def test_bad_value_type(tmp_path):
     one_line_error(result, "tokenizer.steps")
 
 
+def test_bad_model_value_names_its_section(tmp_path):
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path, *sets(TINY), "--set", "tokenizer.downsample=3")
+    one_line_error(result, "[tokenizer]", "power of 2")
+    result = invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path, "--set", "tokenizer.lr=-1")
+    one_line_error(result, "[tokenizer] lr must be > 0")
+
+
 def test_missing_data_root(tmp_path):
     result = invoke(
         "train", "tokenizer", "mnist", "--run-dir", tmp_path / "run", "--data-root", tmp_path / "nowhere"
