@@ -13,25 +13,20 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from recipes.recipe import Recipe
-from recipes.stages import generator_class
+from recipes.stages import generator_class, generator_config, sync
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import autocast_dtype, make_optimizer
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timeit(fn: Callable[[], Any], device: torch.device, min_seconds: float = 1.0, max_reps: int = 50) -> float:
     """Seconds per call: one warm-up call, then repeats until `min_seconds` have passed."""
     fn()
-    _sync(device)
+    sync(device)
     reps, t0 = 0, time.perf_counter()
     while True:
         fn()
         reps += 1
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - t0
         if elapsed >= min_seconds or reps >= max_reps:
             return elapsed / reps
@@ -55,8 +50,6 @@ def build_models(recipe: Recipe, device: torch.device, channels: int = 1, num_cl
     tcfg: TokenizerConfig = recipe.model_config("tokenizer", channels=channels, image_size=recipe["data"]["image_size"])
     tokenizer = VQTokenizer(tcfg).to(device).eval()
     meta = {"codebook_size": tcfg.codebook_size, "grid": list(tcfg.grid), "num_classes": num_classes}
-    from recipes.stages import generator_config
-
     gens = {k: generator_class(k)(generator_config(k, recipe, meta)).to(device).eval() for k in ("ar", "diffusion")}
     return BenchModels(tokenizer, gens)
 

@@ -141,6 +141,18 @@ def batch_logger(p: Progress, description: str):
     return on_batch
 
 
+def _tokenizer_stage(p: Progress, r, ctx: "stages.Context") -> dict:
+    return stages.train_tokenizer(
+        r, ctx, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
+    )
+
+
+def _generator_stage(p: Progress, kind: str, r, ctx: "stages.Context") -> dict:
+    return stages.train_generator(
+        kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"), on_batch=batch_logger(p, "encode")
+    )
+
+
 def _context(recipe_name: str, run_dir: Optional[Path], sets, data_root, device) -> tuple:
     recipe = load_recipe(recipe_name, sets or [])
     ctx = stages.Context(run_dir or stages.default_run_dir(recipe), data_root, device)
@@ -163,12 +175,7 @@ def train_tokenizer(
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
         stages.write_recipe(r, ctx.run_dir)
         with progress_bar() as p:
-            metrics = stages.train_tokenizer(
-                r,
-                ctx,
-                on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"),
-                on_eval=batch_logger(p, "test split"),
-            )
+            metrics = _tokenizer_stage(p, r, ctx)
         out.print(
             f"tokenizer: psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f}, "
             f"perplexity {metrics['perplexity']:.1f} -> {ctx.run_dir / 'tokenizer'}"
@@ -191,13 +198,10 @@ def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None)
 def _train_generator(kind: str, recipe, run_dir, set_, data_root, device) -> None:
     with edge():
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
-        if not (ctx.run_dir / "tokenizer" / "config.json").exists():
-            fail(f"no tokenizer in {ctx.run_dir}; run `vqdiff train tokenizer {recipe}` first")
+        stages.tokenizer_meta(ctx.run_dir)  # fail before writing a recipe into a run without a tokenizer
         stages.write_recipe(r, ctx.run_dir)
         with progress_bar() as p:
-            metrics = stages.train_generator(
-                kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"), on_batch=batch_logger(p, "encode")
-            )
+            metrics = _generator_stage(p, kind, r, ctx)
         what = "exact" if metrics["kind"] == "exact" else "ELBO bound"
         out.print(
             f"{kind}: {metrics['bits_per_token']:.3f} bits per token on the test split ({what}) -> {ctx.run_dir / kind}",
@@ -368,9 +372,7 @@ def run_all(
         timings = {}
         with progress_bar() as p:
             t = time.perf_counter()
-            m = stages.train_tokenizer(
-                r, ctx, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
-            )
+            m = _tokenizer_stage(p, r, ctx)
             timings["tokenizer"] = time.perf_counter() - t
             p.console.print(f"tokenizer: psnr {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.3f}")
             t = time.perf_counter()
@@ -378,7 +380,7 @@ def run_all(
             timings["encode"] = time.perf_counter() - t
             for kind in stages.GENERATORS:
                 t = time.perf_counter()
-                m = stages.train_generator(kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"))
+                m = _generator_stage(p, kind, r, ctx)
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
         t = time.perf_counter()

@@ -122,14 +122,18 @@ class Recipe:
 
         A derived field the recipe states must agree with the derived value.
         """
+        self.check_derived(section, **derived)
         cls = _model_config_cls(section)
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in self.sections[section].items() if k in fields}
+        return _build(cls, {**values, **derived}, section)
+
+    def check_derived(self, section: str, **derived: Any) -> None:
+        """Refuse a derived field (codebook_size, grid_h, ...) that the recipe states with another value."""
         for k, v in derived.items():
-            if k in values and values[k] != v:
-                raise RecipeError(f"{section}.{k} = {values[k]} does not match the {_derived_from(k)} ({v})")
-            values[k] = v
-        return _build(cls, values, section)
+            stated = self.sections[section].get(k)
+            if stated is not None and stated != v:
+                raise RecipeError(f"{section}.{k} = {stated} does not match the {_derived_from(k)} ({v})")
 
     def to_toml(self) -> str:
         lines = [f"name = {_toml_value(self.name)}", ""]

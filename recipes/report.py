@@ -46,13 +46,7 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     ax.axhline(report["floor_fid"], color="grey", ls=":", label="data floor (train vs test)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("diffusion sampling steps (forward passes)")
-    ax.set_ylabel(f"FID ({report['extractor']})")
-    ax.set_title(f"{report['dataset']}: FID against steps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(report_dir / "fid_vs_steps.png", dpi=120)
-    plt.close(fig)
-    plots["fid_vs_steps"] = "fid_vs_steps.png"
+    plots["fid_vs_steps"] = _save(fig, ax, report, report_dir, "FID against steps", "fid_vs_steps.png")
 
     # FID against speed: every setting
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -65,14 +59,21 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
             ax.annotate(setting(r).split(" ", 1)[1], (r["images_per_second"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel(f"images/s ({report['device']}, generation + decoding)")
+    plots["fid_vs_speed"] = _save(fig, ax, report, report_dir, "FID against speed", "fid_vs_speed.png")
+    return plots
+
+
+def _save(fig, ax, report: dict[str, Any], report_dir: Path, title: str, name: str) -> str:
+    """The FID axis, title and legend every plot shares; write the PNG and return its name."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel(f"FID ({report['extractor']})")
-    ax.set_title(f"{report['dataset']}: FID against speed")
+    ax.set_title(f"{report['dataset']}: {title}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(report_dir / "fid_vs_speed.png", dpi=120)
+    fig.savefig(report_dir / name, dpi=120)
     plt.close(fig)
-    plots["fid_vs_speed"] = "fid_vs_speed.png"
-    return plots
+    return name
 
 
 def markdown(report: dict[str, Any], report_dir: Path) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,14 @@ from typing import Any, Callable
 
 import torch
 
-from recipes.recipe import Recipe, RecipeError, load_recipe
-from vqdiff.checkpoint import CheckpointError, load_model, read_json, write_json
-from vqdiff.data import ImageSet, load_dataset, load_tokens, save_tokens, to_uint8
+from recipes.recipe import Recipe, load_recipe
+from vqdiff.checkpoint import load_model, read_config, read_json, write_json
+from vqdiff.data import ImageSet, from_uint8, load_dataset, load_tokens, save_tokens, to_uint8
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import VQTokenizer, psnr
 from vqdiff.train import TensorSource, is_trained, seeded, train
 
 GENERATORS = ("ar", "diffusion")
-Progress = Callable[..., Any]  # on_log-style callbacks supplied by the CLI
 
 
 class StageError(Exception):
@@ -261,8 +259,6 @@ def check_fits_tokenizer(kind: str, cfg: Any, tokens_meta: dict[str, Any], where
 
 def tokenizer_meta(run_dir: Path) -> dict[str, Any]:
     """codebook_size and grid of the run's tokenizer, from its config alone."""
-    from vqdiff.checkpoint import read_config
-
     folder = run_dir / "tokenizer"
     if not (folder / "config.json").exists():
         raise StageError(f"no tokenizer in {run_dir}; run `vqdiff train tokenizer` first")
@@ -289,23 +285,17 @@ def train_generator(kind: str, recipe: Recipe, ctx: Context, on_log=None, on_bat
     tcfg = recipe.train_config(kind)
     tok = tokenizer_meta(ctx.run_dir)
     # refuse a mismatch the recipe states before spending time on encoding
-    for key, value in (("codebook_size", tok["codebook_size"]), ("grid_h", tok["grid"][0]), ("grid_w", tok["grid"][1])):
-        stated = recipe[kind].get(key)
-        if stated is not None and stated != value:
-            what = "codebook" if key == "codebook_size" else "grid"
-            raise RecipeError(f"{kind}.{key} = {stated} does not match the tokenizer's {what} ({value})")
+    recipe.check_derived(kind, codebook_size=tok["codebook_size"], grid_h=tok["grid"][0], grid_w=tok["grid"][1])
     meta = ensure_tokens(ctx, on_batch)
     if (folder / "config.json").exists():
-        from vqdiff.checkpoint import read_config
-
         _, old = read_config(folder, kind)
         check_fits_tokenizer(kind, old, meta, folder)
     check_same_tokens(kind, ctx.run_dir)
     cfg = generator_config(kind, recipe, meta)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"]})
     if is_trained(folder, tcfg.steps) and (folder / "metrics.json").exists():
         return read_json(folder / "metrics.json")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"]})
     ids, labels = load_tokens(ctx.run_dir / "tokens" / "train.safetensors")
     t0 = time.perf_counter()
     with seeded(tcfg.seed):
@@ -434,7 +424,7 @@ class Samples:
     seconds: float  # generation + decoding
     forward_passes: int  # per image
     folder: Path
-    reused: bool
+    key: dict[str, Any]  # the inputs that produced them (spec, weights hashes), as in sample.json
 
     @property
     def images_per_second(self) -> float:
@@ -447,7 +437,6 @@ def generate(
     *,
     out: Path | None = None,
     gif: bool = False,
-    write_pngs: bool = True,
     on_batch=None,
 ) -> Samples:
     """Sample `spec.num` images into RUN/samples/GENERATOR-tTEMP-sSTEPS/ (or `out`).
@@ -476,7 +465,6 @@ def generate(
         "generator_hash": file_hash(ctx.run_dir / spec.generator / "model.safetensors"),
         "tokenizer_hash": file_hash(ctx.run_dir / "tokenizer" / "model.safetensors"),
         "gif": gif,
-        "pngs": write_pngs,
     }
     if (folder / "sample.json").exists() and (folder / "ids.safetensors").exists():
         try:
@@ -486,7 +474,7 @@ def generate(
         if old.get("key") == key:
             ids, _ = load_tokens(folder / "ids.safetensors")
             images = decode_all(tokenizer, ids, device)
-            return Samples(ids, images, old["seconds"], old["forward_passes"], folder, reused=True)
+            return Samples(ids, images, old["seconds"], old["forward_passes"], folder, key)
 
     gen = torch.Generator(device=device).manual_seed(spec.seed)
     prefix_all = None
@@ -506,7 +494,7 @@ def generate(
     frames: list[torch.Tensor] = []
     trajectory_n = min(spec.num, 16)
     all_ids, all_images = [], []
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for start in range(0, spec.num, spec.batch_size):
         n = min(spec.batch_size, spec.num - start)
@@ -535,17 +523,16 @@ def generate(
         all_ids.append(ids.cpu())
         if on_batch is not None:
             on_batch(start + n, spec.num)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - t0
     ids = torch.cat(all_ids)
     images = torch.cat(all_images)
 
     folder.mkdir(parents=True, exist_ok=True)
-    if write_pngs:
-        save_pngs(images, folder)
+    save_pngs(images, folder)
     save_grid(images[:64], folder / "grid.png", nrow=8)
     if frames:
-        save_trajectory_gif(tokenizer, frames, model_mask_id(model), folder / "trajectory.gif", device)
+        save_trajectory_gif(tokenizer, frames, folder / "trajectory.gif", device)
     save_tokens(folder / "ids.safetensors", ids, labels_all if labels_all is not None else torch.zeros(len(ids)), cfg.codebook_size)
     record = {
         "key": key,
@@ -555,16 +542,13 @@ def generate(
         "device": str(device),
     }
     write_json(folder / "sample.json", record)
-    return Samples(ids, images, seconds, passes, folder, reused=False)
+    return Samples(ids, images, seconds, passes, folder, key)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock timings cover the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def model_mask_id(model: Any) -> int:
-    return getattr(model, "mask_id", model.cfg.codebook_size)
 
 
 @torch.no_grad()
@@ -581,7 +565,7 @@ def save_pngs(images: torch.Tensor, folder: Path) -> None:
 
 
 @torch.no_grad()
-def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], mask_id: int, path: Path, device) -> None:
+def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], path: Path, device) -> None:
     """Decode the ids after every step into a grid; positions still masked are shown grey."""
     from PIL import Image
     from torchvision.utils import make_grid
@@ -710,7 +694,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
     if context is None:
         tokenizer = load_tokenizer(ctx.run_dir, ctx.torch_device)
         recon = to_uint8(decode_all(tokenizer, torch.cat(
-            [tokenizer.encode(real[i : i + 256].to(ctx.torch_device).float() / 127.5 - 1).cpu() for i in range(0, n, 256)]
+            [tokenizer.encode(from_uint8(real[i : i + 256]).to(ctx.torch_device)).cpu() for i in range(0, n, 256)]
         ), ctx.torch_device))  # fmt: skip
         g = torch.Generator().manual_seed(opts.seed)
         train_idx = torch.randperm(len(train_set), generator=g)[:n]
@@ -731,7 +715,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
                 label = f"{g} t={temperature:g}" + (f" s={steps}" if steps else "")
                 samples = generate(ctx, spec, on_batch=bar(f"sample {label}"))
                 key = {
-                    "sample": json.loads((samples.folder / "sample.json").read_text())["key"],
+                    "sample": samples.key,
                     "extractor": [extractor.name, extractor.hash],
                     "real": [real_key, n],
                 }

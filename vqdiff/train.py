@@ -238,7 +238,8 @@ def train(
         )
         saved = at
 
-    fwd = torch.compile(model) if cfg.compile else model
+    # compile the loss (a bound method of the plain module): checkpoints keep plain keys
+    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
     logs: list[dict[str, Any]] = []
     last_end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     window_t, window_items = time.perf_counter(), 0
@@ -246,67 +247,57 @@ def train(
     # a step changes the weights, the optimiser and buffers (codebook statistics) in turn: only a
     # state between two steps is consistent, so an interruption inside a step keeps the last checkpoint
     between_steps = True
-
-    def save_on_interrupt() -> None:
+    try:
+        with open(log_path, "a") as log_file:
+            while step < last_end:
+                between_steps = False
+                torch.manual_seed(step_seed(cfg.seed, step))
+                batch = data.batch(batch_indices(len(data), cfg.batch_size, step, cfg.seed))
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                lr = lr_at(step, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss, step_logs = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {out_dir}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = (
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
+                )
+                opt.step()
+                if ema is not None:
+                    _ema_update(ema, model, cfg.ema)
+                step += 1
+                between_steps = True
+                window_items += len(next(iter(batch.values())))
+                if step % cfg.log_every == 0 or step == last_end:
+                    dt = time.perf_counter() - window_t
+                    entry = {
+                        "step": step,
+                        "loss": float(loss.item()),
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "items_per_s": window_items / max(dt, 1e-9),
+                        **{k: float(v) for k, v in step_logs.items()},
+                    }
+                    logs.append(entry)
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
+                    if on_log is not None:
+                        on_log(step, entry)
+                    window_t, window_items = time.perf_counter(), 0
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    checkpoint(step)
+    except BaseException:  # Ctrl-C, a crash, a non-finite loss: keep the last finished step
         if between_steps and saved < step:
             checkpoint(step)
-
-    with open(log_path, "a") as log_file, _checkpoint_on_interrupt(save_on_interrupt):
-        while step < last_end:
-            between_steps = False
-            torch.manual_seed(step_seed(cfg.seed, step))
-            batch = data.batch(batch_indices(len(data), cfg.batch_size, step, cfg.seed))
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            lr = lr_at(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, step_logs = fwd.loss(batch) if fwd is model else unwrap(fwd).loss(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {out_dir}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
-            )
-            opt.step()
-            if ema is not None:
-                _ema_update(ema, model, cfg.ema)
-            step += 1
-            between_steps = True
-            window_items += len(next(iter(batch.values())))
-            if step % cfg.log_every == 0 or step == last_end:
-                dt = time.perf_counter() - window_t
-                entry = {
-                    "step": step,
-                    "loss": float(loss.item()),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "items_per_s": window_items / max(dt, 1e-9),
-                    **{k: float(v) for k, v in step_logs.items()},
-                }
-                logs.append(entry)
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
-                if on_log is not None:
-                    on_log(step, entry)
-                window_t, window_items = time.perf_counter(), 0
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint(step)
+        raise
     if step > saved:
         checkpoint(step)  # stop_after: keep what was done
     final = ema if ema is not None else model
     return TrainResult(model=final.eval(), step=step, resumed_from=resumed_from, logs=logs)
-
-
-@contextlib.contextmanager
-def _checkpoint_on_interrupt(save: Callable[[], Any]):
-    """Ctrl-C, a crash or a non-finite loss: save the last finished step before the error propagates."""
-    try:
-        yield
-    except BaseException:
-        save()
-        raise
 
 
 def _truncate_log(path: Path, step: int) -> None:
