@@ -45,12 +45,18 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "gif_steps": 16,  # steps of the diffusion trajectory GIF in the report
     "classifier_steps": 0,  # training steps of the classifier extractor (0 = its fixed default recipe)
+    "samplers": [],  # diffusion samplers to compare (mask corruption); [] = the diffusion section's `sampler`
 }
 
 # keys a generator section takes besides its model config and TrainConfig
 GENERATOR_EXTRAS: dict[str, Any] = {
     "conditional": True,  # class-conditional (with CFG) when the dataset has labels
     "eval_grids": 2000,  # test grids for bits per token after training (0 = all)
+}
+# sampling defaults of the diffusion section (not part of the model: a run can sample either way)
+DIFFUSION_EXTRAS: dict[str, Any] = {
+    "sampler": "maskgit",  # maskgit | ancestral | halton (mask corruption; see vqdiff.diffusion)
+    "eta": 0.0,  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
 }
 # filled in from the tokenizer and the dataset, not from the recipe (the recipe may state them; they are checked)
 DERIVED = {"tokenizer": ("channels", "image_size"), "ar": ("codebook_size", "grid_h", "grid_w", "num_classes")}
@@ -89,6 +95,8 @@ def section_defaults(section: str) -> dict[str, Any]:
     model = {k: v for k, v in _defaults(_model_config_cls(section)).items() if k not in DERIVED[section]}
     train = _defaults(TrainConfig)
     extras = GENERATOR_EXTRAS if section in ("ar", "diffusion") else {}
+    if section == "diffusion":
+        extras = {**extras, **DIFFUSION_EXTRAS}
     return {**model, **train, **extras}
 
 
@@ -242,7 +250,18 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
     recipe = Recipe(name=name, sections=sections, source=source)
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)  # validate now, not after an hour of training
+    check_samplers(sections["diffusion"]["sampler"], sections["evaluate"]["samplers"], sections["diffusion"]["eta"])
     return recipe
+
+
+def check_samplers(sampler: str, samplers: list[str], eta: float) -> None:
+    from vqdiff.diffusion import MASK_SAMPLERS
+
+    for s in [sampler, *samplers]:
+        if s not in MASK_SAMPLERS:
+            raise RecipeError(f"unknown diffusion sampler {s!r}; choose from {', '.join(MASK_SAMPLERS)}")
+    if not 0 <= eta <= 1:
+        raise RecipeError(f"diffusion.eta = {eta}: must be in [0, 1]")
 
 
 def _same_type(default: Any, value: Any) -> bool:

@@ -18,8 +18,22 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 
 def setting(r: dict[str, Any]) -> str:
-    s = f"{r['generator']} t={r['temperature']:g}"
+    s = r["generator"] + (f" {r['sampler']}" if r.get("sampler") else "") + f" t={r['temperature']:g}"
     return s + (f" s={r['steps']}" if r.get("steps") else "")
+
+
+def best_sentence(results: list[dict[str, Any]]) -> list[str]:
+    """One sentence naming the best diffusion setting by FID (with its recall) against AR's best."""
+    diff = [r for r in results if r["generator"] == "diffusion"]
+    ar = [r for r in results if r["generator"] == "ar"]
+    if not diff:
+        return []
+    d = min(diff, key=lambda r: r["fid"])
+    text = f"**Best diffusion setting: {setting(d)}**, FID {_fmt(d['fid'])} (recall {_fmt(d.get('recall'), 3)})"
+    if ar:
+        a = min(ar, key=lambda r: r["fid"])
+        text += f", against the best AR setting {setting(a)}: FID {_fmt(a['fid'])} (recall {_fmt(a.get('recall'), 3)})"
+    return [text + ".", ""]
 
 
 def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
@@ -32,14 +46,21 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     plots = {}
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    # FID against steps: one line per temperature for diffusion; AR (no steps) as dashed levels
+    # FID against steps: one line per (sampler, temperature) for diffusion; AR (no steps) as dashed levels
     fig, ax = plt.subplots(figsize=(6, 4))
     temps = sorted({r["temperature"] for r in results})
+    samplers = sorted({r.get("sampler") for r in results if r["generator"] == "diffusion"}, key=str)
+    styles = ["o-", "s-", "^-", "D-"]
     for i, t in enumerate(temps):
         c = colours[i % len(colours)]
-        diff = sorted((r for r in results if r["generator"] == "diffusion" and r["temperature"] == t), key=lambda r: r["steps"])
-        if diff:
-            ax.plot([r["steps"] for r in diff], [r["fid"] for r in diff], "o-", color=c, label=f"diffusion t={t:g}")
+        for j, sm in enumerate(samplers):
+            diff = sorted(
+                (r for r in results if r["generator"] == "diffusion" and r["temperature"] == t and r.get("sampler") == sm),
+                key=lambda r: r["steps"],
+            )
+            if diff:
+                label = "diffusion" + (f" {sm}" if sm else "") + f" t={t:g}"
+                ax.plot([r["steps"] for r in diff], [r["fid"] for r in diff], styles[j % len(styles)], color=c, label=label)
         for r in results:
             if r["generator"] == "ar" and r["temperature"] == t:
                 ax.axhline(r["fid"], color=c, ls="--", label=f"ar t={t:g} ({r['forward_passes']} passes)")
@@ -86,6 +107,7 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     lines = [
         f"# vqdiff report: {report['recipe']} ({report['dataset']})",
         "",
+        *best_sentence(report["results"]),
         f"- Feature extractor: **{report['extractor']}** (hash `{report['extractor_hash']}`)"
         + (f", test accuracy {report['extractor_info']['test_accuracy']:.4f}" if "test_accuracy" in report.get("extractor_info", {}) else ""),
         f"- Samples per setting: {report['num_samples']}, against {report['reference']}",
@@ -98,13 +120,13 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     lines += [
         f"- Device: {report['device']}; classifier-free guidance scale {report['cfg']:g}",
         "",
-        "| generator | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| generator | sampler | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["results"]:
         kid = r.get("kid")
         lines.append(
-            f"| {r['generator']} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
+            f"| {r['generator']} | {r.get('sampler') or '–'} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
             f"{_fmt(kid, 3)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r.get('isc'))} | "
             f"{_fmt(r['images_per_second'], 1)} |"
         )

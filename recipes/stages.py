@@ -372,6 +372,8 @@ class SampleSpec:
     batch_size: int = 64
     use_cache: bool = True
     choice_temperature: float = 4.5  # diffusion, mask corruption: Gumbel noise on the confidences (MaskGIT)
+    sampler: str = "maskgit"  # diffusion, mask corruption: maskgit | ancestral | halton
+    eta: float = 0.0  # diffusion, ancestral sampler: ReMDM remasking
 
     def validate(self) -> None:
         if self.generator not in GENERATORS:
@@ -394,8 +396,16 @@ class SampleSpec:
             raise StageError(f"choice temperature must be >= 0, got {self.choice_temperature}")
         if self.prefix_rows < 0:
             raise StageError(f"prefix rows must be >= 0, got {self.prefix_rows}")
-        if self.generator == "diffusion" and (self.top_k is not None or self.top_p is not None or self.prefix_rows):
-            raise StageError("--top-k, --top-p and --prefix-rows are for the ar generator")
+        if self.generator == "diffusion" and self.prefix_rows:
+            raise StageError("--prefix-rows is for the ar generator")
+        from vqdiff.diffusion import MASK_SAMPLERS
+
+        if self.sampler not in MASK_SAMPLERS:
+            raise StageError(f"unknown sampler {self.sampler!r}; choose from {', '.join(MASK_SAMPLERS)}")
+        if not 0 <= self.eta <= 1:
+            raise StageError(f"eta must be in [0, 1], got {self.eta}")
+        if self.eta and self.sampler != "ancestral":
+            raise StageError("--eta (remasking) is for the ancestral sampler")
 
     def folder_name(self, forward_passes: int) -> str:
         name = f"{self.generator}-t{self.temperature:g}-s{forward_passes}"
@@ -412,7 +422,11 @@ class SampleSpec:
             extras.append(f"r{self.prefix_rows}")
         if not self.use_cache:
             extras.append("nocache")
-        if self.generator == "diffusion" and self.choice_temperature != 4.5:
+        if self.generator == "diffusion" and self.sampler != "maskgit":
+            extras.append(self.sampler)  # maskgit keeps the names of the folders written before samplers
+        if self.generator == "diffusion" and self.eta:
+            extras.append(f"eta{self.eta:g}")
+        if self.generator == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != 4.5:
             extras.append(f"ct{self.choice_temperature:g}")
         return "-".join([name, *extras])
 
@@ -517,7 +531,8 @@ def generate(
             callback = (lambda i, x: frames.append(x[:trajectory_n].cpu().clone())) if record else None
             ids = model.sample(
                 n, steps=spec.steps, temperature=spec.temperature, labels=labels, cfg_scale=spec.cfg, generator=gen,
-                callback=callback, choice_temperature=spec.choice_temperature,
+                callback=callback, choice_temperature=spec.choice_temperature, sampler=spec.sampler, eta=spec.eta,
+                top_k=spec.top_k, top_p=spec.top_p,
             )  # fmt: skip
         all_images.append(tokenizer.decode(ids).float().cpu())
         all_ids.append(ids.cpu())
@@ -604,6 +619,8 @@ class EvalOptions:
     seed: int = 0
     gif_steps: int = 16
     classifier_steps: int = 0  # 0: the classifier extractor's default recipe
+    samplers: tuple[str, ...] = ("maskgit",)  # diffusion samplers, one line each in the report
+    eta: float = 0.0  # ReMDM remasking for the ancestral sampler
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
@@ -619,6 +636,8 @@ class EvalOptions:
             seed=e["seed"],
             gif_steps=e["gif_steps"],
             classifier_steps=e["classifier_steps"],
+            samplers=tuple(e["samplers"]) or (recipe["diffusion"]["sampler"],),
+            eta=float(recipe["diffusion"]["eta"]),
         )
         for k, v in overrides.items():
             if v is not None:
@@ -638,6 +657,10 @@ class EvalOptions:
             raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
         if any(not t > 0 for t in self.temperatures) or not self.temperatures:
             raise StageError(f"--temperatures must be > 0, got {list(self.temperatures)}")
+        from vqdiff.diffusion import MASK_SAMPLERS
+
+        if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
+            raise StageError(f"--sampler must be from {', '.join(MASK_SAMPLERS)}, got {list(self.samplers)}")
         if self.extractor not in ("auto", "classifier", "inception"):
             raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
 
@@ -705,43 +728,54 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
         write_json(report_dir / "context.json", {"key": context_key, "value": context})
 
     results: list[dict[str, Any]] = []
+    diffusion_kind = None
+    if "diffusion" in opts.generators:
+        diffusion_kind = read_config(ctx.run_dir / "diffusion", "diffusion")[1].corruption
     for g in opts.generators:
-        for temperature in opts.temperatures:
-            for steps in opts.steps if g == "diffusion" else (None,):
-                spec = SampleSpec(
-                    generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
-                    batch_size=opts.batch_size,
-                )  # fmt: skip
-                label = f"{g} t={temperature:g}" + (f" s={steps}" if steps else "")
-                samples = generate(ctx, spec, on_batch=bar(f"sample {label}"))
-                key = {
-                    "sample": samples.key,
-                    "extractor": [extractor.name, extractor.hash],
-                    "real": [real_key, n],
+        # one sampler per setting, except the mask corruption, which compares its samplers
+        samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
+        for sampler, temperature, steps in (
+            (sm, tp, st) for sm in samplers for tp in opts.temperatures for st in (opts.steps if g == "diffusion" else (None,))
+        ):
+            spec = SampleSpec(
+                generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
+                batch_size=opts.batch_size, sampler=sampler or "maskgit",
+                eta=opts.eta if sampler == "ancestral" else 0.0,
+            )  # fmt: skip
+            label = f"{g}" + (f" {sampler}" if sampler else "") + f" t={temperature:g}" + (f" s={steps}" if steps else "")
+            samples = generate(ctx, spec, on_batch=bar(f"sample {label}"))
+            key = {
+                "sample": samples.key,
+                "extractor": [extractor.name, extractor.hash],
+                "real": [real_key, n],
+            }
+            m = _cached_json(samples.folder / "metrics.json", key)
+            if m is None:
+                m = metrics_for(to_uint8(samples.images), f"metrics {label}")
+                write_json(samples.folder / "metrics.json", {"key": key, "value": m})
+            results.append(
+                {
+                    "generator": g,
+                    "sampler": sampler,
+                    "temperature": temperature,
+                    "steps": steps,
+                    "fid": m["fid"],
+                    "kid": m.get("kid"),
+                    "kid_std": m.get("kid_std"),
+                    "precision": m.get("precision"),
+                    "recall": m.get("recall"),
+                    "isc": m.get("isc"),
+                    "images_per_second": samples.images_per_second,
+                    "forward_passes": samples.forward_passes,
+                    "samples": str(samples.folder.relative_to(ctx.run_dir)),
                 }
-                m = _cached_json(samples.folder / "metrics.json", key)
-                if m is None:
-                    m = metrics_for(to_uint8(samples.images), f"metrics {label}")
-                    write_json(samples.folder / "metrics.json", {"key": key, "value": m})
-                results.append(
-                    {
-                        "generator": g,
-                        "temperature": temperature,
-                        "steps": steps,
-                        "fid": m["fid"],
-                        "kid": m.get("kid"),
-                        "kid_std": m.get("kid_std"),
-                        "precision": m.get("precision"),
-                        "recall": m.get("recall"),
-                        "isc": m.get("isc"),
-                        "images_per_second": samples.images_per_second,
-                        "forward_passes": samples.forward_passes,
-                        "samples": str(samples.folder.relative_to(ctx.run_dir)),
-                    }
-                )
+            )
     gif = None
     if "diffusion" in opts.generators:
-        spec = SampleSpec(generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg)
+        spec = SampleSpec(
+            generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg,
+            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit",
+        )  # fmt: skip
         gif_samples = generate(ctx, spec, out=ctx.run_dir / "samples" / f"trajectory-s{opts.gif_steps}", gif=True)
         gif = str((gif_samples.folder / "trajectory.gif").relative_to(ctx.run_dir))
     tok_metrics = read_json(ctx.run_dir / "tokenizer" / "metrics.json") if (ctx.run_dir / "tokenizer" / "metrics.json").exists() else {}

@@ -134,6 +134,29 @@ def test_evaluate_writes_report_and_reuses_work(run, cache):
     assert json.loads((run / "report" / "report.json").read_text())["results"] == report["results"]
 
 
+def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sampler", "ancestral", "--eta", 0.2, "--top-k", 5))
+    assert (run / "samples" / "diffusion-t1-s3-k5-ancestral-eta0.2" / "grid.png").exists()
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sampler", "halton"))
+    assert (run / "samples" / "diffusion-t1-s3-halton" / "grid.png").exists()
+    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "greedy"), "unknown sampler")
+    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "maskgit", "--eta", 0.5), "--eta")
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    ok(invoke("evaluate", copy, "--num", 20, "--steps", "2,4", "--sampler", "maskgit,ancestral", "--extractor", "classifier"))
+    report = json.loads((copy / "report" / "report.json").read_text())
+    settings = {(r["generator"], r["sampler"], r["steps"]) for r in report["results"]}
+    assert settings == {("ar", None, None)} | {("diffusion", s, n) for s in ("maskgit", "ancestral") for n in (2, 4)}
+    md = (copy / "report" / "report.md").read_text()
+    assert "Best diffusion setting: diffusion" in md
+    one_line_error(invoke("evaluate", copy, "--sampler", "greedy"), "--sampler must be from")
+
+
+def test_recipe_sampler_keys_are_checked(tmp_path):
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sampler=greedy"), "unknown diffusion sampler")
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "evaluate.samplers=['x']"), "unknown diffusion sampler")
+
+
 def test_evaluate_bad_input(run):
     one_line_error(invoke("evaluate", run, "--temperatures", "0"), "temperatures must be > 0")
     one_line_error(invoke("evaluate", run, "--generators", "gan"), "unknown generator")
