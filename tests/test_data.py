@@ -73,3 +73,82 @@ def test_real_mnist_is_padded_to_32():
     assert test.uint8[:, :, 2:-2, 2:-2].max() == 255
     small = load_dataset("mnist", "test", image_size=16, limit=5)
     assert small.uint8.shape == (5, 1, 16, 16)
+
+
+def _jpeg_folder(root, layout, size=(12, 10)):
+    """Write small JPEGs: layout maps 'split/class' (or 'class') to a count; returns {path: pixels}."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for sub, count in layout.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            arr = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            path = root / sub / f"{i:04d}.jpg"
+            Image.fromarray(arr).save(path, quality=90)
+            written[path] = arr
+    return written
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 deprecates its decoders
+def test_folder_follows_imagefolder_classes_and_splits(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    _jpeg_folder(root, {"train/cat": 3, "train/dog": 4, "test/cat": 2, "test/dog": 1}, size=(8, 8))
+    train = load_dataset("folder", "train", image_size=8, path=root)
+    test = load_dataset("folder", "test", image_size=8, path=root)
+    assert len(train) == 7 and len(test) == 3  # the split folders, not the 95/5 rule
+    assert train.num_classes == test.num_classes == 2 and train.channels == 3
+    # classes sorted by name (cat = 0, dog = 1), interleaved so that the first images cover both
+    assert train.labels.tolist() == [0, 1, 0, 1, 0, 1, 1]
+    assert [f.parent.name for f in train.files] == ["cat", "dog", "cat", "dog", "cat", "dog", "dog"]
+    assert test.labels.tolist() == [0, 1, 0]
+    # the pixels are torchvision's decoding of each file (8x8: no resize)
+    from torchvision.io import decode_image
+
+    for i, f in enumerate(train.files):
+        assert torch.equal(train.uint8[i], decode_image(str(f)))
+    # a test class the train split lacks would get a label the model never saw
+    (root / "test" / "bird").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / "bird" / "0.jpg")
+    with pytest.raises(DataError, match="bird"):
+        load_dataset("folder", "test", image_size=8, path=root)
+
+
+def test_folder_without_splits_keeps_the_95_5_rule_and_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
+    _jpeg_folder(tmp_path / "data", {"a": 20, "b": 20})
+    train = load_dataset("folder", "train", image_size=8, path=tmp_path / "data")
+    test = load_dataset("folder", "test", image_size=8, path=tmp_path / "data")
+    assert len(train) == 38 and len(test) == 2 and not set(train.files) & set(test.files)
+    assert sorted(test.labels.tolist()) == [0, 1]  # files 19 (a/0019) and 39 (b/0019) of the sorted list
+    assert all(f.name == "0019.jpg" for f in test.files)
+    assert train.batch(torch.arange(2))["images"].shape == (2, 3, 8, 8)  # 12x10 -> short side 8, centre crop
+    # images straight in the folder: unlabelled
+    flat = tmp_path / "flat"
+    _jpeg_folder(flat, {".": 4})
+    ds = load_dataset("folder", "train", image_size=8, path=flat)
+    assert ds.num_classes == 0 and ds.labels.tolist() == [0, 0, 0, 0]  # 4 files: none is a 20th
+
+
+def test_folder_decodes_once_into_a_cache_keyed_by_the_files(tmp_path, monkeypatch):
+    import vqdiff.data as data
+
+    monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    _jpeg_folder(root, {"train/x": 3, "train/y": 3, "test/x": 1, "test/y": 1})
+    first = load_dataset("folder", "train", image_size=8, path=root)
+    assert len(list((tmp_path / "cache" / "folders").glob("*.safetensors"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a file although the cache holds it")
+
+    monkeypatch.setattr(data, "_load_file", no_decoding)
+    again = load_dataset("folder", "train", image_size=8, path=root)
+    assert torch.equal(first.uint8, again.uint8) and torch.equal(first.labels, again.labels)
+    # another image in the folder: another file list, so the cache is not reused
+    monkeypatch.undo()
+    monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(root / "train" / "y" / "9999.jpg")
+    grown = load_dataset("folder", "train", image_size=8, path=root)
+    assert len(grown) == 7 and torch.equal(grown.uint8[:6], first.uint8[:6])  # y/9999 sorts last
+    assert len(list((tmp_path / "cache" / "folders").glob("*.safetensors"))) == 2

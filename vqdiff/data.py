@@ -1,7 +1,8 @@
 """Datasets by name, as float images `[b c h w]` in [-1, 1], and the token-grid dataset.
 
-Names: `mnist`, `fashion-mnist`, `cifar10` (torchvision), `folder` (any folder of images, searched
-recursively) and `shapes` (procedural coloured shapes from a seed: no files, for tests and smoke runs).
+Names: `mnist`, `fashion-mnist`, `cifar10` (torchvision), `folder` (a folder of images in torchvision's
+ImageFolder layout, `<class>/*.jpg`, decoded once into a uint8 cache) and `shapes` (procedural coloured
+shapes from a seed: no files, for tests and smoke runs).
 
 The data root is `--data-root`, else `$VQDIFF_DATA_ROOT`, else `~/.cache/vqdiff/data`.
 """
@@ -9,6 +10,7 @@ The data root is `--data-root`, else `$VQDIFF_DATA_ROOT`, else `~/.cache/vqdiff/
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,8 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 class ImageSet:
     """A split of a dataset. `batch(indices)` gives {"images": float [b c h w] in [-1,1], "labels": long [b]}.
 
-    In-memory sets keep `uint8` images `[n c h w]`; `folder` sets keep file paths and load lazily.
+    Every set keeps its `uint8` images `[n c h w]` in memory (`folder` sets decode their files once,
+    into a cache, and keep the paths in `files`); `uint8 = None` with `files` loads lazily.
     """
 
     name: str
@@ -99,7 +102,7 @@ def load_dataset(
         ds = make_shapes(n, image_size, seed=seed + (0 if split == "train" else 1_000_003))
         return ds if split == "train" else _with_split(ds, "test")
     if name == "folder":
-        ds = _load_folder(path, split, image_size)
+        ds = _load_folder(path, split, image_size, limit)
     else:
         ds = _load_torchvision(name, split, image_size, resolve_data_root(root), download)
     if limit and limit < len(ds):
@@ -175,44 +178,151 @@ def _resize_uint8(data: torch.Tensor, size: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------ folder
 
+FOLDER_CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 
-def _load_folder(path: str | Path | None, split: str, image_size: int) -> ImageSet:
+
+def resolve_cache_dir() -> Path:
+    """`$VQDIFF_CACHE`, else `~/.cache/vqdiff` (the same folder the evaluation caches use)."""
+    return Path(os.environ.get("VQDIFF_CACHE") or "~/.cache/vqdiff").expanduser()
+
+
+def folder_files(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """(files, class indices, class names) of one split of an image folder, in a fixed order.
+
+    torchvision's ImageFolder convention: `root/<class>/**/*.jpg` gives the labels (classes sorted
+    by name). When `root/train` and `root/test` both exist they are the splits, and the test
+    split takes the train split's class indices. Otherwise every 20th file (in sorted order) is
+    held out for test: a fixed 95/5 rule. A folder without class subfolders (images at its top
+    level) is unlabelled: all labels 0, no classes. The classes come interleaved (see below).
+    """
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    extensions = tuple(IMAGE_SUFFIXES)
+    presplit = (root / "train").is_dir() and (root / "test").is_dir()
+    base = root / "train" if presplit else root
+    top_level_images = any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in base.iterdir())
+    has_classes = not top_level_images and any(p.is_dir() for p in base.iterdir())
+    if has_classes:
+        classes, class_to_idx = find_classes(str(base))
+        where = root / split if presplit else root
+        try:
+            samples = make_dataset(str(where), class_to_idx, extensions=extensions, allow_empty=True)
+        except FileNotFoundError as e:  # a folder of the other split that the train split lacks, ...
+            raise DataError(f"image folder {where}: {str(e).splitlines()[0]}") from None
+        if presplit:
+            extra = sorted({p.name for p in where.iterdir() if p.is_dir()} - set(classes))
+            if extra:
+                raise DataError(f"{where} has class folders that {base} lacks ({', '.join(extra[:3])}); the splits must share classes")
+        files, labels = [Path(f) for f, _ in samples], [c for _, c in samples]
+    else:
+        classes = []
+        where = root / split if presplit else root
+        files = sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        labels = [0] * len(files)
+    if not presplit:
+        keep = [i for i in range(len(files)) if (i % 20 == 19) == (split == "test")]
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    # interleave the classes (the i-th image of every class, then the (i+1)-th, ...): ImageFolder's
+    # order is class by class, and the first N images (`limit`, the FID reference set) must cover
+    # every class, not only the first one or two
+    seen: dict[int, int] = {}
+    rank = []
+    for c in labels:
+        rank.append(seen.get(c, 0))
+        seen[c] = rank[-1] + 1
+    order = sorted(range(len(files)), key=lambda i: (rank[i], labels[i]))
+    return [files[i] for i in order], [labels[i] for i in order], classes
+
+
+def _load_folder(path: str | Path | None, split: str, image_size: int, limit: int = 0) -> ImageSet:
     if not path:
         raise DataError("dataset 'folder' needs data.path, the folder of images")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if len(files) < 2:
-        raise DataError(f"image folder {root} holds {len(files)} images; put image files (png, jpg, ...) there")
-    # a fixed 95/5 split by a hash-free rule: every 20th file is held out
-    files = [f for i, f in enumerate(files) if (i % 20 == 19) == (split == "test")]
-    from PIL import Image
+    files, labels, classes = folder_files(root, split)
+    if len(files) < 1 or (len(files) < 2 and split == "train"):
+        raise DataError(
+            f"image folder {root} holds {len(files)} {split} images; put image files (png, jpg, ...) there, "
+            "one subfolder per class"
+        )
+    if limit and limit < len(files):  # before decoding: a quick run decodes only what it uses
+        files, labels = files[:limit], labels[:limit]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        channels = 1 if _decode(files[0]).shape[0] in (1, 2) else 3  # grey (+ alpha) stays grey
+    uint8 = _decoded_cache(root, files, image_size, channels)
+    num_classes = len(classes) if len(classes) >= 2 else 0  # one class is no label
+    return ImageSet(
+        "folder", split, image_size, channels, num_classes, torch.tensor(labels, dtype=torch.long), uint8=uint8, files=files
+    )
 
-    with Image.open(files[0]) as im:
-        channels = 1 if im.mode in ("L", "1", "I;16", "I") else 3
-    return ImageSet("folder", split, image_size, channels, 0, torch.zeros(len(files), dtype=torch.long), files=files)
+
+def _decoded_cache(root: Path, files: list[Path], size: int, channels: int) -> torch.Tensor:
+    """uint8 [n c size size]: every file decoded once, then read back from a safetensors cache.
+
+    The cache file is named by a hash of the file list (relative paths), their sizes and
+    modification times, the image size and the channels: another folder, an added, removed or
+    rewritten image, or another size gives another file, so a stale cache is never read.
+    """
+    import hashlib
+
+    h = hashlib.sha256(f"v{FOLDER_CACHE_VERSION} {size} {channels}\n".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    path = resolve_cache_dir() / "folders" / f"{root.name}-{len(files)}-{size}px-{h.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        try:
+            return load_tensors(path)["images"]
+        except Exception:  # a cache cut short by a kill: decode again (save_tensors is atomic, so rare)
+            pass
+    images = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec, which is not a dependency
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        for i, f in enumerate(files):
+            images[i] = _load_file(f, size, channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(path, {"images": images}, metadata={"root": str(root), "num": str(len(files))})
+    return images
 
 
-def _load_file(path: Path, size: int, channels: int) -> torch.Tensor:
-    """uint8 [c size size]: resize the short side to `size`, centre-crop."""
+def _decode(path: Path, channels: int | None = None) -> torch.Tensor:
+    """uint8 [c h w] of one file by torchvision's decoder (PIL for the formats it lacks: bmp, tiff)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
+    try:
+        return decode_image(str(path), mode=mode)
+    except RuntimeError:
+        pass
     import numpy as np
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.uint8)
+            if channels is None:
+                channels = 1 if im.mode in ("L", "1", "I;16", "I", "LA") else 3
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except OSError as e:
         raise DataError(f"cannot read image {path} ({e})") from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def _load_file(path: Path, size: int, channels: int) -> torch.Tensor:
+    """uint8 [c size size]: resize the short side to `size` (bicubic, antialiased), centre-crop."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    image = _decode(path, channels)
+    h, w = image.shape[-2:]
+    if min(h, w) != size:
+        image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if image.shape[-2:] != (size, size):
+        image = TF.center_crop(image, [size, size])
+    return image
 
 
 # ------------------------------------------------------------------ shapes
