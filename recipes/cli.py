@@ -54,7 +54,7 @@ out = Console(width=None if sys.stdout.isatty() else 140)
 
 # ------------------------------------------------------------------ shared options
 
-RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (quickstart, mnist, shapes) or a path to a .toml.")]
+RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (quickstart, mnist, cifar10, shapes) or a path to a .toml.")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="The run folder. [default: runs/<recipe name>]")]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
