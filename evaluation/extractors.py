@@ -178,7 +178,15 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
-def _check_inception_file(path: Path, source: str) -> None:
+ISC_OMITTED_ZERO_FC = (
+    "Inception Score omitted: the Inception weights' classification layer (fc) is all zeros, a features-only "
+    "file, so every image gets the same uniform logits and IS would be 1.0 whatever the images"
+)
+
+
+def _check_inception_file(path: Path, source: str) -> bool:
+    """Refuse a file that is not torch-fidelity's Inception state dict; returns whether its
+    classification layer is real (False for a features-only file whose fc is all zeros)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
@@ -189,10 +197,14 @@ def _check_inception_file(path: Path, source: str) -> None:
             f"{path} (from {source}) is not torch-fidelity's Inception state dict "
             f"({os.path.basename(URL_INCEPTION_V3)})"
         )
+    # FID, KID and precision/recall use the 2048-d pool features, which do not depend on fc
+    return bool(fc.abs().sum() > 0)
 
 
 def resolve_inception_weights(inception_weights: str | Path | None = None) -> tuple[str | None, str]:
     """(weights path for torch-fidelity or None for its own download, hash) or an EvaluationError.
+
+    (`inception_has_logits` says whether the file's classification layer is real.)
 
     The order: `inception_weights`, `$VQDIFF_INCEPTION_WEIGHTS`, the torch hub cache, the download
     (checked with a 3 s connection probe, so that offline fails here in one line and not later in
@@ -211,6 +223,11 @@ def resolve_inception_weights(inception_weights: str | Path | None = None) -> tu
     if inception_hub_file().is_file() or _reachable(URL_INCEPTION_V3):
         return None, INCEPTION_DEFAULT_HASH
     raise EvaluationError(inception_offline_message())
+
+
+def inception_has_logits(weights_path: str | Path | None) -> bool:
+    """Whether the Inception weights have a real classification layer (torch-fidelity's download has)."""
+    return True if weights_path is None else _check_inception_file(Path(weights_path), str(weights_path))
 
 
 def inception_available(inception_weights: str | Path | None = None) -> bool:
@@ -270,18 +287,20 @@ def get_extractor(
 
 def _inception_extractor(inception_weights: str | Path | None, device: torch.device) -> Extractor:
     path, digest = resolve_inception_weights(inception_weights)
+    has_logits = inception_has_logits(path)
     return Extractor(
         name="inception",
         hash=digest,
         fidelity_name=INCEPTION_FIDELITY_NAME,
-        has_logits=True,
+        has_logits=has_logits,
         channels=3,
         feature_dim=2048,
         feature_layer="2048",
-        logits_layer="logits_unbiased",  # torch-fidelity's choice for IS
+        logits_layer="logits_unbiased" if has_logits else None,  # torch-fidelity's choice for IS
         weights_path=path,
         device=device.type,
         batch_size=BATCH_SIZE[("inception", "cuda" if device.type == "cuda" else "cpu")],
+        info={} if has_logits else {"isc_omitted": ISC_OMITTED_ZERO_FC},
     )
 
 

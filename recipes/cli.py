@@ -313,6 +313,10 @@ def print_report(report: dict) -> None:
     table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
     table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
     out.print(table)
+    if report.get("reference"):
+        out.print(f"reference set: {report['reference']}", soft_wrap=True)
+    if report.get("isc_omitted"):
+        out.print(report["isc_omitted"], soft_wrap=True)
     out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
 
 

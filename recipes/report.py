@@ -110,7 +110,8 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
         *best_sentence(report["results"]),
         f"- Feature extractor: **{report['extractor']}** (hash `{report['extractor_hash']}`)"
         + (f", test accuracy {report['extractor_info']['test_accuracy']:.4f}" if "test_accuracy" in report.get("extractor_info", {}) else ""),
-        f"- Samples per setting: {report['num_samples']}, against {report['reference']}",
+        f"- Samples per setting: {report['num_samples']}, against the reference set: {report['reference']} "
+        "(FID depends on the reference set and its size)",
         f"- Data floor (train vs test, same count): FID **{_fmt(report['floor_fid'])}**",
         f"- Tokenizer: rFID **{_fmt(tok['rfid'])}**, PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['codebook_usage'], 3)}",
     ]
@@ -130,6 +131,8 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
             f"{_fmt(kid, 3)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r.get('isc'))} | "
             f"{_fmt(r['images_per_second'], 1)} |"
         )
+    if report.get("isc_omitted"):
+        lines += ["", f"IS column empty: {report['isc_omitted']}."]
     lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]
     lines += ["## Samples", ""]
     shown = set()

@@ -705,6 +705,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
     n = min(opts.num, len(test_set))
     real = test_set.images_uint8(torch.arange(n))
     real_key = f"{dataset}-test-{recipe['data']['image_size']}"
+    reference_name = f"{dataset} ({recipe['data']['path']})" if recipe["data"]["path"] else dataset
 
     def metrics_for(images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
         return compute_metrics(images_uint8, real, extractor, real_key=real_key, progress=bar(what))
@@ -793,7 +794,16 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "extractor_hash": extractor.hash,
         "extractor_info": extractor.info,
         "num_samples": n,
-        "reference": f"{dataset} test split, first {n} images",
+        "reference": f"{reference_name} test split, first {n} of {len(test_set)} images",
+        # FID depends on the reference set and its size as much as on the samples: state both
+        "reference_set": {
+            "dataset": dataset,
+            "path": recipe["data"]["path"] or None,
+            "split": "test",
+            "size": n,
+            "split_size": len(test_set),
+        },
+        "isc_omitted": extractor.info.get("isc_omitted"),
         "floor_fid": context["floor_fid"],
         "tokenizer": {
             "rfid": context["rfid"],

@@ -39,3 +39,42 @@ def test_cifar10_recipe_on_a_jpeg_folder_trains_a_conditional_generator(tmp_path
     assert meta["num_train"] == 12 and meta["num_test"] == 4 and meta["num_classes"] == 2
     config = json.loads((run / "ar" / "config.json").read_text())
     assert config["config"]["num_classes"] == 2  # the class folders became labels for conditioning
+
+
+def test_inception_weights_without_a_classification_layer_give_no_inception_score(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    from evaluation import EvaluationError, compute_metrics, get_extractor
+
+    monkeypatch.delenv("VQDIFF_INCEPTION_WEIGHTS", raising=False)
+    zero, real = tmp_path / "features-only.pth", tmp_path / "with-fc.pth"
+    torch.save({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}, zero)
+    torch.save({"fc.weight": torch.full((1008, 2048), 0.01), "fc.bias": torch.zeros(1008)}, real)
+    ex = get_extractor("inception", dataset="folder", inception_weights=zero, device="cpu")
+    assert not ex.has_logits and ex.logits_layer is None
+    assert "feature_layer_isc" not in ex.fidelity_kwargs() and "all zeros" in ex.info["isc_omitted"]
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(EvaluationError, match="no class logits"):  # refused before any Inception work
+        compute_metrics(images, images, ex, isc=True)
+    # colour data, labels or not: with the weights here, auto means inception
+    monkeypatch.setenv("VQDIFF_INCEPTION_WEIGHTS", str(real))
+    auto = get_extractor("auto", dataset="cifar10", device="cpu")
+    assert auto.name == "inception" and auto.has_logits and auto.logits_layer == "logits_unbiased"
+    assert "isc_omitted" not in auto.info
+
+
+def test_report_states_the_reference_set_and_why_is_is_missing(tmp_path):
+    from recipes.report import markdown
+
+    result = {"generator": "ar", "temperature": 1.0, "steps": None, "forward_passes": 64, "fid": 30.0, "kid": 0.01,
+              "precision": 0.6, "recall": 0.4, "isc": None, "images_per_second": 10.0, "samples": "samples/ar"}  # fmt: skip
+    report = {
+        "run": str(tmp_path), "recipe": "cifar10", "dataset": "folder", "extractor": "inception",
+        "extractor_hash": "abc", "num_samples": 2000, "reference": "folder (/data/cifar10-jpeg) test split, first 2000 of 10000 images",
+        "floor_fid": 5.0, "tokenizer": {"rfid": 9.0, "psnr": 22.0, "codebook_usage": 0.9}, "device": "cpu", "cfg": 1.0,
+        "results": [result], "isc_omitted": "Inception Score omitted: fc is all zeros",
+    }  # fmt: skip
+    text = markdown(report, tmp_path / "report")
+    assert "first 2000 of 10000 images" in text and "/data/cifar10-jpeg" in text
+    assert "IS column empty: Inception Score omitted" in text
