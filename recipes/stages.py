@@ -627,6 +627,7 @@ class EvalOptions:
     gif_steps: int = 16
     classifier_steps: int = 0  # 0: the classifier extractor's default recipe
     samplers: tuple[str, ...] = ("maskgit",)  # diffusion samplers, one line each in the report
+    curve_steps: int = 16  # diffusion steps of the learning curves
     eta: float = 0.0  # ReMDM remasking for the ancestral sampler
 
     @classmethod
@@ -644,6 +645,7 @@ class EvalOptions:
             gif_steps=e["gif_steps"],
             classifier_steps=e["classifier_steps"],
             samplers=tuple(e["samplers"]) or (recipe["diffusion"]["sampler"],),
+            curve_steps=e["curve_steps"],
             eta=float(recipe["diffusion"]["eta"]),
         )
         for k, v in overrides.items():
@@ -660,6 +662,8 @@ class EvalOptions:
             raise StageError("no generators to evaluate")
         if self.num < 2:
             raise StageError(f"--num must be >= 2, got {self.num}")
+        if self.curve_steps < 1:
+            raise StageError(f"evaluate.curve_steps must be >= 1, got {self.curve_steps}")
         if any(s < 1 for s in self.steps) or not self.steps:
             raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
         if any(not t > 0 for t in self.temperatures) or not self.temperatures:
@@ -856,7 +860,7 @@ def snapshots(run_dir: Path, kind: str) -> list[tuple[int, float, Path]]:
 def learning_curve(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
     """FID and recall of every kept snapshot of each generator, on the same axes: training step and
     training wall time. AR samples at the first temperature; diffusion at the first temperature,
-    the last (largest) step count and the first sampler. Writes RUN/report/curve.json and
+    `curve_steps` steps and the first sampler. Writes RUN/report/curve.json and
     learning_curve.png; re-runs reuse samples and metrics."""
 
     def bar(description: str):
@@ -871,7 +875,7 @@ def learning_curve(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]
         )
     _, _, extractor, real, real_key, metrics_for = _measuring(ctx, opts, recipe, bar)
     n = len(real)
-    temperature, steps, sampler = opts.temperatures[0], max(opts.steps), opts.samplers[0]
+    temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
     points = []
     for g, snaps in found.items():
         for step, seconds, path in snaps:
