@@ -320,8 +320,10 @@ def print_report(report: dict) -> None:
     out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
 
 
-def _evaluate(ctx: "stages.Context", opts: "stages.EvalOptions") -> dict:
+def _evaluate(ctx: "stages.Context", opts: "stages.EvalOptions", checkpoints: bool = False) -> dict:
     with progress_bar() as p:
+        if checkpoints:  # first, so that the report shows the learning curves
+            stages.learning_curve(ctx, opts, bars=lambda d: batch_logger(p, d))
         report = stages.evaluate(ctx, opts, bars=lambda d: batch_logger(p, d))
     print_report(report)
     return report
@@ -351,6 +353,14 @@ def evaluate(
         typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
     ] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="ReMDM remasking for the ancestral sampler, in [0, 1].")] = None,
+    checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoints",
+            help="Also measure the weights kept every keep_every steps: FID against training steps and time "
+            "for both generators (report/curve.json, learning_curve.png).",
+        ),
+    ] = False,
     data_root: DataRootOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -370,7 +380,7 @@ def evaluate(
             samplers=_csv(sampler, str, "--sampler"),
             eta=eta,
         )
-        _evaluate(ctx, opts)
+        _evaluate(ctx, opts, checkpoints)
 
 
 @app.command("run")
@@ -407,7 +417,7 @@ def run_all(
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
         t = time.perf_counter()
-        _evaluate(ctx, opts)
+        _evaluate(ctx, opts, checkpoints=any(r[g]["keep_every"] > 0 for g in opts.generators))
         timings["evaluate"] = time.perf_counter() - t
         total = time.perf_counter() - t0
         parts = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())

@@ -45,6 +45,7 @@ EVALUATE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "gif_steps": 16,  # steps of the diffusion trajectory GIF in the report
     "classifier_steps": 0,  # training steps of the classifier extractor (0 = its fixed default recipe)
+    "curve_steps": 16,  # diffusion sampling steps of the learning curves (evaluate --checkpoints)
     "samplers": [],  # diffusion samplers to compare (mask corruption); [] = the diffusion section's `sampler`
 }
 

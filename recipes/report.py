@@ -84,6 +84,39 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     return plots
 
 
+def plot_curve(curve: dict[str, Any], report_dir: Path, *, dataset: str) -> str:
+    """Learning curves: FID against training steps and against training wall time, one line per
+    generator, recall as a dotted line on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, x, xlabel in zip(axes, ("step", "train_seconds"), ("training steps", "training wall time (s)")):
+        twin = ax.twinx()
+        for i, g in enumerate(("ar", "diffusion")):
+            pts = sorted((p for p in curve["points"] if p["generator"] == g), key=lambda p: p["step"])
+            if pts:
+                ax.plot([p[x] for p in pts], [p["fid"] for p in pts], "o-", color=colours[i], label=f"{g} FID")
+                twin.plot([p[x] for p in pts], [p["recall"] for p in pts], ":", color=colours[i], label=f"{g} recall")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"FID ({curve['extractor']})")
+        twin.set_ylabel("recall")
+        twin.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="upper left")
+        twin.legend(fontsize=8, loc="upper right")
+    fig.suptitle(
+        f"{dataset}: learning curves ({curve['num_samples']} samples; diffusion {curve['diffusion_sampler']}, "
+        f"{curve['diffusion_steps']} steps)"
+    )
+    fig.tight_layout()
+    fig.savefig(report_dir / "learning_curve.png", dpi=120)
+    plt.close(fig)
+    return "learning_curve.png"
+
+
 def _save(fig, ax, report: dict[str, Any], report_dir: Path, title: str, name: str) -> str:
     """The FID axis, title and legend every plot shares; write the PNG and return its name."""
     import matplotlib.pyplot as plt
@@ -134,6 +167,8 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     if report.get("isc_omitted"):
         lines += ["", f"IS column empty: {report['isc_omitted']}."]
     lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]
+    if (report_dir / "learning_curve.png").exists():
+        lines += ["## Learning curves", "", "![learning curves](learning_curve.png)", ""]
     lines += ["## Samples", ""]
     shown = set()
     for r in report["results"]:

@@ -452,6 +452,7 @@ def generate(
     out: Path | None = None,
     gif: bool = False,
     on_batch=None,
+    snapshot: Path | None = None,
 ) -> Samples:
     """Sample `spec.num` images into RUN/samples/GENERATOR-tTEMP-sSTEPS/ (or `out`).
 
@@ -462,6 +463,12 @@ def generate(
     spec.validate()
     device = ctx.torch_device
     model = load_generator(ctx.run_dir, spec.generator, device)
+    weights = ctx.run_dir / spec.generator / "model.safetensors"
+    if snapshot is not None:  # kept weights of an earlier step (learning curves)
+        from vqdiff.checkpoint import load_tensors
+
+        model.load_state_dict(load_tensors(snapshot), strict=True)
+        weights = snapshot
     tokenizer = load_tokenizer(ctx.run_dir, device)
     cfg = model.cfg
     h = cfg.grid_h
@@ -476,7 +483,7 @@ def generate(
     folder = out or ctx.run_dir / "samples" / spec.folder_name(passes)
     key = {
         "spec": {k: v for k, v in spec.__dict__.items()},
-        "generator_hash": file_hash(ctx.run_dir / spec.generator / "model.safetensors"),
+        "generator_hash": file_hash(weights),
         "tokenizer_hash": file_hash(ctx.run_dir / "tokenizer" / "model.safetensors"),
         "gif": gif,
     }
@@ -620,6 +627,7 @@ class EvalOptions:
     gif_steps: int = 16
     classifier_steps: int = 0  # 0: the classifier extractor's default recipe
     samplers: tuple[str, ...] = ("maskgit",)  # diffusion samplers, one line each in the report
+    curve_steps: int = 16  # diffusion steps of the learning curves
     eta: float = 0.0  # ReMDM remasking for the ancestral sampler
 
     @classmethod
@@ -637,6 +645,7 @@ class EvalOptions:
             gif_steps=e["gif_steps"],
             classifier_steps=e["classifier_steps"],
             samplers=tuple(e["samplers"]) or (recipe["diffusion"]["sampler"],),
+            curve_steps=e["curve_steps"],
             eta=float(recipe["diffusion"]["eta"]),
         )
         for k, v in overrides.items():
@@ -653,6 +662,8 @@ class EvalOptions:
             raise StageError("no generators to evaluate")
         if self.num < 2:
             raise StageError(f"--num must be >= 2, got {self.num}")
+        if self.curve_steps < 1:
+            raise StageError(f"evaluate.curve_steps must be >= 1, got {self.curve_steps}")
         if any(s < 1 for s in self.steps) or not self.steps:
             raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
         if any(not t > 0 for t in self.temperatures) or not self.temperatures:
@@ -673,21 +684,12 @@ def _cached_json(path: Path, key: Any) -> dict[str, Any] | None:
     return data.get("value") if data.get("key") == key else None
 
 
-def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
-    """Sample every (generator, temperature, steps), measure FID/KID/PR against the test split, write the report.
-
-    `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
-    Re-runs reuse samples and metrics whose inputs have not changed.
-    """
+def _measuring(ctx: Context, opts: "EvalOptions", recipe: Recipe, bar):
+    """What every FID needs: (train set, test set, extractor, real uint8 images, their cache key,
+    metrics_for(images_uint8, what) -> metrics dict)."""
     from evaluation import ClassifierRecipe, compute_metrics, get_extractor
 
-    def bar(description: str):
-        return bars(description) if bars is not None else None
-
-    recipe = read_run_recipe(ctx.run_dir)
     dataset = recipe["data"]["dataset"]
-    for g in opts.generators:
-        load_generator(ctx.run_dir, g)  # fail now, not after the extractor is trained
     train_set = load_split(recipe, "train", ctx)
     test_set = load_split(recipe, "test", ctx)
     extractor = get_extractor(
@@ -709,6 +711,35 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
 
     def metrics_for(images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
         return compute_metrics(images_uint8, real, extractor, real_key=real_key, progress=bar(what))
+
+    return train_set, test_set, extractor, real, real_key, metrics_for
+
+
+def _sample_metrics(samples: "Samples", extractor, real_key: str, n: int, metrics_for, label: str) -> dict[str, Any]:
+    """FID etc. of `samples`, cached in their folder's metrics.json under the inputs that made them."""
+    key = {"sample": samples.key, "extractor": [extractor.name, extractor.hash], "real": [real_key, n]}
+    m = _cached_json(samples.folder / "metrics.json", key)
+    if m is None:
+        m = metrics_for(to_uint8(samples.images), f"metrics {label}")
+        write_json(samples.folder / "metrics.json", {"key": key, "value": m})
+    return m
+
+
+def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
+    """Sample every (generator, temperature, steps), measure FID/KID/PR against the test split, write the report.
+
+    `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
+    Re-runs reuse samples and metrics whose inputs have not changed.
+    """
+    def bar(description: str):
+        return bars(description) if bars is not None else None
+
+    recipe = read_run_recipe(ctx.run_dir)
+    dataset = recipe["data"]["dataset"]
+    for g in opts.generators:
+        load_generator(ctx.run_dir, g)  # fail now, not after the extractor is trained
+    train_set, test_set, extractor, real, real_key, metrics_for = _measuring(ctx, opts, recipe, bar)
+    n = len(real)
 
     report_dir = ctx.run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -745,15 +776,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
             )  # fmt: skip
             label = f"{g}" + (f" {sampler}" if sampler else "") + f" t={temperature:g}" + (f" s={steps}" if steps else "")
             samples = generate(ctx, spec, on_batch=bar(f"sample {label}"))
-            key = {
-                "sample": samples.key,
-                "extractor": [extractor.name, extractor.hash],
-                "real": [real_key, n],
-            }
-            m = _cached_json(samples.folder / "metrics.json", key)
-            if m is None:
-                m = metrics_for(to_uint8(samples.images), f"metrics {label}")
-                write_json(samples.folder / "metrics.json", {"key": key, "value": m})
+            m = _sample_metrics(samples, extractor, real_key, n, metrics_for, label)
             results.append(
                 {
                     "generator": g,
@@ -816,7 +839,76 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "results": results,
         "trajectory_gif": gif,
     }
+    if (report_dir / "curve.json").exists():
+        report["learning_curve"] = read_json(report_dir / "curve.json")
     from recipes.report import write_report
 
     write_report(report, report_dir)
     return report
+
+
+# ------------------------------------------------------------------ learning curves
+
+
+def snapshots(run_dir: Path, kind: str) -> list[tuple[int, float, Path]]:
+    """(step, training seconds, path) of the weights kept every `keep_every` steps, by step."""
+    from safetensors import safe_open
+
+    from vqdiff.train import HISTORY_DIR
+
+    out = []
+    for path in sorted((run_dir / kind / HISTORY_DIR).glob("step-*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            out.append((int(meta["step"]), float(meta["train_seconds"]), path))
+        except Exception:  # a snapshot cut by a kill: skip it, the next run writes it again
+            continue
+    return sorted(out)
+
+
+def learning_curve(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
+    """FID and recall of every kept snapshot of each generator, on the same axes: training step and
+    training wall time. AR samples at the first temperature; diffusion at the first temperature,
+    `curve_steps` steps and the first sampler. Writes RUN/report/curve.json and
+    learning_curve.png; re-runs reuse samples and metrics."""
+
+    def bar(description: str):
+        return bars(description) if bars is not None else None
+
+    recipe = read_run_recipe(ctx.run_dir)
+    found = {g: snapshots(ctx.run_dir, g) for g in opts.generators}
+    if not any(found.values()):
+        raise StageError(
+            f"no kept weights in {ctx.run_dir}/{{{','.join(opts.generators)}}}/history; train with "
+            "keep_every > 0, e.g. --set ar.keep_every=100 --set diffusion.keep_every=100"
+        )
+    _, _, extractor, real, real_key, metrics_for = _measuring(ctx, opts, recipe, bar)
+    n = len(real)
+    temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
+    points = []
+    for g, snaps in found.items():
+        for step, seconds, path in snaps:
+            spec = SampleSpec(
+                generator=g, num=n, temperature=temperature, steps=steps if g == "diffusion" else 1, seed=opts.seed,
+                cfg=opts.cfg, batch_size=opts.batch_size, sampler=sampler if g == "diffusion" else "maskgit",
+            )  # fmt: skip
+            label = f"{g} step {step}"
+            folder = ctx.run_dir / "samples" / "curve" / f"{spec.folder_name(spec.steps if g == 'diffusion' else 0)}-step{step}"
+            samples = generate(ctx, spec, out=folder, on_batch=bar(f"sample {label}"), snapshot=path)
+            m = _sample_metrics(samples, extractor, real_key, n, metrics_for, label)
+            points.append(
+                {"generator": g, "step": step, "train_seconds": seconds, "fid": m["fid"], "recall": m.get("recall"),
+                 "precision": m.get("precision"), "setting": spec.folder_name(samples.forward_passes)}
+            )  # fmt: skip
+    curve = {
+        "extractor": extractor.name, "extractor_hash": extractor.hash, "num_samples": n,
+        "temperature": temperature, "diffusion_steps": steps, "diffusion_sampler": sampler, "points": points,
+    }  # fmt: skip
+    report_dir = ctx.run_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    from recipes.report import plot_curve
+
+    curve["plot"] = plot_curve(curve, report_dir, dataset=recipe["data"]["dataset"])
+    write_json(report_dir / "curve.json", curve)
+    return curve
