@@ -40,6 +40,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqdiff.checkpoint import register_model
+from vqdiff.distributed import batch_positions, batch_ratio
 from vqdiff.nn import (
     Transformer,
     cfg_mix,
@@ -209,7 +210,9 @@ class DiffusionTransformer(nn.Module):
     def _stratified_t(self, b: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
         """t float [b] in (0, 1): one draw per stratum [i/b, (i+1)/b), lower variance than iid."""
         u = rand((b,), device=device, generator=generator)
-        return ((torch.arange(b, device=device) + u) / b).clamp(1e-6, 1.0)
+        # strata of the global batch under torchrun: row i gets the same t for any number of ranks
+        rows, total = batch_positions(b, device) if generator is None else (torch.arange(b, device=device), b)
+        return ((rows + u) / total).clamp(1e-6, 1.0)
 
     def _discrete_kl(self, x_t: Tensor, x0: Tensor, logits: Tensor, t: Tensor, s: Tensor) -> Tensor:
         """KL(q(x_s | x_t, x0) || p(x_s | x_t)) per position: float64 [b n] (nats). At s = 0 it is
@@ -260,7 +263,8 @@ class DiffusionTransformer(nn.Module):
             loss = (weight * (ce * masked).sum(1)).mean() / n
             logs["elbo_bits_per_token"] = loss.item() / math.log(2)
         else:
-            loss = (ce * masked).sum() / masked.sum().clamp_min(1)
+            # the mean over the global batch's masked positions (their count summed over ranks)
+            loss = batch_ratio((ce * masked).sum(), masked.sum())
             logs["ce_masked"] = loss.item()
         return loss, logs
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqdiff.distributed import current_shard
+
 # ---------------------------------------------------------------- randomness
 
 
@@ -35,14 +37,26 @@ def _noise_device(generator: torch.Generator | None, device: torch.device | str)
     return generator.device if generator is not None else torch.device(device)
 
 
+def _global_rows(shape: tuple[int, ...], generator: torch.Generator | None) -> tuple[tuple[int, ...], slice]:
+    # In a training step under torchrun (generator None: the re-seeded global RNG), noise whose
+    # first dimension is the rank's slice of the batch is drawn for the whole global batch and
+    # sliced, so row i gets the same noise whatever the number of ranks (vqdiff.distributed).
+    shard = current_shard(shape[0]) if generator is None and shape else None
+    if shard is None:
+        return shape, slice(None)
+    return (shard.total, *shape[1:]), slice(shard.start, shard.stop)
+
+
 def rand(shape: tuple[int, ...] | torch.Size, *, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
     """Uniform noise in [0, 1), float32, drawn on the generator's device and moved to `device`."""
-    return torch.rand(tuple(shape), generator=generator, device=_noise_device(generator, device)).to(device)
+    full, rows = _global_rows(tuple(shape), generator)
+    return torch.rand(full, generator=generator, device=_noise_device(generator, device))[rows].to(device)
 
 
 def randint(high: int, shape: tuple[int, ...] | torch.Size, *, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
     """Uniform ids: long `shape` in [0, high), drawn on the generator's device and moved to `device`."""
-    return torch.randint(high, tuple(shape), generator=generator, device=_noise_device(generator, device)).to(device)
+    full, rows = _global_rows(tuple(shape), generator)
+    return torch.randint(high, full, generator=generator, device=_noise_device(generator, device))[rows].to(device)
 
 
 def gumbel(shape: tuple[int, ...] | torch.Size, *, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
@@ -151,7 +165,7 @@ def train_labels(batch: dict[str, Tensor], num_classes: int, class_dropout: floa
         return None
     labels = batch["labels"].long()
     if class_dropout > 0:
-        drop = torch.rand(labels.shape, device=labels.device) < class_dropout
+        drop = rand(labels.shape, device=labels.device) < class_dropout
         labels = labels.masked_fill(drop, null_class(num_classes))
     return labels
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vqdiff.distributed import all_gather_rows
+
 
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -50,8 +52,9 @@ def codebook_stats(counts: torch.Tensor) -> tuple[float, float]:
     return (counts > 0).float().mean().item(), perplexity
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool = False) -> torch.Tensor:
-    """Lloyd's k-means on x float [n d] -> centroids float [k d]; sums all-reduced under DDP.
+def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool = False, reduce: bool = True) -> torch.Tensor:
+    """Lloyd's k-means on x float [n d] -> centroids float [k d]; sums all-reduced under DDP
+    unless `reduce` is False (x already holds every rank's points).
 
     Starts from k random points (with replacement when n < k), drawn from the global RNG on
     rank 0 and broadcast. Empty clusters keep their previous centroid.
@@ -62,7 +65,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool = False) -> torch.T
         ids = (x @ centroids.t()).argmax(1) if cosine else squared_distances(x, centroids).argmin(1)
         sums = torch.zeros_like(centroids).index_add_(0, ids, x)
         counts = torch.bincount(ids, minlength=k).to(x.dtype)
-        _all_reduce(sums), _all_reduce(counts)
+        if reduce:
+            _all_reduce(sums), _all_reduce(counts)
         new = sums / counts.clamp_min(1)[:, None]
         if cosine:
             new = F.normalize(new, dim=1)
@@ -168,7 +172,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, z_flat: torch.Tensor) -> None:
-        centroids = kmeans(z_flat, self.k, self.kmeans_iters, cosine=self.cosine)
+        # every rank's vectors, in rank order: under torchrun each rank holds a contiguous slice of
+        # the global batch, so this is the 1-process batch and k-means gives the 1-process codebook
+        z_all = all_gather_rows(z_flat)
+        centroids = kmeans(z_all, self.k, self.kmeans_iters, cosine=self.cosine, reduce=not _dist())
         self.codebook.data.copy_(centroids)
         if self.ema:
             self.cluster_size.fill_(1.0)
@@ -206,8 +213,9 @@ class VectorQuantizer(nn.Module):
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
-        pick = torch.randint(0, len(z_flat), (num_dead,), device=z_flat.device)
-        new = _broadcast(z_flat[pick].clone())
+        z_all = all_gather_rows(z_flat)  # as in k-means: the global batch, the same picks as 1 process
+        pick = torch.randint(0, len(z_all), (num_dead,), device=z_flat.device)
+        new = _broadcast(z_all[pick].clone())
         self.codebook.data[dead] = new
         # a revived code starts at the average usage, which gives it about
         # log(mean / threshold) / (1 - decay) steps to win vectors before it can die again
