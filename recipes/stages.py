@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from recipes.recipe import Recipe, load_recipe
-from vqdiff.checkpoint import load_model, read_config, read_json, write_json
+from vqdiff.checkpoint import _atomic_write, load_model, read_config, read_json, write_json
 from vqdiff.data import ImageSet, from_uint8, load_dataset, load_tokens, save_tokens, to_uint8
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import VQTokenizer, psnr
@@ -54,11 +54,9 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def write_recipe(recipe: Recipe, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "recipe.toml"
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(recipe.to_toml())
-    tmp.replace(path)
+    # a unique temp name: two writers sharing `recipe.toml.tmp` made one of them fail (FileNotFoundError)
+    text = recipe.to_toml()
+    _atomic_write(run_dir / "recipe.toml", lambda tmp: Path(tmp).write_text(text))
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:
@@ -179,10 +177,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     from PIL import Image
 
     grid = make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=128)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    tmp.replace(path)
+    _atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
 
 
 # ------------------------------------------------------------------ tokens
@@ -583,9 +578,9 @@ def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], path
         # an adaptive palette without dithering: the web palette would dither the grey into a checkerboard
         pictures.append(picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=256, dither=Image.Dither.NONE))
     durations = [250] * (len(pictures) - 1) + [1500]  # hold the last frame
-    tmp = path.with_name(f".{path.name}.tmp")
-    pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-    tmp.replace(path)
+    _atomic_write(path, lambda tmp: pictures[0].save(
+        tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0
+    ))  # fmt: skip
 
 
 # ------------------------------------------------------------------ evaluation
