@@ -85,6 +85,7 @@ def test_sample_ar_options(run):
         (["--choice-temperature", "nan"], "--choice-temperature must be a finite number"),
         (["--steps", "100000"], "steps must be <= 1024"),
         (["--device", "foo"], "--device 'foo'"),
+        (["-g", "ar", "--top-p", "nan"], "--top-p must be a finite number"),
     ],
 )
 def test_sample_bad_input(run, args, needle):
@@ -110,6 +111,14 @@ def test_sample_while_another_process_writes(run, tmp_path):
         assert (tmp_path / "elsewhere" / "grid.png").exists()
         one_line_error(invoke("sample", run, "-n", 2, "--steps", 2), "in use by process")
         one_line_error(invoke("evaluate", run, "--num", 40), "in use by process")
+        one_line_error(invoke("encode", run), "in use by process")
+        one_line_error(invoke("run", "shapes", "--run-dir", run, *sets(TINY)), "in use by process")
+
+
+def test_sample_out_is_a_file(run, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_error(invoke("sample", run, "-n", 2, "--out", f), "is a file")
 
 
 def test_mismatched_tokenizer_is_refused(run, tmp_path):
@@ -164,6 +173,8 @@ def test_evaluate_bad_input(run):
     one_line_error(invoke("evaluate", run, "--temperatures", "0"), "temperatures must be > 0")
     one_line_error(invoke("evaluate", run, "--generators", "gan"), "unknown generator")
     one_line_error(invoke("evaluate", run, "--extractor", "vgg"), "unknown extractor")
+    one_line_error(invoke("evaluate", run, "--steps", "5000"), "--steps must be <= 1024")
+    one_line_error(invoke("evaluate", run, "--temperatures", "inf"), "--temperatures must be > 0 and finite")
 
 
 def test_run_resumes_after_interruption(tmp_path, cache, monkeypatch):

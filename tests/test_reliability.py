@@ -69,6 +69,20 @@ def test_crafted_train_state_is_one_line_in_the_cli(tmp_path):
     assert not marker.exists()
 
 
+def test_truncated_train_state_and_corrupt_config_are_one_line(tmp_path):
+    from vqdiff.checkpoint import load_model
+
+    data = load_dataset("shapes", limit=8)
+    train(tiny_tokenizer(), data, TrainConfig(steps=2, batch_size=4, warmup_steps=1), tmp_path)
+    state = tmp_path / STATE_FILE
+    state.write_bytes(state.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_train_state(tmp_path)
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="config.json is corrupt"):
+        load_model(tmp_path)
+
+
 def test_a_real_train_state_loads_with_weights_only(tmp_path):
     data = load_dataset("shapes", limit=8)
     train(tiny_tokenizer(), data, TrainConfig(steps=2, batch_size=4, warmup_steps=1, ema=0.5), tmp_path)
