@@ -117,8 +117,7 @@ def edge() -> Iterator[None]:
             raise
         # a read-only or full disk met mid-stage: the environment, not a bug
         where = f" {e.filename}" if e.filename else ""
-        console.print(f"[red]error:[/red] cannot write{escape(where)}: {escape(e.strerror or str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(f"cannot write{where}: {e.strerror or e}")
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
@@ -126,15 +125,19 @@ def edge() -> Iterator[None]:
             kept = f"step {e.step} is kept in {e.out_dir}"
         else:
             kept = "the last checkpoint is kept"
-        console.print(f"[yellow]interrupted[/yellow] ({name}): {escape(kept)}; run the same command to resume", soft_wrap=True)
+        console.print(
+            f"[yellow]interrupted[/yellow] ({name}): {escape(kept)}; run the same command to resume", soft_wrap=True
+        )
         raise typer.Exit(128 + signum) from None
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main:  # None: a handler set outside Python; the default is the nearest we can restore
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # errno values that mean a path cannot be written (read-only, no permission, full, a file in the way), not a bug
-USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+USER_OS_ERRORS = (
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+)  # fmt: skip
 
 
 def fail(message: str) -> None:

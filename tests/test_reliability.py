@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_tokenizer() -> VQTokenizer:
     torch.manual_seed(0)
-    return VQTokenizer(TokenizerConfig(channels=3, width=8, max_width=16, codebook_size=16, codebook_dim=4, kmeans_init=False))
+    cfg = TokenizerConfig(channels=3, width=8, max_width=16, codebook_size=16, codebook_dim=4, kmeans_init=False)
+    return VQTokenizer(cfg)
 
 
 # ------------------------------------------------------------------ no code runs from a run folder

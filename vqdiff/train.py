@@ -116,7 +116,8 @@ class _DeferSignals:
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # None: a handler set outside Python; the default is the nearest we can restore
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class BatchSource(Protocol):
