@@ -313,7 +313,8 @@ def sample(
             fail(f"--out {out_dir} is a file; give a folder")
         ctx = stages.Context(run, None, check_device(device))
         # samples written into the run folder make this a writer; `--out elsewhere` only reads the run
-        writes_run = out_dir is None or _inside(out_dir, run)
+        # (prefix rows come from RUN/tokens, which is written first when missing)
+        writes_run = out_dir is None or _inside(out_dir, run) or (prefix_rows > 0 and not stages.tokens_current(run))
         lock = run_lock(run, create=False) if writes_run else contextlib.nullcontext()
         with lock, progress_bar() as p:
             result = stages.generate(ctx, spec, out=out_dir, gif=gif, on_batch=batch_logger(p, f"sample {generator}"))
