@@ -249,10 +249,45 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
             merged[k] = v
         sections[section] = merged
     recipe = Recipe(name=name, sections=sections, source=source)
-    for section in ("tokenizer", "ar", "diffusion"):
-        recipe.train_config(section)  # validate now, not after an hour of training
-    check_samplers(sections["diffusion"]["sampler"], sections["evaluate"]["samplers"], sections["diffusion"]["eta"])
+    validate(recipe)
     return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Check every section before any stage runs: a bad `diffusion.corruption` used to surface only
+    after the tokenizer and AR had trained (minutes on shapes, an hour on mnist)."""
+    validate_data(recipe["data"])
+    for section in ("tokenizer", "ar", "diffusion"):
+        recipe.train_config(section)
+    check_samplers(recipe["diffusion"]["sampler"], recipe["evaluate"]["samplers"], recipe["diffusion"]["eta"])
+    d, tok = recipe["data"], recipe["tokenizer"]
+    # derived fields are only known once the data is loaded and the tokenizer trained; stand-ins that
+    # are valid whenever the real values are (the real ones are checked against a stated value later)
+    channels = tok.get("channels") or (3 if d["dataset"] == "cifar10" else 1)
+    tcfg = recipe.model_config("tokenizer", channels=channels, image_size=tok.get("image_size") or d["image_size"])
+    for section in ("ar", "diffusion"):
+        s = recipe[section]
+        stand_ins = {
+            "codebook_size": tcfg.codebook_size,
+            "grid_h": tcfg.grid[0],
+            "grid_w": tcfg.grid[1],
+            "num_classes": 10 if s["conditional"] else 0,
+        }
+        recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
+
+
+def validate_data(d: dict[str, Any]) -> None:
+    from vqdiff.data import DATASETS
+
+    if d["dataset"] not in DATASETS:
+        raise RecipeError(f"[data] unknown dataset {d['dataset']!r}; choose one of {', '.join(DATASETS)}")
+    if d["image_size"] < 1:
+        raise RecipeError(f"[data] image_size must be >= 1, got {d['image_size']}")
+    for key in ("limit_train", "limit_test"):
+        if d[key] < 0:
+            raise RecipeError(f"[data] {key} must be >= 0 (0 = all images), got {d[key]}")
+    if d["dataset"] == "folder" and not d["path"]:
+        raise RecipeError("[data] dataset = \"folder\" needs path = the image folder")
 
 
 def check_samplers(sampler: str, samplers: list[str], eta: float) -> None:

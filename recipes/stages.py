@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from recipes.recipe import Recipe, load_recipe
-from vqdiff.checkpoint import load_model, read_config, read_json, write_json
+from vqdiff.checkpoint import _atomic_write, load_model, load_tensors, read_config, read_json, write_json
 from vqdiff.data import ImageSet, from_uint8, load_dataset, load_tokens, save_tokens, to_uint8
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import VQTokenizer, psnr
@@ -54,11 +55,9 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def write_recipe(recipe: Recipe, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "recipe.toml"
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(recipe.to_toml())
-    tmp.replace(path)
+    # a unique temp name: two writers sharing `recipe.toml.tmp` made one of them fail (FileNotFoundError)
+    text = recipe.to_toml()
+    _atomic_write(run_dir / "recipe.toml", lambda tmp: Path(tmp).write_text(text))
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:
@@ -179,10 +178,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     from PIL import Image
 
     grid = make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=128)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    tmp.replace(path)
+    _atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
 
 
 # ------------------------------------------------------------------ tokens
@@ -336,7 +332,9 @@ def check_same_tokens(kind: str, run_dir: Path) -> None:
     if not path.exists() or not (run_dir / "tokenizer" / "model.safetensors").exists():
         return
     trained_on = read_json(path).get("tokenizer_hash")
-    if trained_on != file_hash(run_dir / "tokenizer" / "model.safetensors"):
+    weights = run_dir / "tokenizer" / "model.safetensors"
+    if trained_on != file_hash(weights):
+        load_tensors(weights)  # a truncated or corrupt tokenizer file also changes the hash: name it, not the generator
         raise StageError(
             f"the {kind} generator in {run_dir / kind} was trained on the tokens of another tokenizer "
             f"(retrained since); delete {run_dir / kind} to retrain it"
@@ -378,6 +376,7 @@ class SampleSpec:
     def validate(self) -> None:
         if self.generator not in GENERATORS:
             raise StageError(f"unknown generator {self.generator!r}; choose ar or diffusion")
+        check_sampling_values(self)
         if not self.temperature > 0:
             raise StageError(f"temperature must be > 0, got {self.temperature}")
         if self.steps < 1:
@@ -429,6 +428,21 @@ class SampleSpec:
         if self.generator == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != 4.5:
             extras.append(f"ct{self.choice_temperature:g}")
         return "-".join([name, *extras])
+
+
+# one forward pass per step: the cost is linear in steps (--steps 100000 on 2 images ran for minutes)
+MAX_SAMPLE_STEPS = 1024
+
+
+def check_sampling_values(spec: "SampleSpec") -> None:
+    """Refuse inf and nan (they passed the > 0 checks and gave degenerate images with exit code 0),
+    and steps beyond MAX_SAMPLE_STEPS."""
+    for name in ("temperature", "cfg", "choice_temperature", "top_p"):
+        v = getattr(spec, name)
+        if v is not None and not math.isfinite(v):
+            raise StageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    if spec.steps > MAX_SAMPLE_STEPS:
+        raise StageError(f"steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {spec.steps}")
 
 
 @dataclass
@@ -605,9 +619,9 @@ def save_trajectory_gif(tokenizer: VQTokenizer, frames: list[torch.Tensor], path
         # an adaptive palette without dithering: the web palette would dither the grey into a checkerboard
         pictures.append(picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=256, dither=Image.Dither.NONE))
     durations = [250] * (len(pictures) - 1) + [1500]  # hold the last frame
-    tmp = path.with_name(f".{path.name}.tmp")
-    pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-    tmp.replace(path)
+    _atomic_write(path, lambda tmp: pictures[0].save(
+        tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0
+    ))  # fmt: skip
 
 
 # ------------------------------------------------------------------ evaluation
@@ -666,8 +680,12 @@ class EvalOptions:
             raise StageError(f"evaluate.curve_steps must be >= 1, got {self.curve_steps}")
         if any(s < 1 for s in self.steps) or not self.steps:
             raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
-        if any(not t > 0 for t in self.temperatures) or not self.temperatures:
-            raise StageError(f"--temperatures must be > 0, got {list(self.temperatures)}")
+        if any(s > MAX_SAMPLE_STEPS for s in self.steps):
+            raise StageError(f"--steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {list(self.steps)}")
+        if any(not (t > 0 and math.isfinite(t)) for t in self.temperatures) or not self.temperatures:
+            raise StageError(f"--temperatures must be > 0 and finite, got {list(self.temperatures)}")
+        if not (self.cfg > 0 and math.isfinite(self.cfg)):
+            raise StageError(f"--cfg must be > 0 and finite (1 = no guidance), got {self.cfg}")
         from vqdiff.diffusion import MASK_SAMPLERS
 
         if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
