@@ -7,6 +7,13 @@ gradient clipping, autocast, an optional EMA of the weights, atomic checkpoints 
 Determinism: the batch of step s is a function of (seed, s) alone (epoch permutations), and the
 global RNG is re-seeded from (seed, s) before every step, so a run that is killed and resumed
 from its last checkpoint computes the same losses as one that never stopped.
+
+Under torchrun (DistributedDataParallel) `batch_size` is the global batch: every rank takes its
+contiguous slice of the same global batch, draws the loss's noise for the global batch
+(`vqdiff.distributed`), and weights its loss by slice / batch, so that DDP's gradient average is
+the 1-process gradient. The losses, the learning-rate schedule and the checkpoints do not depend
+on the number of ranks, and a run can resume with another number. Rank 0 alone writes
+checkpoints and logs; every rank reads `train_state.pt` to resume.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import signal
@@ -27,6 +35,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from vqdiff import distributed as dist_
 from vqdiff.checkpoint import (
     CheckpointError,
     config_to_dict,
@@ -195,6 +204,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def enable_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA: about 8x the fp32 matmul rate on Ampere and later, with
+    a 10-bit mantissa that training does not notice (bf16 autocast covers most matmuls anyway)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+class _LossModule(nn.Module):
+    """`model.loss` as a forward, for DistributedDataParallel: DDP prepares its gradient all-reduce
+    in forward, and a loop that called `model.loss` directly would skip it."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(batch)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # decay matrices and convolutions only; never norms, biases or embeddings' padding (nanoGPT)
     decay, no_decay = [], []
@@ -249,7 +279,11 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist_.local_device(device)
+    enable_tf32(device)
+    distributed, main, world = dist_.is_distributed(), dist_.is_main(), dist_.world_size()
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must be >= the {world} ranks")
     model = unwrap(model).to(device)
     amp = autocast_dtype(cfg.precision, device)
     opt = make_optimizer(model, cfg, device)
@@ -275,7 +309,8 @@ def train(
         step = int(state["step"])
         seconds_before = float(state.get("train_seconds", 0.0))
     resumed_from = step
-    _truncate_log(log_path, step)
+    if main:
+        _truncate_log(log_path, step)
 
     saved = step
     call_start = time.perf_counter()
@@ -285,12 +320,17 @@ def train(
 
     def keep(at: int) -> None:
         """A copy of the weights in use at step `at`, for learning curves (FID against training cost)."""
+        if not main:
+            return
         final = ema if ema is not None else model
         meta = {"step": str(at), "train_seconds": f"{train_seconds():.3f}"}
         save_tensors(out_dir / HISTORY_DIR / f"step-{at:07d}.safetensors", final.state_dict(), metadata=meta)
 
     def checkpoint(at: int) -> None:
         nonlocal saved
+        if not main:  # every rank holds the same weights: one writer
+            saved = at
+            return
         final = ema if ema is not None else model
         # weights and config first, then the resumable state: a crash in between re-runs a few steps
         extra = {"trained_steps": at, "train": config_to_dict(cfg), "train_seconds": round(train_seconds(), 3)}
@@ -311,6 +351,27 @@ def train(
 
     # compile the loss (a bound method of the plain module): checkpoints keep plain keys
     loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
+    if distributed:
+        # buffers (codebook statistics) are kept equal by the quantizer's own all-reduces, so DDP
+        # need not broadcast them; a discriminator waits for disc_start, unused until then
+        ddp = nn.parallel.DistributedDataParallel
+        # (torch 2.14 renames broadcast_buffers to forward_sync_buffers)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+        wrapped = ddp(
+            _LossModule(model, loss_fn),
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=getattr(model, "discriminator", None) is not None,
+            **{no_sync: False},
+        )
+        loss_fn = wrapped
+
+    def stop_signal(signals: _DeferSignals) -> int | None:
+        """The signal that stops training, agreed by every rank (one may get it a step before another)."""
+        if not distributed:
+            return signals.signum
+        flag = torch.tensor([signals.signum or 0], dtype=torch.long, device=device)
+        dist_.all_reduce_sum(flag)  # signal numbers from several ranks: any non-zero means stop
+        return (signals.signum or signal.SIGTERM) if int(flag) else None
     logs: list[dict[str, Any]] = []
     last_end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     window_t, window_items = time.perf_counter(), 0
@@ -320,21 +381,33 @@ def train(
     # crash (or a second signal) inside a step keeps the last checkpoint
     between_steps = True
     try:
-        with open(log_path, "a") as log_file, _DeferSignals() as signals:
+        log_cm = open(log_path, "a") if main else contextlib.nullcontext()
+        with log_cm as log_file, _DeferSignals() as signals:
             while step < last_end:
-                if signals.signum is not None:
+                if (signum := stop_signal(signals)) is not None:
                     if saved < step:
                         checkpoint(step)
-                    raise TrainingInterrupted(signals.signum, step, out_dir)
+                    raise TrainingInterrupted(signum, step, out_dir)
                 between_steps = False
                 torch.manual_seed(step_seed(cfg.seed, step))
-                batch = data.batch(batch_indices(len(data), cfg.batch_size, step, cfg.seed))
+                indices = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
+                lo, hi = dist_.shard_range(len(indices))  # this rank's slice of the global batch
+                batch = data.batch(indices[lo:hi])
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with dist_.batch_shard(lo, hi, len(indices)), torch.autocast(
+                    device.type, dtype=amp or torch.float32, enabled=amp is not None
+                ):
                     loss, step_logs = loss_fn(batch)
+                if distributed:
+                    # a mean over the slice, weighted by its share of the global batch: summed over
+                    # ranks it is the 1-process loss, and DDP's average of the gradients of
+                    # loss * weight * world is the 1-process gradient
+                    weight = (hi - lo) / len(indices)
+                    local = loss
+                    loss = dist_.all_reduce_sum(loss.detach().float() * weight)
                 if not torch.isfinite(loss):
                     # the forward may have moved codebook buffers already: keep the last checkpoint, and say which
                     kept = f"step {saved} is kept in {out_dir}" if saved > 0 else f"no step was kept in {out_dir}"
@@ -343,7 +416,7 @@ def train(
                         "lower lr or raise warmup_steps"
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (local * (weight * world) if distributed else loss).backward()
                 grad_norm = (
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
                 )
@@ -352,8 +425,10 @@ def train(
                     _ema_update(ema, model, cfg.ema)
                 step += 1
                 between_steps = True
-                window_items += len(next(iter(batch.values())))
+                window_items += len(indices)
                 if step % cfg.log_every == 0 or step == last_end:
+                    if distributed:
+                        step_logs = _global_logs(step_logs, weight, device)
                     dt = time.perf_counter() - window_t
                     entry = {
                         "step": step,
@@ -364,19 +439,20 @@ def train(
                         **{k: float(v) for k, v in step_logs.items()},
                     }
                     logs.append(entry)
-                    log_file.write(json.dumps(entry) + "\n")
-                    log_file.flush()
-                    if on_log is not None:
-                        on_log(step, entry)
+                    if main:
+                        log_file.write(json.dumps(entry) + "\n")
+                        log_file.flush()
+                        if on_log is not None:
+                            on_log(step, entry)
                     window_t, window_items = time.perf_counter(), 0
                 if cfg.keep_every and step % cfg.keep_every == 0:
                     keep(step)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint(step)
-            if signals.signum is not None:  # a signal during the last step: the caller must still stop
+            if (signum := stop_signal(signals)) is not None:  # a signal during the last step: the caller must still stop
                 if saved < step:
                     checkpoint(step)
-                raise TrainingInterrupted(signals.signum, step, out_dir)
+                raise TrainingInterrupted(signum, step, out_dir)
     except TrainingDiverged:
         raise  # inside a step: the last checkpoint is what is kept, as its message says
     except BaseException:  # a second Ctrl-C, a crash: keep the last finished step
@@ -385,8 +461,18 @@ def train(
         raise
     if step > saved:
         checkpoint(step)  # stop_after: keep what was done
+    dist_.barrier()  # the other ranks go on to read what rank 0 wrote
     final = ema if ema is not None else model
     return TrainResult(model=final.eval(), step=step, resumed_from=resumed_from, logs=logs)
+
+
+def _global_logs(logs: dict[str, float], weight: float, device: torch.device) -> dict[str, float]:
+    """Every rank's logs, weighted by its share of the global batch: exact for means over the batch
+    (the losses), an average of the ranks' values for the rest (e.g. PSNR)."""
+    keys = sorted(logs)
+    values = torch.tensor([float(logs[k]) * weight for k in keys], dtype=torch.float64, device=device)
+    dist_.all_reduce_sum(values)
+    return dict(zip(keys, values.tolist()))
 
 
 def _truncate_log(path: Path, step: int) -> None:

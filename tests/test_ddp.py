@@ -1,0 +1,105 @@
+"""torchrun's DDP on the CPU (gloo, two processes): the same training as one process.
+
+The global batch of 7 splits 3 + 4, so the weighting of uneven slices is tested too.
+"""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vqdiff.ar import ARConfig, ARTransformer
+from vqdiff.checkpoint import load_model
+from vqdiff.data import make_shapes
+from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
+from vqdiff.train import TensorSource, TrainConfig, seeded, train
+
+STEPS = 4
+GRID = dict(codebook_size=16, grid_h=4, grid_w=4, num_classes=3, dim=32, depth=1, heads=2, class_dropout=0.3)
+
+
+def _cfg(**kw):
+    return TrainConfig(steps=STEPS, batch_size=7, warmup_steps=1, log_every=1, checkpoint_every=2, **kw)
+
+
+def _models():
+    """(name, model, data, train config) of the three stages, built the same in every process."""
+    images = make_shapes(24, 16, seed=0)
+    g = torch.Generator().manual_seed(0)
+    tokens = TensorSource(ids=torch.randint(0, 16, (24, 4, 4), generator=g), labels=torch.randint(0, 3, (24,), generator=g))
+    with seeded(0):
+        # dead_threshold high enough that codes are restarted from encoder outputs during the run
+        tok = VQTokenizer(TokenizerConfig(channels=3, image_size=16, width=8, max_width=16, codebook_size=16,
+                                          codebook_dim=4, dead_threshold=3.0))  # fmt: skip
+    with seeded(1):
+        ar = ARTransformer(ARConfig(**GRID))
+    with seeded(2):
+        diff = DiffusionTransformer(DiffusionConfig(**GRID))
+    return [("tokenizer", tok, images, _cfg()), ("ar", ar, tokens, _cfg(ema=0.9)), ("diffusion", diff, tokens, _cfg())]
+
+
+def _losses(logs):
+    return [(e["step"], e["loss"]) for e in logs]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, stop_after) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {}
+        for name, model, data, cfg in _models():
+            r = train(model, data, cfg, os.path.join(out, name), device="cpu", stop_after=stop_after)
+            result[name] = _losses(r.logs)
+        with open(os.path.join(out, f"losses-rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(out, stop_after=None):
+    return {
+        name: (_losses(train(model, data, cfg, out / name, device="cpu", stop_after=stop_after).logs))
+        for name, model, data, cfg in _models()
+    }
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_two_processes_train_as_one(tmp_path):
+    ddp = tmp_path / "ddp"
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp), None), nprocs=2, join=True)
+    one = _single(tmp_path / "one")
+    ranks = [json.loads((ddp / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
+    for name in ("tokenizer", "ar", "diffusion"):
+        assert [s for s, _ in one[name]] == list(range(1, STEPS + 1))
+        for r in ranks:  # every rank logs the global loss, which is the 1-process loss
+            assert torch.allclose(torch.tensor(r[name]), torch.tensor(one[name]), rtol=1e-4, atol=1e-5), name
+        # rank 0 alone wrote the log, and the checkpoint it wrote loads in a single process
+        log = [json.loads(line) for line in (ddp / name / "log.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+        a, b = load_model(ddp / name, name), load_model(tmp_path / "one" / name, name)
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-5), (name, k)
+    # the losses really depend on the data and noise: the stages do not all log the same numbers
+    assert one["ar"] != one["diffusion"]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_run_started_on_two_processes_resumes_on_one(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "run"), 2), nprocs=2, join=True)
+    resumed = _single(tmp_path / "run")  # steps 3 and 4, in one process, from rank 0's train_state.pt
+    straight = _single(tmp_path / "straight")
+    for name in ("ar", "diffusion", "tokenizer"):
+        assert [s for s, _ in resumed[name]] == [3, 4]
+        assert torch.allclose(torch.tensor(resumed[name]), torch.tensor(straight[name][2:]), rtol=1e-4, atol=1e-5), name
