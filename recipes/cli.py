@@ -202,7 +202,28 @@ def _generator_stage(p: Progress, kind: str, r, ctx: "stages.Context") -> dict:
 def _context(recipe_name: str, run_dir: Optional[Path], sets, data_root, device) -> tuple:
     recipe = load_recipe(recipe_name, sets or [])
     ctx = stages.Context(run_dir or stages.default_run_dir(recipe), data_root, check_device(device))
+    join_torchrun(ctx.device)
     return recipe, ctx
+
+
+def join_torchrun(device: Optional[str]) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; ranks other than 0 print nothing.
+    True when this process is one of several."""
+    from vqdiff import distributed
+
+    if not distributed.init_from_env(device):
+        return False
+    if not distributed.is_main():
+        console.quiet = out.quiet = True  # rank 0 alone draws progress bars and prints results
+    return True
+
+
+def writer_lock(run_dir: Path, **kw):
+    """The run folder's write lock, taken by rank 0 alone: the other ranks of a torchrun job are
+    the same writer (they write nothing), and would otherwise find the folder locked."""
+    from vqdiff import distributed
+
+    return run_lock(run_dir, **kw) if distributed.is_main() else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ train
@@ -219,7 +240,7 @@ def train_tokenizer(
     """Train the VQ-VAE tokenizer, then write tokenizer/metrics.json and reconstructions.png."""
     with edge():
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
-        with run_lock(ctx.run_dir):
+        with writer_lock(ctx.run_dir):
             stages.write_recipe(r, ctx.run_dir)
             with progress_bar() as p:
                 metrics = _tokenizer_stage(p, r, ctx)
@@ -246,7 +267,7 @@ def _train_generator(kind: str, recipe, run_dir, set_, data_root, device) -> Non
     with edge():
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
         stages.tokenizer_meta(ctx.run_dir)  # fail before writing a recipe into a run without a tokenizer
-        with run_lock(ctx.run_dir):
+        with writer_lock(ctx.run_dir):
             stages.write_recipe(r, ctx.run_dir)
             with progress_bar() as p:
                 metrics = _generator_stage(p, kind, r, ctx)
@@ -462,7 +483,7 @@ def run_all(
         t0 = time.perf_counter()
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
         opts = stages.EvalOptions.from_recipe(r, extractor=extractor, inception_weights=inception_weights)
-        held.enter_context(run_lock(ctx.run_dir))  # every stage of the run, as one writer
+        held.enter_context(writer_lock(ctx.run_dir))  # every stage of the run, as one writer
         stages.write_recipe(r, ctx.run_dir)
         timings = {}
         with progress_bar() as p:
@@ -478,6 +499,10 @@ def run_all(
                 m = _generator_stage(p, kind, r, ctx)
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
+        from vqdiff.distributed import is_main
+
+        if not is_main():
+            return  # under torchrun the training is shared; rank 0 evaluates
         t = time.perf_counter()
         _evaluate(ctx, opts, checkpoints=any(r[g]["keep_every"] > 0 for g in opts.generators))
         timings["evaluate"] = time.perf_counter() - t

@@ -23,6 +23,7 @@ import torch
 from recipes.recipe import Recipe, load_recipe
 from vqdiff.checkpoint import _atomic_write, load_model, load_tensors, read_config, read_json, write_json
 from vqdiff.data import ImageSet, from_uint8, load_dataset, load_tokens, save_tokens, to_uint8
+from vqdiff.distributed import barrier, is_main, local_device
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import VQTokenizer, psnr
 from vqdiff.train import TensorSource, is_trained, seeded, train
@@ -44,7 +45,7 @@ class Context:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return local_device(self.device)  # under torchrun on CUDA: cuda:LOCAL_RANK
 
 
 # ------------------------------------------------------------------ run folder
@@ -55,6 +56,8 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def write_recipe(recipe: Recipe, run_dir: Path) -> None:
+    if not is_main():  # under torchrun: rank 0 writes
+        return
     # a unique temp name: two writers sharing `recipe.toml.tmp` made one of them fail (FileNotFoundError)
     text = recipe.to_toml()
     _atomic_write(run_dir / "recipe.toml", lambda tmp: Path(tmp).write_text(text))
@@ -121,12 +124,14 @@ def train_tokenizer(recipe: Recipe, ctx: Context, on_log=None, on_eval=None) -> 
             model = VQTokenizer(cfg)
         result = train(model, train_set, tcfg, folder, device=ctx.torch_device, on_log=on_log)
         seconds = time.perf_counter() - t0
-        model = result.model
-        test_set = load_split(recipe, "test", ctx)
-        metrics = evaluate_tokenizer(model, test_set, ctx.torch_device, on_eval)
-        metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, resumed_from=result.resumed_from)
-        write_json(folder / "metrics.json", metrics)
-        save_reconstructions(model, test_set, folder / "reconstructions.png", ctx.torch_device)
+        if is_main():  # under torchrun the other ranks wait at the barrier
+            model = result.model
+            test_set = load_split(recipe, "test", ctx)
+            metrics = evaluate_tokenizer(model, test_set, ctx.torch_device, on_eval)
+            metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, resumed_from=result.resumed_from)
+            write_json(folder / "metrics.json", metrics)
+            save_reconstructions(model, test_set, folder / "reconstructions.png", ctx.torch_device)
+        barrier()
     return read_json(folder / "metrics.json")
 
 
@@ -222,8 +227,9 @@ def encode_dataset(ctx: Context, on_batch=None) -> dict[str, Any]:
 
 
 def ensure_tokens(ctx: Context, on_batch=None) -> dict[str, Any]:
-    if not tokens_current(ctx.run_dir):
+    if is_main() and not tokens_current(ctx.run_dir):  # under torchrun: rank 0 encodes, the others wait
         encode_dataset(ctx, on_batch)
+    barrier()
     return read_json(ctx.run_dir / "tokens" / "meta.json")
 
 
@@ -291,18 +297,21 @@ def train_generator(kind: str, recipe: Recipe, ctx: Context, on_log=None, on_bat
     if is_trained(folder, tcfg.steps) and (folder / "metrics.json").exists():
         return read_json(folder / "metrics.json")
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"]})
+    if is_main():
+        write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"]})
     ids, labels = load_tokens(ctx.run_dir / "tokens" / "train.safetensors")
     t0 = time.perf_counter()
     with seeded(tcfg.seed):
         model = generator_class(kind)(cfg)
     result = train(model, TensorSource(ids=ids, labels=labels), tcfg, folder, device=ctx.torch_device, on_log=on_log)
     seconds = time.perf_counter() - t0
-    metrics = test_bits_per_token(result.model, ctx, recipe[kind]["eval_grids"])
-    n_params = sum(p.numel() for p in result.model.parameters())
-    metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params)
-    write_json(folder / "metrics.json", metrics)
-    return metrics
+    if is_main():  # under torchrun the other ranks wait at the barrier
+        metrics = test_bits_per_token(result.model, ctx, recipe[kind]["eval_grids"])
+        n_params = sum(p.numel() for p in result.model.parameters())
+        metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params)
+        write_json(folder / "metrics.json", metrics)
+    barrier()
+    return read_json(folder / "metrics.json")
 
 
 @torch.no_grad()
@@ -725,7 +734,6 @@ def _measuring(ctx: Context, opts: "EvalOptions", recipe: Recipe, bar):
     n = min(opts.num, len(test_set))
     real = test_set.images_uint8(torch.arange(n))
     real_key = f"{dataset}-test-{recipe['data']['image_size']}"
-    reference_name = f"{dataset} ({recipe['data']['path']})" if recipe["data"]["path"] else dataset
 
     def metrics_for(images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
         return compute_metrics(images_uint8, real, extractor, real_key=real_key, progress=bar(what))
@@ -758,6 +766,7 @@ def evaluate(ctx: Context, opts: EvalOptions, bars=None) -> dict[str, Any]:
         load_generator(ctx.run_dir, g)  # fail now, not after the extractor is trained
     train_set, test_set, extractor, real, real_key, metrics_for = _measuring(ctx, opts, recipe, bar)
     n = len(real)
+    reference_name = f"{dataset} ({recipe['data']['path']})" if recipe["data"]["path"] else dataset
 
     report_dir = ctx.run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
