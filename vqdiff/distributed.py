@@ -21,7 +21,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -156,3 +156,22 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
+
+
+# ------------------------------------------------------------------ sharded sampling
+
+
+def my_batches(num_batches: int) -> list[int]:
+    """The batches j of this rank when work is dealt round-robin: j = rank, rank + world, ..."""
+    return list(range(rank(), num_batches, world_size()))
+
+
+def gather_batches(mine: list[Any], num_batches: int) -> list[Any]:
+    """Every rank's results for its `my_batches` (in that order) -> the results of all batches in
+    order j, on every rank. Results are pickled (`all_gather_object`): ids and images on the CPU."""
+    if not is_distributed():
+        return mine
+    w = world_size()
+    parts: list[Any] = [None] * w
+    dist.all_gather_object(parts, mine)
+    return [parts[j % w][j // w] for j in range(num_batches)]
