@@ -9,6 +9,11 @@ key, its size and a fingerprint of its pixels, the extractor and its weights has
     CACHE/fidelity/...-stat-fid-{layer}.pt    (the FID mean and covariance)
 
 so new weights or other images never meet stale statistics.
+
+Under torchrun (an initialised process group of several ranks) every rank calls `compute_metrics`
+with the same images: the feature extraction is shared out (whole batches, dealt round-robin, the
+same batches one process would run), the features are gathered, and rank 0 computes the metrics
+from them through torch-fidelity's own feature cache, then sends the numbers to every rank.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from evaluation.common import EvaluationError, Progress, resolve_cache_dir, sha256_tensor
 from evaluation.extractors import Extractor, inception_offline_message
+from vqdiff import distributed
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to n for small sets
 KID_SUBSETS = 100
@@ -157,6 +163,12 @@ def compute_metrics(
     prc_neighborhood = min(PRC_NEIGHBORHOOD, n_min - 1)
     isc_splits = max(1, min(ISC_SPLITS, n_fake // 100))
 
+    if distributed.is_distributed():
+        # every rank extracts a share of the features; rank 0 turns them into the numbers
+        bs = batch_size or extractor.batch_size
+        layers = _feature_layers(extractor, isc)
+        fake_features = sharded_features(fake, extractor, layers, bs, on_batch)
+        real_features = None if real_cached else sharded_features(real, extractor, layers, bs, on_batch)
     kwargs = extractor.fidelity_kwargs()
     kwargs.update(
         input1=UInt8Images(fake, extractor.channels, on_batch),
@@ -178,10 +190,13 @@ def compute_metrics(
     )
     if real_name is not None:
         cache_root.mkdir(parents=True, exist_ok=True)
-    try:
-        m = torch_fidelity.calculate_metrics(**kwargs)
-    except (ValueError, OSError) as e:  # torch-fidelity's checks raise ValueError; downloads raise OSError
-        raise _fidelity_error(e, extractor) from None
+    if distributed.is_distributed():
+        m = _metrics_from_features(kwargs, extractor, cache_root, fake_features, real_features, real_name)
+    else:
+        try:
+            m = torch_fidelity.calculate_metrics(**kwargs)
+        except (ValueError, OSError) as e:  # torch-fidelity's checks raise ValueError; downloads raise OSError
+            raise _fidelity_error(e, extractor) from None
     if progress is not None:
         progress(total, total)
 
@@ -209,6 +224,78 @@ def compute_metrics(
     if isc:
         out["isc_splits"] = isc_splits
     return out
+
+
+@torch.no_grad()
+def sharded_features(
+    images: torch.Tensor, extractor: Extractor, layers: list[str], batch_size: int, on_batch=None
+) -> dict[str, torch.Tensor]:
+    """images uint8 [n c h w] -> {layer: features [n ...]} on the CPU, on every rank; each rank runs
+    its batches j = rank, rank + world, ... (the batches torch-fidelity itself would run: the same
+    inputs, so the same features as one process)."""
+    kwargs: dict[str, Any] = {"verbose": False}
+    if extractor.name == "inception" and extractor.weights_path is not None:
+        kwargs["feature_extractor_weights_path"] = extractor.weights_path
+    try:
+        module = create_feature_extractor(extractor.fidelity_name, layers, cuda=extractor.cuda, **kwargs)
+    except (ValueError, OSError) as e:
+        raise _fidelity_error(e, extractor) from None
+    bs = min(batch_size, len(images))
+    num_batches = -(-len(images) // bs)
+    device = "cuda" if extractor.cuda else "cpu"
+    mine = []
+    with torch.no_grad():
+        for j in distributed.my_batches(num_batches):
+            batch = images[j * bs : (j + 1) * bs].to(device)
+            if extractor.channels == 3 and batch.shape[1] == 1:
+                batch = batch.expand(-1, 3, -1, -1)
+            out = module.convert_features_tuple_to_dict(module(batch))
+            mine.append({k: v.cpu() for k, v in out.items()})
+            if on_batch is not None:
+                on_batch(len(batch))
+    parts = distributed.gather_batches(mine, num_batches)
+    return {layer: torch.cat([p[layer] for p in parts]) for layer in layers}
+
+
+def _metrics_from_features(
+    kwargs: dict[str, Any],
+    extractor: Extractor,
+    cache_root: Path,
+    fake_features: dict[str, torch.Tensor],
+    real_features: dict[str, torch.Tensor] | None,
+    real_name: str | None,
+) -> dict[str, Any]:
+    """torch-fidelity's metrics from gathered features: rank 0 writes them where torch-fidelity's
+    cache looks (so it extracts nothing), computes, and sends the numbers to every rank."""
+    import os
+    import torch.distributed as dist
+
+    result: list[Any] = [None]
+    if distributed.is_main():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tag = f"vqdiff-sharded-{os.getpid()}"  # per run: removed below
+        names = {"input1_cache_name": f"{tag}-fake", "input2_cache_name": real_name or f"{tag}-real"}
+        written = []
+        for which, features in (("input1_cache_name", fake_features), ("input2_cache_name", real_features)):
+            for layer, f in (features or {}).items():
+                path = cache_root / f"{names[which]}-{extractor.fidelity_name}-features-{layer}.pt"
+                tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+                torch.save(f, tmp)
+                os.replace(tmp, path)
+                if which == "input1_cache_name" or real_name is None:
+                    written.append(path)
+        kwargs = {**kwargs, **names, "cache": True, "cache_root": str(cache_root)}
+        try:
+            result[0] = torch_fidelity.calculate_metrics(**kwargs)
+        except (ValueError, OSError) as e:
+            result[0] = _fidelity_error(e, extractor)
+        finally:
+            for p in list(written) + list(cache_root.glob(f"{tag}-*")):
+                p.unlink(missing_ok=True)
+    dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return result[0]
 
 
 @torch.no_grad()

@@ -103,3 +103,56 @@ def test_a_run_started_on_two_processes_resumes_on_one(tmp_path):
     for name in ("ar", "diffusion", "tokenizer"):
         assert [s for s, _ in resumed[name]] == [3, 4]
         assert torch.allclose(torch.tensor(resumed[name]), torch.tensor(straight[name][2:]), rtol=1e-4, atol=1e-5), name
+
+
+# ------------------------------------------------------------------ sharded feature extraction
+
+CLASSIFIER = dict(width=8, feature_dim=32, steps=20, batch_size=32)
+
+
+def _classifier(cache):
+    from evaluation import ClassifierRecipe, get_extractor
+
+    train_set = make_shapes(128, 32, seed=0)
+    return get_extractor("classifier", dataset="shapes", train_set=train_set, test_set=train_set,
+                         cache_dir=cache, recipe=ClassifierRecipe(**CLASSIFIER), device="cpu")  # fmt: skip
+
+
+def _images():
+    return make_shapes(70, 32, seed=5).uint8, make_shapes(50, 32, seed=6).uint8
+
+
+def _metrics_worker(rank: int, world: int, port: int, out: str) -> None:
+    from evaluation import compute_metrics
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ex = _classifier(os.path.join(out, "cache"))  # trained by the parent: read from the cache
+        fake, real = _images()
+        # batch 16: 70 fake images are 5 batches, dealt 3 + 2, the last one short
+        m = compute_metrics(fake, real, ex, real_key="shapes-ddp", cache_dir=os.path.join(out, f"fid{rank}"), batch_size=16)
+        with open(os.path.join(out, f"metrics-rank{rank}.json"), "w") as f:
+            json.dump(m, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sharded_feature_extraction_gives_the_metrics_of_one_process(tmp_path):
+    from evaluation import compute_metrics
+
+    ex = _classifier(tmp_path / "cache")
+    fake, real = _images()
+    one = compute_metrics(fake, real, ex, real_key="shapes-ddp", cache_dir=tmp_path / "one", batch_size=16)
+    mp.spawn(_metrics_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):  # every rank gets the numbers
+        m = json.loads((tmp_path / f"metrics-rank{rank}.json").read_text())
+        for key in ("fid", "kid", "precision", "recall", "isc"):
+            assert m[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    # rank 0 left the reference features where torch-fidelity caches them, and nothing of the fake set
+    left = sorted(p.name for p in (tmp_path / "fid0" / "fidelity").glob("*.pt"))
+    assert left and all(name.startswith("shapes-ddp") for name in left)
+    again = compute_metrics(fake, real, ex, real_key="shapes-ddp", cache_dir=tmp_path / "fid0", batch_size=16)
+    assert again["real_cached"] and again["fid"] == pytest.approx(one["fid"], rel=1e-5)
