@@ -255,8 +255,15 @@ def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None)
     """Encode the train and test splits into token grids in RUN/tokens/."""
     with edge():
         ctx = stages.Context(run, data_root, check_device(device))
-        with run_lock(run, create=False), progress_bar() as p:
-            meta = stages.encode_dataset(ctx, batch_logger(p, "encode"))
+        join_torchrun(ctx.device)
+        from vqdiff.distributed import barrier, is_main
+
+        with writer_lock(run, create=False), progress_bar() as p:
+            # under torchrun rank 0 encodes (one writer); encoding is a small part of a run
+            meta = stages.encode_dataset(ctx, batch_logger(p, "encode")) if is_main() else None
+            barrier()
+        if meta is None:
+            return
         out.print(
             f"tokens: {meta['num_train']} train and {meta['num_test']} test grids of "
             f"{meta['grid'][0]}x{meta['grid'][1]} -> {run / 'tokens'}"
