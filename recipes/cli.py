@@ -506,10 +506,14 @@ def run_all(
                 m = _generator_stage(p, kind, r, ctx)
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
-        from vqdiff.distributed import is_main
+        from vqdiff import distributed
 
-        if not is_main():
-            return  # under torchrun the training is shared; rank 0 evaluates
+        if distributed.is_distributed():
+            # the training was shared; rank 0 evaluates alone, as one process
+            main = distributed.is_main()
+            distributed.leave()
+            if not main:
+                return
         t = time.perf_counter()
         _evaluate(ctx, opts, checkpoints=any(r[g]["keep_every"] > 0 for g in opts.generators))
         timings["evaluate"] = time.perf_counter() - t
