@@ -21,7 +21,7 @@ import typer
 
 from recipes import stages
 from vqdiff.checkpoint import write_bytes
-from vqdiff.compress import HEADER_BYTES, CompressError, compress_ids, decompress_ids, weights_hash
+from vqdiff.compress import HEADER_BYTES, CompressError, Encoded, decompress_ids, encode_grid, weights_hash
 from vqdiff.data import from_uint8, to_uint8
 
 SUFFIX = ".vqd"
@@ -66,8 +66,8 @@ class Codec:
         """ids long [b h w] -> uint8 [b c H W]."""
         return torch.cat([to_uint8(self.tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
 
-    def compress(self, ids: torch.Tensor, label: int | None) -> bytes:
-        return compress_ids(self.ar, ids, label, tokenizer_hash=self.tokenizer_hash, ar_hash=self.ar_hash)
+    def compress(self, ids: torch.Tensor, label: int | None) -> Encoded:
+        return encode_grid(self.ar, ids, label, tokenizer_hash=self.tokenizer_hash, ar_hash=self.ar_hash)
 
     def decompress(self, data: bytes) -> tuple[torch.Tensor, int | None]:
         return decompress_ids(self.ar, data, tokenizer_hash=self.tokenizer_hash, ar_hash=self.ar_hash)
@@ -137,7 +137,7 @@ def compress(
         ids = codec.encode_images(pixels)
         total = 0
         for path, grid in zip(images, ids):
-            data = codec.compress(grid, class_)
+            data = codec.compress(grid, class_).data
             write_bytes(out / f"{path.stem}{SUFFIX}", data)
             total += len(data)
         tokens = len(images) * ids.shape[1] * ids.shape[2]
@@ -257,8 +257,9 @@ def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, prog
     for name, cond in settings:
         say(f"vqdiff, {name}: encode and decode {n} grids one token at a time")
         t0 = time.perf_counter()
-        files = [codec.compress(ids[i], None if cond is None else int(cond[i])) for i in range(n)]
+        encoded = [codec.compress(ids[i], None if cond is None else int(cond[i])) for i in range(n)]
         encode_s = time.perf_counter() - t0
+        files = [e.data for e in encoded]
         t0 = time.perf_counter()
         back = [codec.decompress(f)[0] for f in files]
         decode_s = time.perf_counter() - t0
@@ -278,7 +279,11 @@ def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, prog
                 "header_bytes": HEADER_BYTES,
                 "bits_per_token": payload_bits / tokens,
                 "model_bits_per_token": model_bits / tokens,
+                # under the integer frequencies, before the coder's termination: the per-token cost
+                # of quantising; the rest of the excess is per file (under a byte of termination)
+                "ideal_bits_per_token": sum(e.ideal_bits for e in encoded) / tokens,
                 "excess": payload_bits / model_bits - 1,
+                "termination_bytes_per_image": (payload_bits - sum(e.ideal_bits for e in encoded)) / 8 / n,
                 "round_trip_exact": exact,
                 # the tokenizer's share is batched; the coding is one grid at a time
                 "encode_images_per_second": n / (tok_encode + encode_s),
@@ -351,7 +356,9 @@ def bench(run: Optional[Path], out_path: Optional[Path], num: Optional[int], qui
             out.print(
                 f"vqdiff, {r['conditioning']}: {r['bits_per_token']:.4f} real bits per token (payload; + {r['header_bytes']} "
                 f"header bytes per file) vs the model's {r['model_bits_per_token']:.4f} on the same grids: "
-                f"{100 * r['excess']:+.2f}%; round trip exact on {r['round_trip_exact']}/{result['num_images']}",
+                f"{100 * r['excess']:+.2f}% (ideal under the integer frequencies {r['ideal_bits_per_token']:.4f}, "
+                f"coder termination {r['termination_bytes_per_image']:.2f} bytes per file); "
+                f"round trip exact on {r['round_trip_exact']}/{result['num_images']}",
                 soft_wrap=True,
             )
         out.print(f"bench -> {path}", soft_wrap=True)

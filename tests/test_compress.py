@@ -16,6 +16,7 @@ from vqdiff.compress import (
     CompressError,
     compress_ids,
     decompress_ids,
+    encode_grid,
     frequencies,
     read_header,
     weights_hash,
@@ -88,9 +89,13 @@ def test_real_bits_track_the_model_bits():
     g = torch.Generator().manual_seed(1)
     ids = ar.sample(16, generator=g)
     model_bits = ar.bits_per_token({"ids": ids})["bits_per_token"] * ids.numel()
-    payload_bits = sum(8 * (len(compress_ids(ar, x)) - HEADER_BYTES) for x in ids)
+    encoded = [encode_grid(ar, x) for x in ids]
+    assert all(e.data == compress_ids(ar, x) for e, x in zip(encoded, ids))
+    ideal_bits = sum(e.ideal_bits for e in encoded)
+    payload_bits = sum(8 * (len(e.data) - HEADER_BYTES) for e in encoded)
     assert model_bits < 0.5 * math.log2(ar.cfg.codebook_size) * ids.numel()  # the prior is informative
-    assert model_bits - 8 * len(ids) <= payload_bits <= model_bits + 16 * len(ids)
+    assert ideal_bits == pytest.approx(model_bits, rel=0.01)  # quantising the probabilities costs little
+    assert ideal_bits - 8 * len(ids) <= payload_bits <= ideal_bits + 16 * len(ids)  # termination: ~ a byte per file
 
 
 def test_other_weights_are_refused():

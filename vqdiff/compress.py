@@ -210,6 +210,16 @@ def _check_label(label: int | None, num_classes: int) -> None:
         raise ValueError(f"class must be in [0, {num_classes}), got {label}")
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A compressed grid and what it cost: `ideal_bits` = sum of -log2(freq / 2^20) over the cells,
+    the size an ideal coder reaches under the integer frequencies (the file adds the coder's
+    termination, under a byte, and the header)."""
+
+    data: bytes
+    ideal_bits: float
+
+
 def compress_ids(
     ar: nn.Module,
     ids: Tensor,
@@ -226,6 +236,18 @@ def compress_ids(
     ar_hash: `weights_hash(ar)`, computed when None (pass it to skip the hashing per call).
     The AR model must be float32 on the CPU. The same inputs always give the same bytes.
     """
+    return encode_grid(ar, ids, label, tokenizer_hash=tokenizer_hash, ar_hash=ar_hash).data
+
+
+def encode_grid(
+    ar: nn.Module,
+    ids: Tensor,
+    label: int | None = None,
+    *,
+    tokenizer_hash: bytes | None = None,
+    ar_hash: bytes | None = None,
+) -> Encoded:
+    """`compress_ids`, with the ideal size under the integer frequencies (for benchmarks)."""
     cfg = ar.cfg
     h, w, k = cfg.grid_h, cfg.grid_w, cfg.codebook_size
     if tuple(ids.shape) != (h, w):
@@ -248,7 +270,8 @@ def compress_ids(
         _hash_field(tokenizer_hash), _hash_field(ar_hash if ar_hash is not None else weights_hash(ar)), len(payload),
     )  # fmt: skip
     body = head + payload + struct.pack("<I", _ids_crc(symbols))
-    return body + struct.pack("<I", zlib.crc32(body))
+    ideal = float(-np.log2(table[np.arange(len(symbols)), symbols] / TOTAL).sum())
+    return Encoded(body + struct.pack("<I", zlib.crc32(body)), ideal)
 
 
 def read_header(data: bytes) -> Header:
