@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from helpers import TINY, invoke, ok, one_line_error, sets
 
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.compress import (
+    _HEAD,
     HEADER_BYTES,
     TOTAL,
     CompressError,
@@ -135,6 +138,18 @@ def test_truncated_or_corrupt_files_give_one_line_errors():
         with pytest.raises(CompressError, match=needle) as e:
             decompress_ids(ar, bad)
         assert "\n" not in str(e.value)
+
+
+def test_a_payload_the_coder_cannot_read_is_an_error_not_a_crash():
+    ar = tiny_ar(sharpen=20.0)
+    data = compress_ids(ar, grids(ar, 2)[0])
+    head = bytearray(data[: _HEAD.size])
+    payload = b"\xff" * 12  # all-ones words: no valid range-coder state, constriction asserts
+    head[-4:] = struct.pack("<I", len(payload))
+    body = bytes(head) + payload + data[-8:-4]  # the ids' checksum, kept
+    with pytest.raises(CompressError, match="corrupt|computes the AR model") as e:
+        decompress_ids(ar, body + struct.pack("<I", zlib.crc32(body)))
+    assert "\n" not in str(e.value)
 
 
 def test_bad_arguments_are_refused():

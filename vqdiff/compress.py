@@ -329,7 +329,10 @@ def decompress_ids(
     with _coding_mode(ar):
         prior, decoder = _Prior(ar, header.label), _decoder(header.payload)
         for _ in range(cfg.grid_h * cfg.grid_w):
-            s = _decode_one(decoder, prior.next_frequencies())
+            try:
+                s = _decode_one(decoder, prior.next_frequencies())
+            except (AssertionError, ValueError, RuntimeError) as e:  # constriction asserts on an invalid stream
+                raise CompressError(f"corrupt: the payload is not a valid range-coded stream ({e})") from None
             symbols.append(s)
             prior.push(s)
     symbols_np = np.asarray(symbols, dtype=np.int64)
