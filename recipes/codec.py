@@ -21,7 +21,7 @@ import typer
 
 from recipes import stages
 from vqdiff.checkpoint import write_bytes
-from vqdiff.compress import HEADER_BYTES, CompressError, Encoded, decompress_ids, encode_grid, weights_hash
+from vqdiff.compress import CompressError, Encoded, decompress_ids, encode_grid, read_header, weights_hash
 from vqdiff.data import from_uint8, to_uint8
 
 SUFFIX = ".vqd"
@@ -135,15 +135,16 @@ def compress(
         cfg = codec.tokenizer.cfg
         pixels = torch.stack([_load_file(p, cfg.image_size, cfg.channels) for p in images])  # uint8 [b c H W]
         ids = codec.encode_images(pixels)
-        total = 0
+        total = overhead = 0
         for path, grid in zip(images, ids):
             data = codec.compress(grid, class_).data
             write_bytes(out / f"{path.stem}{SUFFIX}", data)
             total += len(data)
+            overhead += read_header(data).overhead
         tokens = len(images) * ids.shape[1] * ids.shape[2]
         stdout.print(
             f"{len(images)} images -> {out}: {total / len(images):.1f} bytes per image "
-            f"({8 * (total - HEADER_BYTES * len(images)) / tokens:.3f} bits per token + a {HEADER_BYTES}-byte header)",
+            f"({8 * (total - overhead) / tokens:.3f} bits per token + {overhead / len(images):.0f} bytes of header and checks)",
             soft_wrap=True,
         )
 
@@ -270,13 +271,14 @@ def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, prog
             info = ar.bits_per_token({"ids": ids[s : s + 250], "labels": label_arg[s : s + 250]})
             model_bits += info["bits_per_token"] * len(ids[s : s + 250]) * h * w
         total = sum(map(len, files))
-        payload_bits = 8 * (total - HEADER_BYTES * n)
+        overhead = sum(read_header(f).overhead for f in files)
+        payload_bits = 8 * (total - overhead)
         rows.append(
             {
                 "conditioning": name,
                 "bytes_per_image": total / n,
-                "payload_bytes_per_image": total / n - HEADER_BYTES,
-                "header_bytes": HEADER_BYTES,
+                "payload_bytes_per_image": (total - overhead) / n,
+                "header_bytes": overhead / n,  # header and checks
                 "bits_per_token": payload_bits / tokens,
                 "model_bits_per_token": model_bits / tokens,
                 # under the integer frequencies, before the coder's termination: the per-token cost
@@ -354,8 +356,8 @@ def bench(run: Optional[Path], out_path: Optional[Path], num: Optional[int], qui
         out.print(t)
         for r in result["vqdiff"]:
             out.print(
-                f"vqdiff, {r['conditioning']}: {r['bits_per_token']:.4f} real bits per token (payload; + {r['header_bytes']} "
-                f"header bytes per file) vs the model's {r['model_bits_per_token']:.4f} on the same grids: "
+                f"vqdiff, {r['conditioning']}: {r['bits_per_token']:.4f} real bits per token (payload; + {r['header_bytes']:.0f} "
+                f"bytes of header and checks per file) vs the model's {r['model_bits_per_token']:.4f} on the same grids: "
                 f"{100 * r['excess']:+.2f}% (ideal under the integer frequencies {r['ideal_bits_per_token']:.4f}, "
                 f"coder termination {r['termination_bytes_per_image']:.2f} bytes per file); "
                 f"round trip exact on {r['round_trip_exact']}/{result['num_images']}",

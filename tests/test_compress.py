@@ -13,8 +13,6 @@ from helpers import TINY, invoke, ok, one_line_error, sets
 
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.compress import (
-    _HEAD,
-    HEADER_BYTES,
     TOTAL,
     CompressError,
     compress_ids,
@@ -95,7 +93,7 @@ def test_real_bits_track_the_model_bits():
     encoded = [encode_grid(ar, x) for x in ids]
     assert all(e.data == compress_ids(ar, x) for e, x in zip(encoded, ids))
     ideal_bits = sum(e.ideal_bits for e in encoded)
-    payload_bits = sum(8 * (len(e.data) - HEADER_BYTES) for e in encoded)
+    payload_bits = sum(8 * len(read_header(e.data).payload) for e in encoded)
     assert model_bits < 0.5 * math.log2(ar.cfg.codebook_size) * ids.numel()  # the prior is informative
     assert ideal_bits == pytest.approx(model_bits, rel=0.01)  # quantising the probabilities costs little
     assert ideal_bits - 8 * len(ids) <= payload_bits <= ideal_bits + 16 * len(ids)  # termination: ~ a byte per file
@@ -119,21 +117,37 @@ def test_a_model_computing_other_probabilities_is_caught_by_the_ids_checksum():
         decompress_ids(other, data, ar_hash=weights_hash(ar))
 
 
+def test_header_is_small_and_round_trips():
+    ar = tiny_ar()
+    data = compress_ids(ar, grids(ar, 2)[0], 2, tokenizer_hash=b"toka")
+    header = read_header(data)
+    assert header.grid == (4, 5) and header.codebook_size == 16 and header.label == 2
+    assert header.tokenizer_hash == b"toka" and header.ar_hash == weights_hash(ar)
+    assert header.overhead == len(data) - len(header.payload) == 17 + 6  # 1-byte varints (k = 16) here
+    big = tiny_ar(num_classes=0, k=300, grid=(3, 3))  # k = 300 takes a 2-byte varint
+    assert read_header(compress_ids(big, torch.zeros(3, 3, dtype=torch.long))).codebook_size == 300
+
+
 def test_truncated_or_corrupt_files_give_one_line_errors():
     ar = tiny_ar(sharpen=20.0)
     data = compress_ids(ar, grids(ar, 2, seed=3)[1])  # uniform ids: a payload of several bytes
-    assert len(data) > HEADER_BYTES + 4
-    cases = {
-        data[:-1]: "truncated",
-        data[:HEADER_BYTES - 1]: "truncated",
-        data[:2]: "not a .vqd file",
+    start = read_header(data).overhead - 6
+    assert len(data) > start + 6 + 4
+    cases = {data[:cut]: "truncated" for cut in (1, 2, 3, 4, 8, 12, start - 1, start, len(data) - 1)}
+    cases.update({
         b"PK\x03\x04" + data[4:]: "not a .vqd file",
+        b"": "not a .vqd file",
         data + b"\0": "corrupt",
-        data[:4] + bytes([9]) + data[5:]: "format version 9",
-    }
-    flipped = bytearray(data)
-    flipped[HEADER_BYTES] ^= 0x10  # a bit inside the payload
-    cases[bytes(flipped)] = "checksum"
+        data[:3] + bytes([9]) + data[4:]: "format version 9",
+    })  # fmt: skip
+    for i in (5, start + 1, len(data) - 3):  # a header field, the payload, the ids' checksum
+        flipped = bytearray(data)
+        flipped[i] ^= 0x10
+        cases[bytes(flipped)] = "corrupt|other AR weights"
+    payload_only = bytearray(data)
+    payload_only[start + 1] ^= 0x10  # the payload, with the frame check made to match: the ids' check catches it
+    payload_only[-2:] = struct.pack("<H", zlib.crc32(bytes(payload_only[:-2])) & 0xFFFF)
+    cases[bytes(payload_only)] = "fail their checksum|corrupt"
     for bad, needle in cases.items():
         with pytest.raises(CompressError, match=needle) as e:
             decompress_ids(ar, bad)
@@ -143,12 +157,11 @@ def test_truncated_or_corrupt_files_give_one_line_errors():
 def test_a_payload_the_coder_cannot_read_is_an_error_not_a_crash():
     ar = tiny_ar(sharpen=20.0)
     data = compress_ids(ar, grids(ar, 2)[0])
-    head = bytearray(data[: _HEAD.size])
+    start = read_header(data).overhead - 6
     payload = b"\xff" * 12  # all-ones words: no valid range-coder state, constriction asserts
-    head[-4:] = struct.pack("<I", len(payload))
-    body = bytes(head) + payload + data[-8:-4]  # the ids' checksum, kept
-    with pytest.raises(CompressError, match="corrupt|computes the AR model") as e:
-        decompress_ids(ar, body + struct.pack("<I", zlib.crc32(body)))
+    body = data[: start - 1] + bytes([len(payload)]) + payload + data[-6:-2]  # the ids' checksum, kept
+    with pytest.raises(CompressError, match="corrupt|fail their checksum") as e:
+        decompress_ids(ar, body + struct.pack("<H", zlib.crc32(body) & 0xFFFF))
     assert "\n" not in str(e.value)
 
 
@@ -252,7 +265,7 @@ def test_bench_compress_quick(run, tmp_path):
     assert n == 16 and [r["conditioning"] for r in report["vqdiff"]] == ["class", "null class"]
     for r in report["vqdiff"]:
         assert r["round_trip_exact"] == n
-        assert r["bytes_per_image"] == pytest.approx(r["payload_bytes_per_image"] + HEADER_BYTES)
+        assert r["bytes_per_image"] == pytest.approx(r["payload_bytes_per_image"] + r["header_bytes"])
         assert r["bits_per_token"] > 0 and r["model_bits_per_token"] > 0
     assert 1 <= report["jpeg"]["quality"] <= 100 and report["png"]["psnr"] is None
     one_line_error(invoke("bench", "compress"), "needs a run folder")

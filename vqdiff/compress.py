@@ -18,11 +18,16 @@ Files decode on the machine that wrote them, or one with the same torch build an
 other SIMD kernels can round differently, and the checksum then reports a corrupt decode
 (`decompress_ids` re-checks the decoded ids against the checksum of the source ids).
 
-The file (`.vqd`), little-endian:
+The file (`.vqd`); `v` is an unsigned LEB128 varint (one byte below 128), so the header of an
+8x8 grid of 512 codes is 18 bytes and the checks 6:
 
-    magic "VQD1" | version u8 | grid h u16, w u16 | codebook size k u32 | class u16 (0xFFFF: none)
-    | tokenizer hash 4 bytes | AR weights hash 4 bytes | payload length u32 | payload
-    | crc32 u32 of the ids | crc32 u32 of everything before it
+    magic "VQD" | version u8 | v grid h | v grid w | v codebook size k | v class + 1 (0: none)
+    | tokenizer hash 4 bytes | AR weights hash 4 bytes | v payload length | payload
+    | crc32 of the ids u32 LE | crc32 of everything before it, low 16 bits, u16 LE
+
+The 16-bit frame check names a damaged file before any decoding; the 32-bit check of the ids is
+the guarantee, checked after decoding: it also catches a payload damaged past the frame check,
+and a machine that computes other probabilities.
 
 The payload is the range coder's 32-bit words, big-endian, cut to the shortest prefix (or prefix
 rounded up by one) that still decodes to the same ids: the coder's sealing writes up to a whole
@@ -42,15 +47,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-MAGIC = b"VQD1"
+MAGIC = b"VQD"
 VERSION = 1
 FREQ_BITS = 20  # integer frequencies sum to 2^20; constriction's range coder works at 2^24
 TOTAL = 1 << FREQ_BITS
-NO_CLASS = 0xFFFF
 HASH_BYTES = 4
-_HEAD = struct.Struct("<4sBHHIH4s4sI")  # magic, version, h, w, k, class, tokenizer, ar, payload length
-_TAIL = struct.Struct("<II")  # crc32 of the ids, crc32 of the file before it
-HEADER_BYTES = _HEAD.size + _TAIL.size  # the bytes of a file that are not payload
+CHECK_BYTES = 6  # crc32 of the ids + 16-bit frame check
 
 
 class CompressError(Exception):
@@ -68,6 +70,7 @@ class Header:
     ar_hash: bytes
     payload: bytes
     ids_crc: int
+    overhead: int  # bytes of the file that are not payload: header and checks
 
 
 # ---------------------------------------------------------------- hashes and frequencies
@@ -265,34 +268,40 @@ def encode_grid(
             prior.push(s)
     table = np.stack(rows)  # [n k]
     payload = _shortest(_encode(symbols, table), symbols, table)
-    head = _HEAD.pack(
-        MAGIC, VERSION, h, w, k, NO_CLASS if label is None else label,
-        _hash_field(tokenizer_hash), _hash_field(ar_hash if ar_hash is not None else weights_hash(ar)), len(payload),
-    )  # fmt: skip
+    ar_hash = ar_hash if ar_hash is not None else weights_hash(ar)
+    head = MAGIC + bytes([VERSION]) + b"".join(_varint(v) for v in (h, w, k, 0 if label is None else label + 1))
+    head += _hash_field(tokenizer_hash) + _hash_field(ar_hash) + _varint(len(payload))
     body = head + payload + struct.pack("<I", _ids_crc(symbols))
     ideal = float(-np.log2(table[np.arange(len(symbols)), symbols] / TOTAL).sum())
-    return Encoded(body + struct.pack("<I", zlib.crc32(body)), ideal)
+    return Encoded(body + struct.pack("<H", zlib.crc32(body) & 0xFFFF), ideal)
 
 
 def read_header(data: bytes) -> Header:
-    """Parse and check a .vqd file's framing (magic, version, length, checksum); no model needed."""
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        raise CompressError("not a .vqd file (no VQD1 magic number)")
-    if len(data) < HEADER_BYTES:
-        raise CompressError(f"truncated: {len(data)} bytes, a .vqd file has at least {HEADER_BYTES}")
-    _, version, h, w, k, label, tok, arh, length = _HEAD.unpack_from(data)
+    """Parse and check a .vqd file's framing (magic, version, length, frame check); no model needed."""
+    data = bytes(data)
+    if data[: len(MAGIC)] != MAGIC:
+        if len(data) < len(MAGIC) and data and MAGIC.startswith(data):
+            raise CompressError(f"truncated: {len(data)} bytes")
+        raise CompressError("not a .vqd file (no VQD magic number)")
+    reader = _Reader(data, len(MAGIC))
+    version = reader.take(1)[0]
     if version != VERSION:
         raise CompressError(f"format version {version} is not supported (this vqdiff reads version {VERSION})")
-    expected = HEADER_BYTES + length
+    h, w, k, label = (reader.varint() for _ in range(4))
+    tok, arh = reader.take(HASH_BYTES), reader.take(HASH_BYTES)
+    length = reader.varint()
+    start = reader.pos
+    expected = start + length + CHECK_BYTES
     if len(data) < expected:
         raise CompressError(f"truncated: {len(data)} of {expected} bytes")
     if len(data) > expected:
         raise CompressError(f"corrupt: {len(data) - expected} bytes after the end of the file")
-    ids_crc, crc = _TAIL.unpack_from(data, _HEAD.size + length)
-    if zlib.crc32(data[: _HEAD.size + length + 4]) != crc:
-        raise CompressError("corrupt: checksum mismatch")
-    payload = data[_HEAD.size : _HEAD.size + length]
-    return Header((h, w), k, None if label == NO_CLASS else label, tok, arh, payload, ids_crc)
+    (ids_crc,) = struct.unpack_from("<I", data, start + length)
+    (check,) = struct.unpack_from("<H", data, expected - 2)
+    if zlib.crc32(data[: expected - 2]) & 0xFFFF != check:
+        raise CompressError("corrupt: the frame check fails")
+    payload = data[start : start + length]
+    return Header((h, w), k, label - 1 if label else None, tok, arh, payload, ids_crc, len(data) - length)
 
 
 def decompress_ids(
@@ -337,12 +346,44 @@ def decompress_ids(
             prior.push(s)
     symbols_np = np.asarray(symbols, dtype=np.int64)
     if _ids_crc(symbols_np) != header.ids_crc:
-        # the framing was intact, so the model computed other probabilities than the encoder's
+        # damage the 16-bit frame check missed, or a model that computed other probabilities
         raise CompressError(
-            "decoded ids fail their checksum: this machine computes the AR model's probabilities "
-            "differently from the one that compressed the file (another CPU kind or torch build)"
+            "decoded ids fail their checksum: the payload is damaged, or this machine computes the AR "
+            "model's probabilities differently from the one that compressed the file (another CPU kind or torch build)"
         )
     return torch.from_numpy(symbols_np).view(cfg.grid_h, cfg.grid_w), header.label
+
+
+def _varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits a byte, low first, high bit = more bytes follow."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class _Reader:
+    """Reads a header front to back; running out of bytes is a truncated file."""
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise CompressError(f"truncated: {len(self.data)} bytes, the header is cut")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 35, 7):  # 5 bytes hold any u32
+            byte = self.take(1)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        raise CompressError("corrupt: a header number is too long")
 
 
 def _hash_field(value: bytes | None) -> bytes:
