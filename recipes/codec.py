@@ -150,16 +150,25 @@ def compress(
 
 
 def decompress(
-    run: RunArg,
-    files: Annotated[list[Path], typer.Argument(help=f"{SUFFIX} files made by `vqdiff compress` with this run.")],
+    files: Annotated[
+        list[Path], typer.Argument(help=f"{SUFFIX} files made by `vqdiff compress` (a run folder first is taken as --run).")
+    ],
     out: OutOpt,
+    run: Annotated[
+        Optional[Path],
+        typer.Option("--run", help="The run that compressed them. [default: the folder under runs/ whose weights match]"),
+    ] = None,
 ) -> None:
-    """Decompress .vqd files into PNGs, with the run that compressed them."""
+    """Decompress .vqd files into PNGs, with the run whose tokenizer and AR weights made them."""
     from recipes.cli import edge, out as stdout
 
     with edge(), _codec_errors():
+        if run is None and files and files[0].is_dir():  # `decompress RUN FILES...` reads as well
+            run, files = files[0], files[1:]
+        if not files:
+            raise stages.StageError(f"no {SUFFIX} files given")
         _check_files(files, "file")
-        codec = Codec(run)
+        codec = Codec(run) if run is not None else find_codec(files[0])
         for path in files:
             try:
                 ids, _ = codec.decompress(path.read_bytes())
@@ -168,6 +177,27 @@ def decompress(
             image = codec.decode_ids(ids[None])[0]
             write_bytes(out / f"{path.stem}.png", png_bytes(image))
         stdout.print(f"{len(files)} files -> {out}", soft_wrap=True)
+
+
+def find_codec(path: Path, root: Path = Path("runs")) -> Codec:
+    """The Codec of the run under `root` whose tokenizer and AR weights made `path` (by the header's
+    hashes), so that `vqdiff decompress FILE` needs no run named."""
+    try:
+        header = read_header(path.read_bytes())
+    except CompressError as e:
+        raise CompressError(f"{path}: {e}") from None
+    candidates = sorted(p for p in root.glob("*") if (p / "tokenizer" / "config.json").exists() and (p / "ar" / "config.json").exists())
+    for candidate in candidates:
+        try:
+            codec = Codec(candidate)
+        except Exception:  # a half-trained or broken run is simply not the one
+            continue
+        if codec.tokenizer_hash == header.tokenizer_hash and codec.ar_hash == header.ar_hash:
+            return codec
+    raise stages.StageError(
+        f"{path}: no run under {root}/ has the tokenizer and AR weights that made it "
+        f"(looked at {len(candidates)}); name it with --run RUN"
+    )
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ def pngs(run, tmp_path_factory):
     return sorted(folder.glob("*.png")), images
 
 
-def test_cli_round_trip_gives_the_tokenizer_reconstruction(run, pngs, tmp_path):
+def test_cli_round_trip_gives_the_tokenizer_reconstruction(run, pngs, tmp_path, monkeypatch):
     from recipes import stages
     from recipes.codec import pil_load
     from vqdiff.data import from_uint8, to_uint8
@@ -220,6 +220,18 @@ def test_cli_round_trip_gives_the_tokenizer_reconstruction(run, pngs, tmp_path):
     assert [p.stem for p in vqd] == [p.stem for p in files]
     assert all(read_header(p.read_bytes()).label == 1 for p in vqd)
     ok(invoke("decompress", run, *vqd, "--out", tmp_path / "png"))
+    # the form, FILES... --out DIR: --run names the run, or the run under runs/ whose weights match
+    ok(invoke("decompress", *vqd, "--out", tmp_path / "png-run", "--run", run))
+    cwd = tmp_path / "cwd"
+    (cwd / "runs").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    one_line_error(invoke("decompress", *vqd, "--out", tmp_path / "x"), "--run RUN")
+    (cwd / "runs" / "found").symlink_to(run)
+    ok(invoke("decompress", *vqd, "--out", tmp_path / "png-found"))
+    for name in ("png-run", "png-found"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(p.name for p in (tmp_path / "png").iterdir())
+        for p in (tmp_path / name).iterdir():
+            assert p.read_bytes() == (tmp_path / "png" / p.name).read_bytes()
     tokenizer = stages.load_tokenizer(run)
     expected = to_uint8(tokenizer.decode(tokenizer.encode(from_uint8(images))))
     for i, f in enumerate(files):
