@@ -529,9 +529,17 @@ def bench(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="JSON file. [default: runs/bench-<recipe>.json]")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Short timings (a smoke run, not a measurement).")] = False,
     device: DeviceOpt = None,
+    run: Annotated[Optional[Path], typer.Argument(help="With RECIPE = compress: the run whose codec is measured.")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="compress: test images (0 = all). [default: 1000]")] = None,
 ) -> None:
-    """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s."""
+    """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s.
+    `vqdiff bench compress RUN`: the run's codec against PNG, WebP and JPEG on the test split."""
     import json
+
+    if recipe == "compress":  # the coder runs on the CPU in fp32 by design, so --device does not apply
+        return codec.bench(run, out_path, num, quick)
+    if run is not None or num is not None:
+        fail("a run folder and --num are for `vqdiff bench compress RUN`")
 
     import torch
     from rich.table import Table
@@ -570,6 +578,11 @@ def bench(
             t.add_row("features", row["extractor"], str(row["batch"]), f"{row['images_per_second']:.1f}", "")
         out.print(t)
         out.print(f"bench -> {path}", soft_wrap=True)
+
+
+from recipes import codec  # noqa: E402  (compress, decompress: registered here, defined there)
+
+codec.register(app)
 
 
 def main() -> None:
