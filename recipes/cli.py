@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from recipes import stages
 from recipes.recipe import RecipeError, load_recipe
+from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
 
 app = typer.Typer(
     name="vqdiff",
@@ -244,7 +245,7 @@ def sample(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="AR: recompute every step without the KV cache.")] = False,
     choice_temperature: Annotated[
         float, typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences, MaskGIT's 4.5.")
-    ] = 4.5,
+    ] = DEFAULT_CHOICE_TEMPERATURE,
     device: DeviceOpt = None,
 ) -> None:
     """Sample images from a trained generator: PNGs, grid.png and (diffusion, --gif) trajectory.gif."""
@@ -261,7 +262,7 @@ def sample(
             console.print("note: --gif is for the diffusion generator; ignored")
         ctx = stages.Context(run, None, device)
         with progress_bar() as p:
-            result = stages.generate(ctx, spec, out=out_dir, gif=gif, on_batch=batch_logger(p, f"sample {generator}"))
+            result = stages.generate(ctx, spec, out=out_dir, gif=gif and generator == "diffusion", on_batch=batch_logger(p, f"sample {generator}"))
         out.print(
             f"{num} images from {generator} at {result.images_per_second:.1f} images/s "
             f"({result.forward_passes} forward passes each) -> {result.folder}",
@@ -406,10 +407,11 @@ def bench(
     from rich.table import Table
 
     from recipes.bench import run_bench
+    from vqdiff.checkpoint import default_device
 
     with edge():
         r = load_recipe(recipe, set_ or [])
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(device)
         result = run_bench(r, dev, quick=quick, progress=lambda what: console.print(f"bench: {what}..."))
         path = out_path or Path("runs") / f"bench-{r.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from vqdiff.nn import (
 from vqdiff.schedules import get_schedule
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
+DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences that pick the tokens to keep
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def _per_sample(x: Tensor) -> Tensor:
 
 @register_model("diffusion", DiffusionConfig)
 class DiffusionTransformer(nn.Module):
+    takes_steps = True  # the number of forward passes is the caller's choice
+
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -191,6 +194,36 @@ class DiffusionTransformer(nn.Module):
         i = (u * steps).floor().clamp(0, steps - 1) + 1
         return i / steps, (i - 1) / steps
 
+    def elbo(self, ids: Tensor, labels: Tensor | None, u: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One draw of the negative ELBO per grid, in nats per token: (float [b], x_t long [b h w]).
+
+        ids: long [b h w] in [0, k); u: float [b] in [0, 1), where the time is drawn (stratified by
+        the caller). The corruption's randomness comes from `generator` (None: the global RNG).
+        - `mask`: MDLM's continuous-time bound (Sahoo et al. 2024, eq. 10; Shi et al. 2024),
+          gamma'(t) / gamma(t) * sum_masked -log p(x0 | x_t) / n at t = u.
+        - `uniform`, `mask-and-replace`: the discrete-time D3PM bound with T = cfg.elbo_steps
+          (Austin et al. 2021, eq. 1), T * KL(q(x_s | x_t, x0) || p(x_s | x_t)) / n at the step
+          t = i/T, s = (i-1)/T that u falls in; the i = 1 term is -log p(x0 | x_{1/T}) and the prior
+          term is zero (q(x_1 | x0) is the prior exactly).
+        Both are comparable with the AR model's exact bits per token (the same data, / n).
+        """
+        cfg = self.cfg
+        n = cfg.grid_h * cfg.grid_w
+        flat = rearrange(ids, "b h w -> b (h w)")
+        if cfg.corruption == "mask":
+            t = u.clamp(1e-6, 1.0)
+            x_t = self.corrupt(ids, t, generator)
+            logits = self(x_t, labels, t).float()
+            ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), flat, reduction="none")  # [b n]
+            masked = rearrange(x_t, "b h w -> b (h w)") == self.mask_id
+            weight = self.schedule.dgamma(t) / self.schedule(t)  # [b]
+            return weight * (ce * masked).sum(1) / n, x_t
+        t, s = self._discrete_steps(u)
+        x_t = self.corrupt(ids, t, generator)
+        logits = self(x_t, labels, t).float()
+        kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), flat, logits, t, s)
+        return cfg.elbo_steps * kl.sum(1) / n, x_t
+
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Training loss in nats. batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional)}.
 
@@ -198,18 +231,15 @@ class DiffusionTransformer(nn.Module):
         """
         cfg = self.cfg
         ids = batch["ids"]
-        b = ids.shape[0]
-        n = cfg.grid_h * cfg.grid_w
         labels = train_labels(batch, cfg.num_classes, cfg.class_dropout)
-        u = self._stratified_t(b, ids.device)
-        if cfg.elbo_weighting and cfg.corruption != "mask":
-            # D3PM: T * KL at a uniformly drawn step i estimates the sum of the T terms
-            t, s = self._discrete_steps(u)
-            x_t = self.corrupt(ids, t)
-            logits = self(x_t, labels, t).float()
-            kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), rearrange(ids, "b h w -> b (h w)"), logits, t, s)
-            loss = (cfg.elbo_steps * kl.sum(1) / n).mean().float()
-            return loss, {"elbo_bits_per_token": loss.item() / math.log(2)}
+        u = self._stratified_t(ids.shape[0], ids.device)
+        if cfg.elbo_weighting:
+            nats, x_t = self.elbo(ids, labels, u)
+            loss = nats.mean().float()
+            logs = {"elbo_bits_per_token": loss.item() / math.log(2)}
+            if cfg.corruption == "mask":
+                logs["masked_fraction"] = (x_t == self.mask_id).float().mean().item()
+            return loss, logs
         t = u
         x_t = self.corrupt(ids, t)
         logits = self(x_t, labels, t).float()  # [b n k]
@@ -219,57 +249,26 @@ class DiffusionTransformer(nn.Module):
             return loss, {"ce": loss.item()}
         # loss only on masked positions: elsewhere the target is the input (MaskGIT Sec. 3.2)
         masked = (rearrange(x_t, "b h w -> b (h w)") == self.mask_id).float()
-        logs = {"masked_fraction": masked.mean().item()}
-        if cfg.elbo_weighting:
-            # MDLM continuous-time bound: E_t[gamma'(t) / gamma(t) * sum_masked -log p] / n
-            weight = self.schedule.dgamma(t) / self.schedule(t)  # [b]
-            loss = (weight * (ce * masked).sum(1)).mean() / n
-            logs["elbo_bits_per_token"] = loss.item() / math.log(2)
-        else:
-            loss = (ce * masked).sum() / masked.sum().clamp_min(1)
-            logs["ce_masked"] = loss.item()
-        return loss, logs
+        loss = (ce * masked).sum() / masked.sum().clamp_min(1)
+        return loss, {"masked_fraction": masked.mean().item(), "ce_masked": loss.item()}
 
     @torch.no_grad()
     def bits_per_token(self, batch: dict[str, Tensor], generator: torch.Generator | None = None, *, samples: int = 8) -> dict:
-        """An upper bound (negative ELBO) on -log2 p(ids) per token, averaged over the batch.
+        """An upper bound (negative ELBO, see `elbo`) on -log2 p(ids) per token, averaged over the batch,
+        with `samples` stratified draws of the time per grid.
 
         batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional, used when the model
         is class-conditional)}. All randomness (t and the corruption) comes from `generator`.
-
-        - `mask`: MDLM's continuous-time bound (Sahoo et al. 2024, eq. 10; Shi et al. 2024)
-          E_t[gamma'(t) / gamma(t) * sum_masked -log p(x0 | x_t)] / n, with `samples` stratified
-          draws of t per grid.
-        - `uniform`, `mask-and-replace`: the discrete-time D3PM bound with T = cfg.elbo_steps
-          (Austin et al. 2021, eq. 1): sum_{i=1..T} E KL(q(x_{s} | x_t, x0) || p(x_s | x_t)),
-          t = i/T, s = (i-1)/T, the i = 1 term being -log p(x0 | x_{1/T}) and the prior term zero
-          (q(x_1 | x0) is the prior exactly). Estimated as T * KL at `samples` stratified steps.
-        Both are comparable with the AR model's exact bits per token (the same data, log2, / n).
         """
         cfg = self.cfg
         device = self.device
         ids = batch["ids"].to(device)
         labels = batch.get("labels") if cfg.num_classes > 0 else None
         labels = labels.to(device).long() if labels is not None else None
-        b, n = ids.shape[0], cfg.grid_h * cfg.grid_w
-        flat = rearrange(ids, "b h w -> b (h w)")
-        total = torch.zeros(b, dtype=torch.float64, device=device)  # nats per token, summed over samples
+        total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)  # nats per token, summed over samples
         for j in range(samples):
-            u = (j + rand((b,), device=device, generator=generator)) / samples  # stratum j of [0, 1)
-            if cfg.corruption == "mask":
-                t = u.clamp(1e-6, 1.0)
-                x_t = self.corrupt(ids, t, generator)
-                logits = self(x_t, labels, t).float()
-                ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), flat, reduction="none")  # [b n]
-                masked = rearrange(x_t, "b h w -> b (h w)") == self.mask_id
-                weight = self.schedule.dgamma(t) / self.schedule(t)
-                total += (weight * (ce * masked).sum(1)).double() / n
-            else:
-                t, s = self._discrete_steps(u)
-                x_t = self.corrupt(ids, t, generator)
-                logits = self(x_t, labels, t).float()
-                kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), flat, logits, t, s)
-                total += cfg.elbo_steps * kl.sum(1) / n
+            u = (j + rand((ids.shape[0],), device=device, generator=generator)) / samples  # stratum j of [0, 1)
+            total += self.elbo(ids, labels, u, generator)[0].double()
         nats = (total / samples).mean().item()
         if cfg.corruption == "mask":
             estimator = f"MDLM continuous-time ELBO, {samples} stratified t per grid"
@@ -302,31 +301,23 @@ class DiffusionTransformer(nn.Module):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
-        choice_temperature: float = 4.5,
+        **options: Any,
     ) -> Tensor:
         """Sample n grids in exactly `steps` forward passes: long [n h w] in [0, k).
-
-        `choice_temperature` (mask corruption only) scales the Gumbel noise on the confidences
-        that pick which tokens to keep; MaskGIT's default is 4.5. Without it, confidence-based
-        decoding keeps only the most likely tokens and the samples lose diversity (low recall).
 
         temperature >= 0 (0 = argmax). labels: long [n] or one int, in [0, num_classes); None
         samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
         callback(step_index, ids long [n h w]) is called after every step (still-masked positions
-        hold mask_id = k), e.g. to record the trajectory.
+        hold mask_id = k), e.g. to record the trajectory. `options` go to the corruption's sampler
+        (see `_sampler`); an option it does not take is a TypeError.
         """
-        if steps < 1:
+        if steps is None or steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         cfg = self.cfg
         labels = sample_labels(labels, n, cfg.num_classes, self.device)
         labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
-        sampler = {
-            "mask": self._sample_mask,
-            "uniform": self._sample_uniform,
-            "mask-and-replace": self._sample_mask_and_replace,
-        }[cfg.corruption]
 
         def denoise(x: Tensor, t: float) -> Tensor:
             return self._denoise(x, labels, guided, cfg_scale, t)
@@ -335,14 +326,33 @@ class DiffusionTransformer(nn.Module):
             if callback is not None:
                 callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
 
-        if cfg.corruption == "mask":
-            sampler = functools.partial(sampler, choice_temperature=choice_temperature)
-        x = sampler(n, steps, temperature, denoise, generator, report)
+        x = self._sampler(**options)(n, steps, temperature, denoise, generator, report)
         return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
 
+    def _sampler(self, **options: Any) -> Callable[..., Tensor]:
+        """The sampler of this corruption with its options bound: a function
+        (n, steps, temperature, denoise, generator, report) -> ids long [n N].
+
+        - `mask`: MaskGIT, option `choice_temperature` (DEFAULT_CHOICE_TEMPERATURE), the scale of the
+          Gumbel noise on the confidences; without it confidence-based decoding keeps only the most
+          likely tokens and the samples lose diversity (low recall);
+        - `uniform`: x0-posterior refinement, no options;
+        - `mask-and-replace`: the VQ-Diffusion posterior, no options.
+        """
+        sampler = {
+            "mask": self._sample_mask,
+            "uniform": self._sample_uniform,
+            "mask-and-replace": self._sample_mask_and_replace,
+        }[self.cfg.corruption]
+        if self.cfg.corruption != "mask":
+            # MaskGIT's option has no meaning here: accept its default (callers pass it blindly), refuse the rest
+            options.pop("choice_temperature", None)
+        return functools.partial(sampler, **options)
+
     def _sample_mask(
-        self, n: int, steps: int, temperature: float, denoise, generator, report, choice_temperature: float = 4.5
-    ) -> Tensor:
+        self, n: int, steps: int, temperature: float, denoise, generator, report,
+        choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
+    ) -> Tensor:  # fmt: skip
         """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
         temperature at the masked positions, then re-mask the floor(gamma(1 - (i+1)/steps) * N)
         least confident of them. Confidence is log p of the sampled id plus Gumbel noise annealed

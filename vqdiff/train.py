@@ -15,7 +15,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,9 +24,11 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from vqdiff.schedules import warmup_cosine
 from vqdiff.checkpoint import (
     CheckpointError,
     config_to_dict,
+    default_device,
     load_train_state,
     save_model,
     save_train_state,
@@ -124,12 +125,8 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from lr to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio (`schedules.warmup_cosine`)."""
+    return warmup_cosine(step, steps=cfg.steps, warmup=cfg.warmup_steps, peak=cfg.lr, floor_ratio=cfg.min_lr_ratio)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -192,7 +189,7 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     model = unwrap(model).to(device)
     amp = autocast_dtype(cfg.precision, device)
     opt = make_optimizer(model, cfg, device)

@@ -1,0 +1,187 @@
+"""`vqdiff sample`: name the folder, ask `vqdiff.pipeline` for the images, write the files.
+
+A samples folder holds exactly what its `sample.json` describes: the PNGs, grid.png,
+ids.safetensors and (with a GIF) trajectory.gif of one call. A folder whose sample.json records the
+same inputs is reused; any other content is replaced, never added to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.images import save_grid, save_pngs, save_trajectory_gif
+from recipes.run import GENERATORS, Run, StageError, sync
+from vqdiff.checkpoint import write_json
+from vqdiff.data import load_tokens, save_tokens
+from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
+from vqdiff.pipeline import decode, draw_labels, sample_images
+
+GIF_SAMPLES = 16  # the trajectory GIF shows the first 16 samples of the first batch
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    generator: str
+    num: int = 64
+    temperature: float = 1.0
+    steps: int = 8  # diffusion forward passes; AR takes one per token
+    seed: int = 0
+    top_k: int | None = None
+    top_p: float | None = None
+    class_: int | None = None  # None: random classes for a conditional model
+    cfg: float = 1.0
+    prefix_rows: int = 0
+    batch_size: int = 64
+    use_cache: bool = True
+    choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # diffusion, mask corruption (MaskGIT)
+
+    def validate(self) -> None:
+        if self.generator not in GENERATORS:
+            raise StageError(f"unknown generator {self.generator!r}; choose ar or diffusion")
+        if not self.temperature > 0:
+            raise StageError(f"temperature must be > 0, got {self.temperature}")
+        if self.steps < 1:
+            raise StageError(f"steps must be >= 1, got {self.steps}")
+        if self.num < 1:
+            raise StageError(f"num must be >= 1, got {self.num}")
+        if self.batch_size < 1:
+            raise StageError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.top_k is not None and self.top_k < 1:
+            raise StageError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise StageError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not self.cfg > 0:
+            raise StageError(f"cfg must be > 0 (1 = no guidance), got {self.cfg}")
+        if self.choice_temperature < 0:
+            raise StageError(f"choice temperature must be >= 0, got {self.choice_temperature}")
+        if self.prefix_rows < 0:
+            raise StageError(f"prefix rows must be >= 0, got {self.prefix_rows}")
+        if self.generator == "diffusion" and (self.top_k is not None or self.top_p is not None or self.prefix_rows):
+            raise StageError("--top-k, --top-p and --prefix-rows are for the ar generator")
+
+    def options(self) -> dict[str, Any]:
+        """The generator's own sampling options that differ from their defaults (`prefix` aside)."""
+        defaults = SampleSpec(self.generator)
+        names = ("top_k", "top_p", "use_cache", "choice_temperature")
+        return {k: getattr(self, k) for k in names if getattr(self, k) != getattr(defaults, k)}
+
+    def folder_name(self, forward_passes: int) -> str:
+        name = f"{self.generator}-t{self.temperature:g}-s{forward_passes}"
+        extras = []
+        if self.top_k is not None:
+            extras.append(f"k{self.top_k}")
+        if self.top_p is not None:
+            extras.append(f"p{self.top_p:g}")
+        if self.class_ is not None:
+            extras.append(f"c{self.class_}")
+        if self.cfg != 1.0:
+            extras.append(f"g{self.cfg:g}")
+        if self.prefix_rows:
+            extras.append(f"r{self.prefix_rows}")
+        if not self.use_cache:
+            extras.append("nocache")
+        if self.choice_temperature != DEFAULT_CHOICE_TEMPERATURE:
+            extras.append(f"ct{self.choice_temperature:g}")
+        return "-".join([name, *extras])
+
+
+@dataclass
+class Samples:
+    ids: torch.Tensor  # long [n h w]
+    images: torch.Tensor  # float [n c H W] in [-1, 1]
+    seconds: float  # generation + decoding
+    forward_passes: int  # per image
+    folder: Path
+    key: dict[str, Any]  # the inputs that produced them (spec, weights hashes), as in sample.json
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.ids) / max(self.seconds, 1e-9)
+
+
+def generate(run: Run, spec: SampleSpec, *, out: Path | None = None, gif: bool = False, on_batch=None) -> Samples:
+    """Sample `spec.num` images into RUN/samples/GENERATOR-tTEMP-sSTEPS/ (or `out`).
+
+    Writes the PNGs, grid.png, ids.safetensors and sample.json; with `gif`, trajectory.gif. A folder
+    whose sample.json records the same inputs (spec, generator and tokenizer weights) is reused.
+    """
+    spec.validate()
+    device = run.torch_device
+    model = run.load_generator(spec.generator, device)
+    tokenizer = run.load_tokenizer(device)
+    cfg = model.cfg
+    if spec.class_ is not None:
+        if cfg.num_classes == 0:
+            raise StageError(f"the {spec.generator} generator is unconditional; --class needs conditional = true")
+        if not 0 <= spec.class_ < cfg.num_classes:
+            raise StageError(f"--class must be in [0, {cfg.num_classes}), got {spec.class_}")
+    if spec.prefix_rows >= cfg.grid_h:
+        raise StageError(f"--prefix-rows must be < the grid height {cfg.grid_h}, got {spec.prefix_rows}")
+    if spec.choice_temperature != DEFAULT_CHOICE_TEMPERATURE and not model.takes_steps:
+        raise StageError("--choice-temperature is for the diffusion generator")
+    steps = spec.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
+    passes = model.forward_passes(steps)
+    folder = out or run.samples_dir / spec.folder_name(passes)
+    key = {
+        "spec": asdict(spec),
+        "generator_hash": run.weights_hash(spec.generator),
+        "tokenizer_hash": run.tokenizer_hash,
+        "gif": gif,
+    }
+    old = run.fresh(folder / "sample.json", key)
+    if old is not None and (folder / "ids.safetensors").exists():
+        ids, _ = load_tokens(folder / "ids.safetensors")
+        return Samples(ids, decode(tokenizer, ids), old["seconds"], old["forward_passes"], folder, key)
+
+    options = spec.options()
+    if spec.prefix_rows:
+        from recipes.stages import ensure_tokens
+
+        ensure_tokens(run)
+        test_ids, _ = load_tokens(run.tokens_file("test"))
+        if len(test_ids) < spec.num:
+            raise StageError(f"--prefix-rows takes prefixes from {len(test_ids)} test grids; ask for at most that many")
+        options["prefix"] = test_ids[: spec.num, : spec.prefix_rows]
+    if spec.class_ is not None:
+        labels = torch.full((spec.num,), spec.class_, dtype=torch.long)
+    else:
+        labels = draw_labels(cfg.num_classes, spec.num, spec.seed)
+    frames: list[torch.Tensor] = []
+
+    def record(start: int, step: int, ids: torch.Tensor) -> None:
+        if start == 0:
+            frames.append(ids[:GIF_SAMPLES].cpu())
+
+    # the folder is about to hold other samples: its marker goes first, so a kill leaves no stale claim
+    (folder / "sample.json").unlink(missing_ok=True)
+    sync(device)
+    t0 = time.perf_counter()
+    ids, images = sample_images(
+        model, tokenizer, spec.num, steps=steps, temperature=spec.temperature, labels=labels, cfg_scale=spec.cfg,
+        seed=spec.seed, batch_size=spec.batch_size, callback=record if gif else None, on_batch=on_batch, **options,
+    )  # fmt: skip
+    sync(device)
+    seconds = time.perf_counter() - t0
+
+    save_pngs(images, folder)
+    save_grid(images[:64], folder / "grid.png", nrow=8)
+    (folder / "trajectory.gif").unlink(missing_ok=True)
+    if frames:
+        save_trajectory_gif(tokenizer, frames, folder / "trajectory.gif")
+    (folder / "metrics.json").unlink(missing_ok=True)  # FID of the samples that were here
+    save_tokens(folder / "ids.safetensors", ids, labels if labels is not None else torch.zeros(len(ids)), cfg.codebook_size)
+    record_json = {
+        "key": key,
+        "seconds": seconds,
+        "images_per_second": len(ids) / max(seconds, 1e-9),
+        "forward_passes": passes,
+        "device": str(device),
+        "num": spec.num,  # the PNGs beside it: 000000.png to {num - 1:06d}.png
+    }
+    write_json(folder / "sample.json", record_json)  # last: its presence means the folder is complete
+    return Samples(ids, images, seconds, passes, folder, key)
