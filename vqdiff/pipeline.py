@@ -192,4 +192,6 @@ def sample_images(
         generator, n, steps=steps, temperature=temperature, labels=labels, cfg_scale=cfg_scale, seed=seed,
         batch_size=batch_size, callback=callback, on_batch=on_batch, **options,
     )  # fmt: skip
-    return ids, decode(tokenizer, ids, batch_size)
+    # decoded in decode's own batches, not the sampling ones: the same ids give the same pixels to the
+    # last bit whoever decodes them (batched convolutions round differently for other batch sizes)
+    return ids, decode(tokenizer, ids)
