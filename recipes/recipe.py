@@ -69,6 +69,12 @@ class TokenizerExtras:
     kind: str = "vqvae"  # vqvae: trained here | diffusers: a pretrained diffusers VQModel, not trained
     pretrained: str = ""  # kind = "diffusers": a local folder (save_pretrained) or a Hub id (online)
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("vqvae", "diffusers"):
+            raise ValueError(f"kind must be vqvae or diffusers, got {self.kind!r}")
+        if self.kind == "diffusers" and not self.pretrained:
+            raise ValueError('kind = "diffusers" needs pretrained = a folder written by VQModel.save_pretrained, or a Hub id')
+
 
 # the schema of each section: its dataclasses, whose fields and defaults are the section's keys
 SCHEMAS: dict[str, tuple[type, ...]] = {
@@ -247,6 +253,7 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)  # validate now, not after an hour of training
     recipe.data
+    recipe.build(TokenizerExtras, "tokenizer")
     recipe.build(EvaluateSection, "evaluate")
     return recipe
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vqdiff.checkpoint import write_json
+from vqdiff.checkpoint import atomic_write, write_json
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -125,6 +125,5 @@ def write_report(report: dict[str, Any], report_dir: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = write_plots(report, report_dir)
     write_json(report_dir / "report.json", report)
-    tmp = report_dir / ".report.md.tmp"
-    tmp.write_text(markdown(report, report_dir))
-    tmp.replace(report_dir / "report.md")
+    text = markdown(report, report_dir)
+    atomic_write(report_dir / "report.md", lambda tmp: Path(tmp).write_text(text))

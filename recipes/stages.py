@@ -61,7 +61,12 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
         if pretrained:
             from vqdiff.pretrained import DiffusersTokenizer
 
-            model = DiffusersTokenizer.from_pretrained(extras["pretrained"], channels=train_set.channels, image_size=train_set.image_size)
+            try:
+                model = DiffusersTokenizer.from_pretrained(
+                    extras["pretrained"], channels=train_set.channels, image_size=train_set.image_size
+                )
+            except ValueError as e:
+                raise StageError(f"[tokenizer] {e}") from None
             save_model(model, folder, extra={"trained_steps": 0})
             step, resumed_from = 0, 0
         else:

@@ -52,7 +52,7 @@ def _ensure_registry() -> None:
     # the models register themselves on import; import them lazily to avoid cycles
     import importlib
 
-    for mod in ("vqdiff.tokenizer", "vqdiff.ar", "vqdiff.diffusion", "vqdiff.hub"):
+    for mod in ("vqdiff.tokenizer", "vqdiff.ar", "vqdiff.diffusion", "vqdiff.pretrained"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # a module not written yet is not an error here
