@@ -76,6 +76,23 @@ def test_sample_folder_holds_exactly_its_samples(run, tmp_path):
     assert len(load_tokens(folder / "ids.safetensors")[0]) == 3
 
 
+def test_readme_notebook_block_runs(run, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- notebook -->")[1].split("<!-- /notebook -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 6
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (8 * 32 + 9 * 2, 8 * 32 + 9 * 2)  # 64 images of 32 px, 2 px padding
+
+
 def test_sample_ar_options(run):
     result = ok(invoke("sample", run, "-g", "ar", "-n", 4, "--steps", 5, "--top-k", 3, "--class", 1, "--cfg", 2.0))
     assert "ignores --steps" in result.output
