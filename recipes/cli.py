@@ -246,16 +246,28 @@ def sample(
     choice_temperature: Annotated[
         float, typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences, MaskGIT's 4.5.")
     ] = DEFAULT_CHOICE_TEMPERATURE,
+    sampler: Annotated[
+        Optional[str],
+        typer.Option("--sampler", help="Diffusion (mask): maskgit | ancestral | halton. [default: the recipe's diffusion.sampler]"),
+    ] = None,
+    eta: Annotated[
+        Optional[float], typer.Option("--eta", help="Diffusion, ancestral sampler: ReMDM remasking in [0, 1]. [default: the recipe's]")
+    ] = None,
     device: DeviceOpt = None,
 ) -> None:
     """Sample images from a trained generator: PNGs, grid.png and (diffusion, --gif) trajectory.gif."""
     with edge():
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
+        diffusion_section = stages.read_run_recipe(run)["diffusion"] if (run / "recipe.toml").exists() else {}
+        if sampler is None:
+            sampler = diffusion_section.get("sampler", "maskgit")
+        if eta is None:
+            eta = diffusion_section.get("eta", 0.0) if sampler == "ancestral" else 0.0
         spec = stages.SampleSpec(
             generator=generator, num=num, temperature=temperature, steps=steps if steps is not None else 8, seed=seed,
             top_k=top_k, top_p=top_p, class_=class_, cfg=cfg, prefix_rows=prefix_rows, batch_size=batch_size,
-            use_cache=not no_cache, choice_temperature=choice_temperature,
+            use_cache=not no_cache, choice_temperature=choice_temperature, sampler=sampler, eta=eta,
         )  # fmt: skip
         spec.validate()
         if gif and generator != "diffusion":
@@ -305,8 +317,10 @@ def print_report(report: dict) -> None:
     out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
 
 
-def _evaluate(ctx: "stages.Context", opts: "stages.EvalOptions") -> dict:
+def _evaluate(ctx: "stages.Context", opts: "stages.EvalOptions", checkpoints: bool = False) -> dict:
     with progress_bar() as p:
+        if checkpoints:  # first, so that the report shows the learning curves
+            stages.learning_curve(ctx, opts, bars=lambda d: batch_logger(p, d))
         report = stages.evaluate(ctx, opts, bars=lambda d: batch_logger(p, d))
     print_report(report)
     return report
@@ -331,6 +345,19 @@ def evaluate(
     extractor: ExtractorOpt = None,
     inception_weights: InceptionOpt = None,
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for conditional generators.")] = None,
+    sampler: Annotated[
+        Optional[str],
+        typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
+    ] = None,
+    eta: Annotated[Optional[float], typer.Option("--eta", help="ReMDM remasking for the ancestral sampler, in [0, 1].")] = None,
+    checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoints",
+            help="Also measure the weights kept every keep_every steps: FID against training steps and time "
+            "for both generators (report/curve.json, learning_curve.png).",
+        ),
+    ] = False,
     data_root: DataRootOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -347,8 +374,10 @@ def evaluate(
             extractor=extractor,
             inception_weights=inception_weights,
             cfg=cfg,
+            samplers=_csv(sampler, str, "--sampler"),
+            eta=eta,
         )
-        _evaluate(ctx, opts)
+        _evaluate(ctx, opts, checkpoints)
 
 
 @app.command("run")
@@ -385,7 +414,7 @@ def run_all(
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
         t = time.perf_counter()
-        _evaluate(ctx, opts)
+        _evaluate(ctx, opts, checkpoints=any(r[g]["keep_every"] > 0 for g in opts.generators))
         timings["evaluate"] = time.perf_counter() - t
         total = time.perf_counter() - t0
         parts = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())

@@ -52,6 +52,8 @@ class EvaluateSection:
     seed: int = 0
     gif_steps: int = 16  # steps of the diffusion trajectory GIF in the report
     classifier_steps: int = 0  # training steps of the classifier extractor (0 = its fixed default recipe)
+    curve_steps: int = 16  # diffusion sampling steps of the learning curves (evaluate --checkpoints)
+    samplers: tuple[str, ...] = ()  # diffusion samplers to compare (mask corruption); () = the diffusion section's `sampler`
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class GeneratorExtras:
 
     conditional: bool = True  # class-conditional (with CFG) when the dataset has labels
     eval_grids: int = 2000  # test grids for bits per token after training (0 = all)
+
+
+@dataclass(frozen=True)
+class DiffusionExtras:
+    """Sampling defaults of the diffusion section (not part of the model: a run can sample either way)."""
+
+    sampler: str = "maskgit"  # maskgit | ancestral | halton (mask corruption; see vqdiff.diffusion)
+    eta: float = 0.0  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
 
 
 @dataclass(frozen=True)
@@ -81,13 +91,14 @@ SCHEMAS: dict[str, tuple[type, ...]] = {
     "data": (DataSection,),
     "tokenizer": (TokenizerExtras, TrainConfig),  # + TokenizerConfig, from the model registry
     "ar": (GeneratorExtras, TrainConfig),  # + ARConfig
-    "diffusion": (GeneratorExtras, TrainConfig),  # + DiffusionConfig
+    "diffusion": (DiffusionExtras, GeneratorExtras, TrainConfig),  # + DiffusionConfig
     "evaluate": (EvaluateSection,),
 }
 # kept for code that read the defaults as dicts
 DATA_DEFAULTS: dict[str, Any] = config_defaults(DataSection)
 EVALUATE_DEFAULTS: dict[str, Any] = config_defaults(EvaluateSection)
 GENERATOR_EXTRAS: dict[str, Any] = config_defaults(GeneratorExtras)
+DIFFUSION_EXTRAS: dict[str, Any] = config_defaults(DiffusionExtras)
 # filled in from the tokenizer and the dataset, not from the recipe (the recipe may state them; they are checked)
 DERIVED = {"tokenizer": ("channels", "image_size"), "ar": ("codebook_size", "grid_h", "grid_w", "num_classes")}
 DERIVED["diffusion"] = DERIVED["ar"]
@@ -255,7 +266,18 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
     recipe.data
     recipe.build(TokenizerExtras, "tokenizer")
     recipe.build(EvaluateSection, "evaluate")
+    check_samplers(sections["diffusion"]["sampler"], sections["evaluate"]["samplers"], sections["diffusion"]["eta"])
     return recipe
+
+
+def check_samplers(sampler: str, samplers: list[str], eta: float) -> None:
+    from vqdiff.diffusion import MASK_SAMPLERS
+
+    for s in [sampler, *samplers]:
+        if s not in MASK_SAMPLERS:
+            raise RecipeError(f"unknown diffusion sampler {s!r}; choose from {', '.join(MASK_SAMPLERS)}")
+    if not 0 <= eta <= 1:
+        raise RecipeError(f"diffusion.eta = {eta}: must be in [0, 1]")
 
 
 def _same_type(default: Any, value: Any) -> bool:

@@ -18,8 +18,22 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 
 def setting(r: dict[str, Any]) -> str:
-    s = f"{r['generator']} t={r['temperature']:g}"
+    s = r["generator"] + (f" {r['sampler']}" if r.get("sampler") else "") + f" t={r['temperature']:g}"
     return s + (f" s={r['steps']}" if r.get("steps") else "")
+
+
+def best_sentence(results: list[dict[str, Any]]) -> list[str]:
+    """One sentence naming the best diffusion setting by FID (with its recall) against AR's best."""
+    diff = [r for r in results if r["generator"] == "diffusion"]
+    ar = [r for r in results if r["generator"] == "ar"]
+    if not diff:
+        return []
+    d = min(diff, key=lambda r: r["fid"])
+    text = f"**Best diffusion setting: {setting(d)}**, FID {_fmt(d['fid'])} (recall {_fmt(d.get('recall'), 3)})"
+    if ar:
+        a = min(ar, key=lambda r: r["fid"])
+        text += f", against the best AR setting {setting(a)}: FID {_fmt(a['fid'])} (recall {_fmt(a.get('recall'), 3)})"
+    return [text + ".", ""]
 
 
 def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
@@ -32,14 +46,21 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     plots = {}
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    # FID against steps: one line per temperature for diffusion; AR (no steps) as dashed levels
+    # FID against steps: one line per (sampler, temperature) for diffusion; AR (no steps) as dashed levels
     fig, ax = plt.subplots(figsize=(6, 4))
     temps = sorted({r["temperature"] for r in results})
+    samplers = sorted({r.get("sampler") for r in results if r["generator"] == "diffusion"}, key=str)
+    styles = ["o-", "s-", "^-", "D-"]
     for i, t in enumerate(temps):
         c = colours[i % len(colours)]
-        diff = sorted((r for r in results if r["generator"] == "diffusion" and r["temperature"] == t), key=lambda r: r["steps"])
-        if diff:
-            ax.plot([r["steps"] for r in diff], [r["fid"] for r in diff], "o-", color=c, label=f"diffusion t={t:g}")
+        for j, sm in enumerate(samplers):
+            diff = sorted(
+                (r for r in results if r["generator"] == "diffusion" and r["temperature"] == t and r.get("sampler") == sm),
+                key=lambda r: r["steps"],
+            )
+            if diff:
+                label = "diffusion" + (f" {sm}" if sm else "") + f" t={t:g}"
+                ax.plot([r["steps"] for r in diff], [r["fid"] for r in diff], styles[j % len(styles)], color=c, label=label)
         for r in results:
             if r["generator"] == "ar" and r["temperature"] == t:
                 ax.axhline(r["fid"], color=c, ls="--", label=f"ar t={t:g} ({r['forward_passes']} passes)")
@@ -61,6 +82,39 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     ax.set_xlabel(f"images/s ({report['device']}, generation + decoding)")
     plots["fid_vs_speed"] = _save(fig, ax, report, report_dir, "FID against speed", "fid_vs_speed.png")
     return plots
+
+
+def plot_curve(curve: dict[str, Any], report_dir: Path, *, dataset: str) -> str:
+    """Learning curves: FID against training steps and against training wall time, one line per
+    generator, recall as a dotted line on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, x, xlabel in zip(axes, ("step", "train_seconds"), ("training steps", "training wall time (s)")):
+        twin = ax.twinx()
+        for i, g in enumerate(("ar", "diffusion")):
+            pts = sorted((p for p in curve["points"] if p["generator"] == g), key=lambda p: p["step"])
+            if pts:
+                ax.plot([p[x] for p in pts], [p["fid"] for p in pts], "o-", color=colours[i], label=f"{g} FID")
+                twin.plot([p[x] for p in pts], [p["recall"] for p in pts], ":", color=colours[i], label=f"{g} recall")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"FID ({curve['extractor']})")
+        twin.set_ylabel("recall")
+        twin.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="upper left")
+        twin.legend(fontsize=8, loc="upper right")
+    fig.suptitle(
+        f"{dataset}: learning curves ({curve['num_samples']} samples; diffusion {curve['diffusion_sampler']}, "
+        f"{curve['diffusion_steps']} steps)"
+    )
+    fig.tight_layout()
+    fig.savefig(report_dir / "learning_curve.png", dpi=120)
+    plt.close(fig)
+    return "learning_curve.png"
 
 
 def _save(fig, ax, report: dict[str, Any], report_dir: Path, title: str, name: str) -> str:
@@ -86,6 +140,7 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     lines = [
         f"# vqdiff report: {report['recipe']} ({report['dataset']})",
         "",
+        *best_sentence(report["results"]),
         f"- Feature extractor: **{report['extractor']}** (hash `{report['extractor_hash']}`)"
         + (f", test accuracy {report['extractor_info']['test_accuracy']:.4f}" if "test_accuracy" in report.get("extractor_info", {}) else ""),
         f"- Samples per setting: {report['num_samples']}, against {report['reference']}",
@@ -98,17 +153,19 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     lines += [
         f"- Device: {report['device']}; classifier-free guidance scale {report['cfg']:g}",
         "",
-        "| generator | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| generator | sampler | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["results"]:
         kid = r.get("kid")
         lines.append(
-            f"| {r['generator']} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
+            f"| {r['generator']} | {r.get('sampler') or '–'} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
             f"{_fmt(kid, 3)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r.get('isc'))} | "
             f"{_fmt(r['images_per_second'], 1)} |"
         )
     lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]
+    if (report_dir / "learning_curve.png").exists():
+        lines += ["## Learning curves", "", "![learning curves](learning_curve.png)", ""]
     lines += ["## Samples", ""]
     shown = set()
     for r in report["results"]:

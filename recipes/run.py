@@ -124,14 +124,17 @@ class Run:
 
     # ------------------------------------------------------------ hashes and caches
 
-    def weights_hash(self, kind: str) -> str:
-        """sha256 of RUN/kind/model.safetensors (short hex), memoised while the file is unchanged."""
-        path = self.weights(kind)
-        stat = path.stat()
-        memo = (kind, stat.st_mtime_ns, stat.st_size)
+    def file_hash(self, path: Path) -> str:
+        """sha256 of a weights file (short hex), memoised while the file is unchanged."""
+        stat = Path(path).stat()
+        memo = (str(path), stat.st_mtime_ns, stat.st_size)
         if memo not in self._hashes:
             self._hashes[memo] = file_digest(path)
         return self._hashes[memo]
+
+    def weights_hash(self, kind: str) -> str:
+        """sha256 of RUN/kind/model.safetensors."""
+        return self.file_hash(self.weights(kind))
 
     @property
     def tokenizer_hash(self) -> str:

@@ -16,9 +16,9 @@ import torch
 
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.run import GENERATORS, Run, StageError, sync
-from vqdiff.checkpoint import write_json
+from vqdiff.checkpoint import load_tensors, write_json
 from vqdiff.data import load_tokens, save_tokens
-from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
+from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE, MASK_SAMPLERS
 from vqdiff.pipeline import decode, draw_labels, sample_images
 
 GIF_SAMPLES = 16  # the trajectory GIF shows the first 16 samples of the first batch
@@ -39,6 +39,8 @@ class SampleSpec:
     batch_size: int = 64
     use_cache: bool = True
     choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # diffusion, mask corruption (MaskGIT)
+    sampler: str = "maskgit"  # diffusion, mask corruption: maskgit | ancestral | halton
+    eta: float = 0.0  # diffusion, ancestral sampler: ReMDM remasking
 
     def validate(self) -> None:
         if self.generator not in GENERATORS:
@@ -61,14 +63,21 @@ class SampleSpec:
             raise StageError(f"choice temperature must be >= 0, got {self.choice_temperature}")
         if self.prefix_rows < 0:
             raise StageError(f"prefix rows must be >= 0, got {self.prefix_rows}")
-        if self.generator == "diffusion" and (self.top_k is not None or self.top_p is not None or self.prefix_rows):
-            raise StageError("--top-k, --top-p and --prefix-rows are for the ar generator")
+        if self.generator == "diffusion" and self.prefix_rows:
+            raise StageError("--prefix-rows is for the ar generator")
+        if self.sampler not in MASK_SAMPLERS:
+            raise StageError(f"unknown sampler {self.sampler!r}; choose from {', '.join(MASK_SAMPLERS)}")
+        if not 0 <= self.eta <= 1:
+            raise StageError(f"eta must be in [0, 1], got {self.eta}")
+        if self.eta and self.sampler != "ancestral":
+            raise StageError("--eta (remasking) is for the ancestral sampler")
 
-    def options(self) -> dict[str, Any]:
-        """The generator's own sampling options that differ from their defaults (`prefix` aside)."""
+    def options(self, takes: tuple[str, ...]) -> dict[str, Any]:
+        """The sampling options among `takes` (a generator's `sample_options`) that differ from their
+        defaults; the others have no meaning for that generator and are left out, as they always were."""
         defaults = SampleSpec(self.generator)
-        names = ("top_k", "top_p", "use_cache", "choice_temperature")
-        return {k: getattr(self, k) for k in names if getattr(self, k) != getattr(defaults, k)}
+        names = ("top_k", "top_p", "use_cache", "choice_temperature", "sampler", "eta")
+        return {k: getattr(self, k) for k in names if k in takes and getattr(self, k) != getattr(defaults, k)}
 
     def folder_name(self, forward_passes: int) -> str:
         name = f"{self.generator}-t{self.temperature:g}-s{forward_passes}"
@@ -85,7 +94,11 @@ class SampleSpec:
             extras.append(f"r{self.prefix_rows}")
         if not self.use_cache:
             extras.append("nocache")
-        if self.choice_temperature != DEFAULT_CHOICE_TEMPERATURE:
+        if self.generator == "diffusion" and self.sampler != "maskgit":
+            extras.append(self.sampler)  # maskgit keeps the names of the folders written before samplers
+        if self.generator == "diffusion" and self.eta:
+            extras.append(f"eta{self.eta:g}")
+        if self.generator == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != DEFAULT_CHOICE_TEMPERATURE:
             extras.append(f"ct{self.choice_temperature:g}")
         return "-".join([name, *extras])
 
@@ -104,15 +117,22 @@ class Samples:
         return len(self.ids) / max(self.seconds, 1e-9)
 
 
-def generate(run: Run, spec: SampleSpec, *, out: Path | None = None, gif: bool = False, on_batch=None) -> Samples:
+def generate(
+    run: Run, spec: SampleSpec, *, out: Path | None = None, gif: bool = False, on_batch=None, snapshot: Path | None = None
+) -> Samples:
     """Sample `spec.num` images into RUN/samples/GENERATOR-tTEMP-sSTEPS/ (or `out`).
 
     Writes the PNGs, grid.png, ids.safetensors and sample.json; with `gif`, trajectory.gif. A folder
     whose sample.json records the same inputs (spec, generator and tokenizer weights) is reused.
+    `snapshot`: weights kept at an earlier step (learning curves) instead of the final ones.
     """
     spec.validate()
     device = run.torch_device
     model = run.load_generator(spec.generator, device)
+    weights = run.weights(spec.generator)
+    if snapshot is not None:
+        model.load_state_dict(load_tensors(snapshot), strict=True)
+        weights = snapshot
     tokenizer = run.load_tokenizer(device)
     cfg = model.cfg
     if spec.class_ is not None:
@@ -122,14 +142,12 @@ def generate(run: Run, spec: SampleSpec, *, out: Path | None = None, gif: bool =
             raise StageError(f"--class must be in [0, {cfg.num_classes}), got {spec.class_}")
     if spec.prefix_rows >= cfg.grid_h:
         raise StageError(f"--prefix-rows must be < the grid height {cfg.grid_h}, got {spec.prefix_rows}")
-    if spec.choice_temperature != DEFAULT_CHOICE_TEMPERATURE and not model.takes_steps:
-        raise StageError("--choice-temperature is for the diffusion generator")
     steps = spec.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
     passes = model.forward_passes(steps)
     folder = out or run.samples_dir / spec.folder_name(passes)
     key = {
         "spec": asdict(spec),
-        "generator_hash": run.weights_hash(spec.generator),
+        "generator_hash": run.file_hash(weights),
         "tokenizer_hash": run.tokenizer_hash,
         "gif": gif,
     }
@@ -138,7 +156,7 @@ def generate(run: Run, spec: SampleSpec, *, out: Path | None = None, gif: bool =
         ids, _ = load_tokens(folder / "ids.safetensors")
         return Samples(ids, decode(tokenizer, ids), old["seconds"], old["forward_passes"], folder, key)
 
-    options = spec.options()
+    options = spec.options(model.sample_options)
     if spec.prefix_rows:
         from recipes.stages import ensure_tokens
 

@@ -1,7 +1,7 @@
 """The stages of a run that train and encode, as plain functions over a `Run`; the CLI is a thin shell over these.
 
 The run folder itself is `recipes.run`, sampling `recipes.sampling`, the evaluation
-`recipes.evaluate` and the image files `recipes.images`; their names are re-exported here, where
+`recipes.evaluate` (and its learning curves `recipes.curves`) and the image files `recipes.images`; their names are re-exported here, where
 the CLI and scripts have always found them.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from recipes.curves import learning_curve, snapshots
 from recipes.evaluate import EvalOptions, evaluate
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.recipe import Recipe
@@ -35,7 +36,7 @@ from vqdiff.train import TensorSource, is_trained, seeded, train
 
 __all__ = [
     "GENERATORS", "Context", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",
-    "default_run_dir", "encode_dataset", "ensure_tokens", "evaluate", "generate", "generator_config",
+    "default_run_dir", "encode_dataset", "ensure_tokens", "evaluate", "generate", "generator_config", "learning_curve", "snapshots",
     "read_run_recipe", "save_grid", "save_pngs", "save_trajectory_gif", "sync", "tokenizer_meta",
     "train_generator", "train_tokenizer", "write_recipe",
 ]  # fmt: skip

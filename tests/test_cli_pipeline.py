@@ -167,6 +167,55 @@ def test_evaluate_writes_report_and_reuses_work(run, cache):
     assert json.loads((run / "report" / "report.json").read_text())["results"] == report["results"]
 
 
+def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sampler", "ancestral", "--eta", 0.2, "--top-k", 5))
+    assert (run / "samples" / "diffusion-t1-s3-k5-ancestral-eta0.2" / "grid.png").exists()
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sampler", "halton"))
+    assert (run / "samples" / "diffusion-t1-s3-halton" / "grid.png").exists()
+    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "greedy"), "unknown sampler")
+    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "maskgit", "--eta", 0.5), "--eta")
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    ok(invoke("evaluate", copy, "--num", 20, "--steps", "2,4", "--sampler", "maskgit,ancestral", "--extractor", "classifier"))
+    report = json.loads((copy / "report" / "report.json").read_text())
+    settings = {(r["generator"], r["sampler"], r["steps"]) for r in report["results"]}
+    assert settings == {("ar", None, None)} | {("diffusion", s, n) for s in ("maskgit", "ancestral") for n in (2, 4)}
+    md = (copy / "report" / "report.md").read_text()
+    assert "Best diffusion setting: diffusion" in md
+    one_line_error(invoke("evaluate", copy, "--sampler", "greedy"), "--sampler must be from")
+
+
+def test_learning_curves_from_kept_weights(run, cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    one_line_error(invoke("evaluate", copy, "--num", 20, "--checkpoints"), "keep_every")
+    for g in ("ar", "diffusion"):  # retrain both, keeping the weights every 2 steps
+        shutil.rmtree(copy / g)
+        ok(invoke("train", g, "shapes", "--run-dir", copy, *sets(TINY), "--set", f"{g}.keep_every=2"))
+    kept = stages.snapshots(copy, "diffusion")
+    assert [s for s, _, _ in kept] == [2, 4, 6] and all(sec > 0 for _, sec, _ in kept)
+    assert [s for s, _, _ in stages.snapshots(copy, "ar")] == [2, 4]
+    # the last kept weights are the final weights
+    from vqdiff.checkpoint import load_tensors
+
+    final = load_tensors(copy / "diffusion" / "model.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in load_tensors(kept[-1][2]).items())
+    ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--extractor", "classifier", "--checkpoints"))
+    curve = json.loads((copy / "report" / "curve.json").read_text())
+    assert {(p["generator"], p["step"]) for p in curve["points"]} == {("ar", 2), ("ar", 4), ("diffusion", 2), ("diffusion", 4), ("diffusion", 6)}
+    assert all(p["fid"] >= 0 and 0 <= p["recall"] <= 1 for p in curve["points"])
+    assert (copy / "report" / "learning_curve.png").stat().st_size > 0
+    assert "learning_curve.png" in (copy / "report" / "report.md").read_text()
+    # snapshots give other samples than the final weights: the curve is not one point repeated
+    fids = [p["fid"] for p in curve["points"] if p["generator"] == "diffusion"]
+    assert len(set(fids)) > 1
+
+
+def test_recipe_sampler_keys_are_checked(tmp_path):
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sampler=greedy"), "unknown diffusion sampler")
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "evaluate.samplers=['x']"), "unknown diffusion sampler")
+
+
 def test_evaluate_bad_input(run):
     one_line_error(invoke("evaluate", run, "--temperatures", "0"), "temperatures must be > 0")
     one_line_error(invoke("evaluate", run, "--generators", "gan"), "unknown generator")

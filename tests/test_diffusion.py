@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vqdiff.checkpoint import load_model, save_model
-from vqdiff.diffusion import CORRUPTIONS, DiffusionConfig, DiffusionTransformer
+from vqdiff.diffusion import CORRUPTIONS, MASK_SAMPLERS, DiffusionConfig, DiffusionTransformer, halton_order
 from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
 
 K, H, W = 16, 4, 4
@@ -244,3 +244,141 @@ def test_save_load_round_trip(corruption, tmp_path):
     assert torch.equal(model(ids, labels, t), loaded(ids, labels, t))
     bits = loaded.bits_per_token({"ids": ids.clamp(max=K - 1), "labels": labels.clamp(max=2)}, gen(0), samples=2)
     assert math.isfinite(bits["bits_per_token"]) and bits["bits_per_token"] > 0
+
+
+# ---------------------------------------------------------------- mask samplers (issue 7)
+
+
+def fixed(model, monkeypatch, logits):
+    """Replace the trunk by a factorised model: p(x0 | x_t) = softmax(logits[n]) whatever x_t is."""
+
+    def trunk(seq, labels=None, **kw):
+        out = logits.expand(len(seq), -1, -1)
+        return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
+
+    monkeypatch.setattr(model.trunk, "forward", trunk)
+
+
+def trajectory_of(model, n, steps, **options):
+    frames = []
+    out = model.sample(n, steps=steps, generator=gen(0), callback=lambda i, ids: frames.append(ids.flatten(1)), **options)
+    return out, frames
+
+
+@pytest.mark.parametrize("sampler", MASK_SAMPLERS)
+@pytest.mark.parametrize("steps", [1, 7])
+def test_mask_samplers_take_steps_passes_and_keep_revealed_ids(sampler, steps):
+    model = make("mask")
+    calls = []
+    model.trunk.register_forward_hook(lambda *args: calls.append(1))
+    out, frames = trajectory_of(model, 5, steps, sampler=sampler)
+    assert len(calls) == steps and len(frames) == steps
+    assert out.shape == (5, H, W) and out.min() >= 0 and out.max() < K
+    for before, after in zip(frames, frames[1:]):
+        revealed = before != K
+        assert torch.equal(after[revealed], before[revealed])  # a revealed id never changes
+
+
+def test_ancestral_reveals_the_expected_number_per_step():
+    # from t to s, a masked token stays masked with prob gamma(s) / gamma(t): E[masked after step i] = N gamma(s_i)
+    model = make("mask")
+    n, steps = 600, 6
+    _, frames = trajectory_of(model, n, steps, sampler="ancestral")
+    for i, ids in enumerate(frames):
+        p = float(model.schedule(1 - (i + 1) / steps))
+        masked = (ids == K).float().mean().item()  # fraction over n * N tokens
+        sd = math.sqrt(max(p * (1 - p), 1e-12) / (n * N))
+        assert abs(masked - p) < 5 * sd + 1e-9, (i, masked, p)
+
+
+def test_ancestral_eta_zero_is_plain_ancestral_and_eta_remasks():
+    model = wake(make("mask"))
+    plain, _ = trajectory_of(model, 6, 8, sampler="ancestral")
+    zero, _ = trajectory_of(model, 6, 8, sampler="ancestral", eta=0.0)
+    assert torch.equal(plain, zero)
+    _, frames = trajectory_of(model, 64, 8, sampler="ancestral", eta=0.5)
+    remasked = sum(int(((a != K) & (b == K)).sum()) for a, b in zip(frames, frames[1:]))
+    assert remasked > 0  # ReMDM takes decoded tokens back
+    assert (frames[-1] == K).sum() == 0  # and still ends with no mask
+
+
+def test_halton_order_is_a_permutation_and_spreads_out():
+    for h, w in [(4, 4), (8, 8), (5, 7), (16, 16), (1, 3)]:
+        order = halton_order(h, w)
+        assert sorted(order.tolist()) == list(range(h * w))
+    # low discrepancy: the first 16 cells of an 8x8 grid fill the four quadrants evenly (4 +- 1
+    # each) and never take two neighbours in a row
+    from collections import Counter
+
+    first = halton_order(8, 8)[:16].tolist()
+    quadrants = Counter((c // 8 // 4, c % 8 // 4) for c in first)
+    assert len(quadrants) == 4 and max(quadrants.values()) - min(quadrants.values()) <= 2
+    assert all(max(abs(a // 8 - b // 8), abs(a % 8 - b % 8)) > 1 for a, b in zip(first, first[1:]))
+
+
+def test_halton_sampler_visits_every_position_exactly_once():
+    model = make("mask")
+    steps = 5
+    _, frames = trajectory_of(model, 16, steps, sampler="halton")
+    reveal_step = torch.full((16, N), -1)
+    previous = torch.full((16, N), K)
+    for i, ids in enumerate(frames):
+        newly = (previous == K) & (ids != K)
+        assert (reveal_step[newly] == -1).all()  # never revealed twice
+        reveal_step[newly] = i
+        previous = ids
+    assert (reveal_step >= 0).all()  # every position revealed
+    # on the schedule: as many per step as gamma says, the same for every sample
+    for i, ids in enumerate(frames):
+        expect = 0 if i == steps - 1 else math.floor(model.schedule(1 - (i + 1) / steps) * N)
+        assert ((ids == K).sum(1) == expect).all()
+    # rolled per sample: not every sample reveals the same positions first
+    assert len({tuple((frames[0][j] != K).tolist()) for j in range(16)}) > 1
+
+
+def test_ancestral_is_unbiased_and_greedy_confidence_decoding_is_not(monkeypatch):
+    # a known factorised distribution: position j has its own p_j over K ids
+    model = make("mask")
+    logits = 1.5 * torch.randn(N, K, generator=gen(7))
+    fixed(model, monkeypatch, logits)
+    truth = logits.softmax(-1)  # [N K]
+    n = 3000
+
+    def marginals(**options):
+        out = model.sample(n, steps=N, generator=gen(1), **options).flatten(1)
+        return F.one_hot(out, K).float().mean(0)  # [N K]
+
+    tolerance = 4 * math.sqrt(0.25 / n)  # 4 standard errors of a frequency
+    unbiased = (marginals(sampler="ancestral") - truth).abs().max().item()
+    greedy = (marginals(sampler="maskgit", choice_temperature=0.0) - truth).abs().max().item()
+    assert unbiased < tolerance, unbiased
+    assert greedy > 2 * tolerance, greedy
+
+
+def test_float64_gumbel_samples_rare_ids_at_their_rate():
+    # an id of probability 1e-6 next to one of 1 - 1e-6: float32 Gumbel-max under-samples such
+    # tails; float64 keeps the rate (a loose check: the count of 2e6 draws is Poisson(2))
+    from vqdiff.nn import sample_logits
+
+    p = torch.tensor([1 - 1e-4, 1e-4], dtype=torch.float64)
+    draws = sample_logits(p.log().expand(200_000, 2), generator=gen(0))
+    assert 0 < int(draws.sum()) < 60  # expectation 20
+
+
+@pytest.mark.parametrize("sampler", MASK_SAMPLERS)
+def test_diffusion_top_k_one_is_argmax(sampler, monkeypatch):
+    model = make("mask")
+    logits = torch.randn(N, K, generator=gen(2))
+    fixed(model, monkeypatch, logits)
+    out = model.sample(8, steps=4, sampler=sampler, top_k=1, generator=gen(0)).flatten(1)
+    assert torch.equal(out, logits.argmax(-1).expand(8, N))
+
+
+def test_bad_sampler_options_are_refused():
+    model = make("mask")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        model.sample(2, steps=2, sampler="greedy")
+    with pytest.raises(ValueError, match="eta"):
+        model.sample(2, steps=2, sampler="ancestral", eta=2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        model.sample(2, steps=2, temperature=math.inf)

@@ -43,6 +43,7 @@ class ARConfig(TrunkConfig):
 @register_model("ar", ARConfig)
 class ARTransformer(nn.Module):
     takes_steps = False  # one forward pass per token: no step count to sweep
+    sample_options = ("top_k", "top_p", "prefix", "use_cache")  # what `sample` takes besides the shared arguments
 
     def __init__(self, cfg: ARConfig) -> None:
         super().__init__()

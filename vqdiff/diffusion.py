@@ -44,6 +44,7 @@ from vqdiff.nn import (
     Transformer,
     cfg_mix,
     TrunkConfig,
+    filter_logits,
     gumbel,
     guidance_labels,
     rand,
@@ -55,7 +56,39 @@ from vqdiff.nn import (
 from vqdiff.schedules import get_schedule
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
-DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences that pick the tokens to keep
+MASK_SAMPLERS = ("maskgit", "ancestral", "halton")
+DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences
+
+
+def halton_sequence(count: int, base: int) -> list[float]:
+    """The first `count` terms of the van der Corput sequence in `base` (the Halton coordinates)."""
+    out = []
+    for i in range(1, count + 1):
+        f, r = 1.0, 0.0
+        while i > 0:
+            f /= base
+            r += f * (i % base)
+            i //= base
+        out.append(r)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def halton_order(h: int, w: int) -> Tensor:
+    """A permutation of the h*w flat grid positions: the cells hit by the 2-D Halton sequence
+    (bases 2 and 3), in order of first visit. long [h*w]."""
+    order: list[int] = []
+    seen: set[int] = set()
+    count = 0
+    while len(order) < h * w:
+        count = max(64, 2 * count)
+        order, seen = [], set()
+        for y, x in zip(halton_sequence(count, 2), halton_sequence(count, 3)):
+            cell = min(int(y * h), h - 1) * w + min(int(x * w), w - 1)
+            if cell not in seen:
+                seen.add(cell)
+                order.append(cell)
+    return torch.tensor(order, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -90,6 +123,7 @@ def _per_sample(x: Tensor) -> Tensor:
 @register_model("diffusion", DiffusionConfig)
 class DiffusionTransformer(nn.Module):
     takes_steps = True  # the number of forward passes is the caller's choice
+    sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p")  # `sample`'s **options (see `_sampler`)
 
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
@@ -308,13 +342,15 @@ class DiffusionTransformer(nn.Module):
         temperature >= 0 (0 = argmax). labels: long [n] or one int, in [0, num_classes); None
         samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
         callback(step_index, ids long [n h w]) is called after every step (still-masked positions
-        hold mask_id = k), e.g. to record the trajectory. `options` go to the corruption's sampler
-        (see `_sampler`); an option it does not take is a TypeError.
+        hold mask_id = k), e.g. to record the trajectory. `options` choose and tune the sampler
+        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`: see `_sampler`); one it does not
+        know is a TypeError.
         """
         if steps is None or steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        run, top = self._sampler(temperature, **options)
         cfg = self.cfg
         labels = sample_labels(labels, n, cfg.num_classes, self.device)
         labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
@@ -322,48 +358,76 @@ class DiffusionTransformer(nn.Module):
         def denoise(x: Tensor, t: float) -> Tensor:
             return self._denoise(x, labels, guided, cfg_scale, t)
 
+        def draw(logits: Tensor) -> Tensor:
+            return sample_logits(logits, temperature=temperature, **top, generator=generator)
+
         def report(i: int, x: Tensor) -> None:
             if callback is not None:
                 callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
 
-        x = self._sampler(**options)(n, steps, temperature, denoise, generator, report)
+        x = run(n, steps, denoise, draw, generator, report)
         return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
 
-    def _sampler(self, **options: Any) -> Callable[..., Tensor]:
-        """The sampler of this corruption with its options bound: a function
-        (n, steps, temperature, denoise, generator, report) -> ids long [n N].
-
-        - `mask`: MaskGIT, option `choice_temperature` (DEFAULT_CHOICE_TEMPERATURE), the scale of the
-          Gumbel noise on the confidences; without it confidence-based decoding keeps only the most
-          likely tokens and the samples lose diversity (low recall);
-        - `uniform`: x0-posterior refinement, no options;
-        - `mask-and-replace`: the VQ-Diffusion posterior, no options.
-        """
-        sampler = {
-            "mask": self._sample_mask,
-            "uniform": self._sample_uniform,
-            "mask-and-replace": self._sample_mask_and_replace,
-        }[self.cfg.corruption]
-        if self.cfg.corruption != "mask":
-            # MaskGIT's option has no meaning here: accept its default (callers pass it blindly), refuse the rest
-            options.pop("choice_temperature", None)
-        return functools.partial(sampler, **options)
-
-    def _sample_mask(
-        self, n: int, steps: int, temperature: float, denoise, generator, report,
+    def _sampler(
+        self,
+        temperature: float,
+        *,
+        sampler: str = "maskgit",
         choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
-    ) -> Tensor:  # fmt: skip
+        eta: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+        """The dispatch: (run(n, steps, denoise, draw, generator, report) -> ids long [n N], the
+        top-k/top-p filter of `draw`). A new sampler or option goes here.
+
+        top_k / top_p filter the x0 distribution before sampling. `sampler` chooses which masked
+        tokens the `mask` corruption reveals at each step (MASK_SAMPLERS; the other corruptions
+        have one sampler each and ignore it):
+        - `maskgit`: the most confident ones, with Gumbel noise of scale `choice_temperature`
+          (MaskGIT's 4.5) on the confidences; implicitly low-temperature, greedier with more steps;
+        - `ancestral`: each masked token with prob (gamma(t) - gamma(s)) / gamma(t) (MDLM), an
+          unbiased sampler of the model; `eta` > 0 remasks decoded tokens (ReMDM-cap);
+        - `halton`: the tokens next in a Halton low-discrepancy order over the grid, rolled
+          randomly per sample, as many per step as the schedule says (Halton-MaskGIT).
+        """
+        if sampler not in MASK_SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(MASK_SAMPLERS)}, got {sampler!r}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if not 0 <= choice_temperature < math.inf:
+            raise ValueError(f"choice_temperature must be finite and >= 0, got {choice_temperature}")
+        top = {"top_k": top_k, "top_p": top_p}
+        corruption = self.cfg.corruption
+        if corruption == "mask" and sampler == "maskgit":
+            run = functools.partial(self._sample_maskgit, temperature=temperature, choice_temperature=choice_temperature)
+        elif corruption == "mask" and sampler == "ancestral":
+            run = functools.partial(self._sample_ancestral, eta=eta)
+        elif corruption == "mask":
+            run = self._sample_halton
+        elif corruption == "uniform":
+            run = self._sample_uniform
+        else:
+            run = functools.partial(self._sample_mask_and_replace, temperature=temperature, **top)
+        return run, top
+
+    def _all_masked(self, n: int) -> Tensor:
+        return torch.full((n, self.cfg.grid_h * self.cfg.grid_w), self.mask_id, dtype=torch.long, device=self.device)
+
+    def _sample_maskgit(
+        self, n: int, steps: int, denoise, draw, generator, report, *, temperature: float, choice_temperature: float
+    ) -> Tensor:
         """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
         temperature at the masked positions, then re-mask the floor(gamma(1 - (i+1)/steps) * N)
         least confident of them. Confidence is log p of the sampled id plus Gumbel noise annealed
         by temperature * (1 - progress); decoded ids are never re-masked."""
         num = self.cfg.grid_h * self.cfg.grid_w
-        x = torch.full((n, num), self.mask_id, dtype=torch.long, device=self.device)
+        x = self._all_masked(n)
         for i in range(steps):
             logits = denoise(x, 1 - i / steps)  # [n N k]
             masked = x == self.mask_id
-            x0 = sample_logits(logits, temperature=temperature, generator=generator)  # [n N]
-            confidence = logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+            x0 = draw(logits)  # [n N]
+            confidence = logits.double().log_softmax(-1).gather(-1, x0[..., None])[..., 0]
             noise_scale = choice_temperature * temperature * (1 - (i + 1) / steps)
             if noise_scale > 0:
                 confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
@@ -377,7 +441,59 @@ class DiffusionTransformer(nn.Module):
             report(i, x)
         return x
 
-    def _sample_uniform(self, n: int, steps: int, temperature: float, denoise, generator, report) -> Tensor:
+    def _sample_ancestral(self, n: int, steps: int, denoise, draw, generator, report, *, eta: float = 0.0) -> Tensor:
+        """MDLM ancestral sampling (Sahoo et al. 2024, eq. 7): from t to s < t each masked token
+        is revealed with prob (gamma(t) - gamma(s)) / gamma(t), its id drawn from p(x0 | x_t) at
+        the temperature; revealed ids never change. It samples the model's own distribution (no
+        confidence ordering), so more steps cannot make it greedier.
+
+        eta > 0 is ReMDM-cap (Wang et al. 2025, eq. 9): with alpha = 1 - gamma, a decoded token is
+        remasked with prob sigma = min(eta, (1 - alpha_s) / alpha_t) and a masked token revealed
+        with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); eta = 0 is MDLM exactly. The cap
+        keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask."""
+        x = self._all_masked(n)
+        for i in range(steps):
+            t, s = 1 - i / steps, 1 - (i + 1) / steps
+            alpha_t, alpha_s = 1 - float(self.schedule(t)), 1 - float(self.schedule(s))
+            logits = denoise(x, t)
+            masked = x == self.mask_id
+            sigma = min(eta, (1 - alpha_s) / alpha_t) if eta > 0 and alpha_t > 0 else 0.0
+            reveal_p = 1.0 if s == 0 else (alpha_s - (1 - sigma) * alpha_t) / max(1 - alpha_t, 1e-12)
+            u = rand(x.shape, device=x.device, generator=generator)
+            x0 = draw(logits)
+            reveal = masked & (u < reveal_p)
+            if sigma > 0:  # drawn only with remasking, so eta = 0 consumes the same noise as MDLM
+                remask = ~masked & (rand(x.shape, device=x.device, generator=generator) < sigma)
+                x = x.masked_fill(remask, self.mask_id)
+            x = torch.where(reveal, x0, x)
+            report(i, x)
+        return x
+
+    def _sample_halton(self, n: int, steps: int, denoise, draw, generator, report) -> Tensor:
+        """Halton-MaskGIT (Besnier et al., ICLR 2025): reveal positions in a Halton
+        low-discrepancy order over the h x w grid, so that each step's tokens are spread out and
+        far from each other (neighbours sampled in the same step are the ones that clash). The
+        order is rolled on the torus by a random (dy, dx) per sample; the number revealed per step
+        follows the schedule, ids drawn from p(x0 | x_t) at the temperature."""
+        h, w = self.cfg.grid_h, self.cfg.grid_w
+        num = h * w
+        order = halton_order(h, w).to(self.device)  # [N] flat positions, a permutation
+        dy = randint(h, (n,), device=self.device, generator=generator)
+        dx = randint(w, (n,), device=self.device, generator=generator)
+        rows, cols = (order // w)[None] + dy[:, None], (order % w)[None] + dx[:, None]
+        order = (rows % h) * w + cols % w  # [n N]: still a permutation of the grid per sample
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(num, device=self.device).expand(n, num))
+        x = self._all_masked(n)
+        for i in range(steps):
+            s = 1 - (i + 1) / steps
+            logits = denoise(x, 1 - i / steps)
+            revealed = num - math.floor(self.schedule(s) * num) if i < steps - 1 else num
+            reveal = (rank < revealed) & (x == self.mask_id)
+            x = torch.where(reveal, draw(logits), x)
+            report(i, x)
+        return x
+
+    def _sample_uniform(self, n: int, steps: int, denoise, draw, generator, report) -> Tensor:
         """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
         x0 with the temperature; where x0 differs from the current id, move to x0 with the D3PM
         posterior odds q(x_s = x0 | x_t, x0) : q(x_s = x_t | x_t, x0), else keep the current id
@@ -390,7 +506,7 @@ class DiffusionTransformer(nn.Module):
         for i in range(steps):
             t, s = 1 - i / steps, 1 - (i + 1) / steps
             logits = denoise(x, t)
-            x0 = sample_logits(logits, temperature=temperature, generator=generator)  # [n N]
+            x0 = draw(logits)  # [n N]
             tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
             post = self.posterior(x, F.one_hot(x0, k), tt, ss)  # [n N k]
             to_x0 = post.gather(-1, x0[..., None])[..., 0]
@@ -401,7 +517,9 @@ class DiffusionTransformer(nn.Module):
             report(i, x)
         return x
 
-    def _sample_mask_and_replace(self, n: int, steps: int, temperature: float, denoise, generator, report) -> Tensor:
+    def _sample_mask_and_replace(
+        self, n: int, steps: int, denoise, draw, generator, report, *, temperature: float, top_k=None, top_p=None
+    ) -> Tensor:
         """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
         x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t), p tempered by the temperature; s = 0 at the last
         step leaves no mask."""
@@ -414,7 +532,7 @@ class DiffusionTransformer(nn.Module):
             if temperature == 0:
                 p0 = F.one_hot(logits.argmax(-1), k).double()
             else:
-                p0 = (logits.double() / temperature).softmax(-1)
+                p0 = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
             tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
             probs = self.posterior(x, p0, tt, ss)  # [n N k+1]
             x = sample_logits(probs.log(), generator=generator)

@@ -46,8 +46,14 @@ def randint(high: int, shape: tuple[int, ...] | torch.Size, *, device: torch.dev
 
 
 def gumbel(shape: tuple[int, ...] | torch.Size, *, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
-    """Standard Gumbel noise, float32: argmax(logits + gumbel) is a sample of softmax(logits)."""
-    u = rand(shape, device=device, generator=generator).clamp_min(torch.finfo(torch.float32).tiny)
+    """Standard Gumbel noise, float64: argmax(logits + gumbel) is a sample of softmax(logits).
+
+    float64 on purpose: float32 uniforms are multiples of 2^-24, which caps the Gumbel tail at
+    -log(-log(1 - 2^-24)) ~ 16.6 and truncates rare ids, so float32 Gumbel-max samples at an
+    effective temperature below the one asked for (a known bug in the MaskGIT re-implementations).
+    """
+    u = torch.rand(tuple(shape), generator=generator, device=_noise_device(generator, device), dtype=torch.float64)
+    u = u.to(device).clamp_min(torch.finfo(torch.float64).tiny)
     return -torch.log(-torch.log(u))
 
 
@@ -94,7 +100,7 @@ def sample_logits(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
+    logits = filter_logits(logits.double() / temperature, top_k, top_p)  # float64: see `gumbel`
     return (logits + gumbel(logits.shape, device=logits.device, generator=generator)).argmax(-1)
 
 

@@ -31,9 +31,12 @@ from vqdiff.checkpoint import (
     default_device,
     load_train_state,
     save_model,
+    save_tensors,
     save_train_state,
     unwrap,
 )
+
+HISTORY_DIR = "history"  # OUT/history/step-NNNNNNN.safetensors, written every `keep_every` steps
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    keep_every: int = 0  # > 0: keep the weights every N steps in OUT/history/ (learning curves); 0 = off
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -65,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if self.keep_every < 0:
+            raise ValueError(f"keep_every must be >= 0, got {self.keep_every}")
 
 
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -195,6 +201,7 @@ def train(
     opt = make_optimizer(model, cfg, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
     step = 0
+    seconds_before = 0.0  # training wall time of earlier calls (a resumed run adds to it)
     log_path = out_dir / "log.jsonl"
 
     state = load_train_state(out_dir)
@@ -212,16 +219,28 @@ def train(
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{out_dir / 'train_state.pt'} does not fit the model ({str(e)[:200]})") from None
         step = int(state["step"])
+        seconds_before = float(state.get("train_seconds", 0.0))
     resumed_from = step
     _truncate_log(log_path, step)
 
     saved = step
+    call_start = time.perf_counter()
+
+    def train_seconds() -> float:
+        return seconds_before + time.perf_counter() - call_start
+
+    def keep(at: int) -> None:
+        """A copy of the weights in use at step `at`, for learning curves (FID against training cost)."""
+        final = ema if ema is not None else model
+        meta = {"step": str(at), "train_seconds": f"{train_seconds():.3f}"}
+        save_tensors(out_dir / HISTORY_DIR / f"step-{at:07d}.safetensors", final.state_dict(), metadata=meta)
 
     def checkpoint(at: int) -> None:
         nonlocal saved
         final = ema if ema is not None else model
         # weights and config first, then the resumable state: a crash in between re-runs a few steps
-        save_model(final, out_dir, extra={"trained_steps": at, "train": config_to_dict(cfg)})
+        extra = {"trained_steps": at, "train": config_to_dict(cfg), "train_seconds": round(train_seconds(), 3)}
+        save_model(final, out_dir, extra=extra)
         save_train_state(
             out_dir,
             {
@@ -231,6 +250,7 @@ def train(
                 "ema": ema.state_dict() if ema is not None else None,
                 "model_config": config_to_dict(model.cfg),
                 "train_config": config_to_dict(cfg),
+                "train_seconds": train_seconds(),
             },
         )
         saved = at
@@ -285,6 +305,8 @@ def train(
                     if on_log is not None:
                         on_log(step, entry)
                     window_t, window_items = time.perf_counter(), 0
+                if cfg.keep_every and step % cfg.keep_every == 0:
+                    keep(step)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint(step)
     except BaseException:  # Ctrl-C, a crash, a non-finite loss: keep the last finished step
