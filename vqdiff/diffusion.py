@@ -22,9 +22,10 @@ find which visible ids are wrong). With `elbo_weighting` the loss is a bound in 
 MDLM's continuous-time weight gamma'(t) / gamma(t) for `mask`, the D3PM discrete-time KL term
 (times T = `elbo_steps`) otherwise.
 
-Samplers take exactly `steps` forward passes (a CFG pass over a doubled batch counts as one):
-`mask` uses MaskGIT's confidence-based parallel decoding, `uniform` the x0-posterior refinement
-described at `_sample_uniform`, `mask-and-replace` the VQ-Diffusion posterior.
+Samplers (`vqdiff.samplers`, chosen in `_sampler`) take exactly `steps` forward passes (a CFG
+pass over a doubled batch counts as one): `mask` reveals tokens by MaskGIT's confidence, MDLM's
+ancestral rule or a Halton order, `uniform` uses the x0-posterior refinement described at
+`samplers.uniform`, `mask-and-replace` the VQ-Diffusion posterior.
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqdiff import samplers
 from vqdiff.checkpoint import register_model
 from vqdiff.nn import (
     Transformer,
     cfg_mix,
     TrunkConfig,
-    filter_logits,
-    gumbel,
     guidance_labels,
     rand,
     randint,
@@ -53,42 +53,12 @@ from vqdiff.nn import (
     sample_logits,
     train_labels,
 )
+from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
 from vqdiff.schedules import get_schedule
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
 MASK_SAMPLERS = ("maskgit", "ancestral", "halton")
 DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences
-
-
-def halton_sequence(count: int, base: int) -> list[float]:
-    """The first `count` terms of the van der Corput sequence in `base` (the Halton coordinates)."""
-    out = []
-    for i in range(1, count + 1):
-        f, r = 1.0, 0.0
-        while i > 0:
-            f /= base
-            r += f * (i % base)
-            i //= base
-        out.append(r)
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def halton_order(h: int, w: int) -> Tensor:
-    """A permutation of the h*w flat grid positions: the cells hit by the 2-D Halton sequence
-    (bases 2 and 3), in order of first visit. long [h*w]."""
-    order: list[int] = []
-    seen: set[int] = set()
-    count = 0
-    while len(order) < h * w:
-        count = max(64, 2 * count)
-        order, seen = [], set()
-        for y, x in zip(halton_sequence(count, 2), halton_sequence(count, 3)):
-            cell = min(int(y * h), h - 1) * w + min(int(x * w), w - 1)
-            if cell not in seen:
-                seen.add(cell)
-                order.append(cell)
-    return torch.tensor(order, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -400,141 +370,13 @@ class DiffusionTransformer(nn.Module):
         top = {"top_k": top_k, "top_p": top_p}
         corruption = self.cfg.corruption
         if corruption == "mask" and sampler == "maskgit":
-            run = functools.partial(self._sample_maskgit, temperature=temperature, choice_temperature=choice_temperature)
+            run = functools.partial(samplers.maskgit, self, temperature=temperature, choice_temperature=choice_temperature)
         elif corruption == "mask" and sampler == "ancestral":
-            run = functools.partial(self._sample_ancestral, eta=eta)
+            run = functools.partial(samplers.ancestral, self, eta=eta)
         elif corruption == "mask":
-            run = self._sample_halton
+            run = functools.partial(samplers.halton, self)
         elif corruption == "uniform":
-            run = self._sample_uniform
+            run = functools.partial(samplers.uniform, self)
         else:
-            run = functools.partial(self._sample_mask_and_replace, temperature=temperature, **top)
+            run = functools.partial(samplers.mask_and_replace, self, temperature=temperature, **top)
         return run, top
-
-    def _all_masked(self, n: int) -> Tensor:
-        return torch.full((n, self.cfg.grid_h * self.cfg.grid_w), self.mask_id, dtype=torch.long, device=self.device)
-
-    def _sample_maskgit(
-        self, n: int, steps: int, denoise, draw, generator, report, *, temperature: float, choice_temperature: float
-    ) -> Tensor:
-        """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
-        temperature at the masked positions, then re-mask the floor(gamma(1 - (i+1)/steps) * N)
-        least confident of them. Confidence is log p of the sampled id plus Gumbel noise annealed
-        by temperature * (1 - progress); decoded ids are never re-masked."""
-        num = self.cfg.grid_h * self.cfg.grid_w
-        x = self._all_masked(n)
-        for i in range(steps):
-            logits = denoise(x, 1 - i / steps)  # [n N k]
-            masked = x == self.mask_id
-            x0 = draw(logits)  # [n N]
-            confidence = logits.double().log_softmax(-1).gather(-1, x0[..., None])[..., 0]
-            noise_scale = choice_temperature * temperature * (1 - (i + 1) / steps)
-            if noise_scale > 0:
-                confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
-            confidence = confidence.masked_fill(~masked, float("inf"))
-            # on the schedule, but decode at least one id per step while any is masked
-            target = 0 if i == steps - 1 else math.floor(self.schedule(1 - (i + 1) / steps) * num)
-            keep_masked = (masked.sum(1) - 1).clamp(min=0).clamp(max=target)  # [n]
-            rank = confidence.argsort(-1).argsort(-1)  # 0 = least confident
-            x = torch.where(masked, x0, x)
-            x = x.masked_fill(rank < keep_masked[:, None], self.mask_id)
-            report(i, x)
-        return x
-
-    def _sample_ancestral(self, n: int, steps: int, denoise, draw, generator, report, *, eta: float = 0.0) -> Tensor:
-        """MDLM ancestral sampling (Sahoo et al. 2024, eq. 7): from t to s < t each masked token
-        is revealed with prob (gamma(t) - gamma(s)) / gamma(t), its id drawn from p(x0 | x_t) at
-        the temperature; revealed ids never change. It samples the model's own distribution (no
-        confidence ordering), so more steps cannot make it greedier.
-
-        eta > 0 is ReMDM-cap (Wang et al. 2025, eq. 9): with alpha = 1 - gamma, a decoded token is
-        remasked with prob sigma = min(eta, (1 - alpha_s) / alpha_t) and a masked token revealed
-        with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); eta = 0 is MDLM exactly. The cap
-        keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask."""
-        x = self._all_masked(n)
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            alpha_t, alpha_s = 1 - float(self.schedule(t)), 1 - float(self.schedule(s))
-            logits = denoise(x, t)
-            masked = x == self.mask_id
-            sigma = min(eta, (1 - alpha_s) / alpha_t) if eta > 0 and alpha_t > 0 else 0.0
-            reveal_p = 1.0 if s == 0 else (alpha_s - (1 - sigma) * alpha_t) / max(1 - alpha_t, 1e-12)
-            u = rand(x.shape, device=x.device, generator=generator)
-            x0 = draw(logits)
-            reveal = masked & (u < reveal_p)
-            if sigma > 0:  # drawn only with remasking, so eta = 0 consumes the same noise as MDLM
-                remask = ~masked & (rand(x.shape, device=x.device, generator=generator) < sigma)
-                x = x.masked_fill(remask, self.mask_id)
-            x = torch.where(reveal, x0, x)
-            report(i, x)
-        return x
-
-    def _sample_halton(self, n: int, steps: int, denoise, draw, generator, report) -> Tensor:
-        """Halton-MaskGIT (Besnier et al., ICLR 2025): reveal positions in a Halton
-        low-discrepancy order over the h x w grid, so that each step's tokens are spread out and
-        far from each other (neighbours sampled in the same step are the ones that clash). The
-        order is rolled on the torus by a random (dy, dx) per sample; the number revealed per step
-        follows the schedule, ids drawn from p(x0 | x_t) at the temperature."""
-        h, w = self.cfg.grid_h, self.cfg.grid_w
-        num = h * w
-        order = halton_order(h, w).to(self.device)  # [N] flat positions, a permutation
-        dy = randint(h, (n,), device=self.device, generator=generator)
-        dx = randint(w, (n,), device=self.device, generator=generator)
-        rows, cols = (order // w)[None] + dy[:, None], (order % w)[None] + dx[:, None]
-        order = (rows % h) * w + cols % w  # [n N]: still a permutation of the grid per sample
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(num, device=self.device).expand(n, num))
-        x = self._all_masked(n)
-        for i in range(steps):
-            s = 1 - (i + 1) / steps
-            logits = denoise(x, 1 - i / steps)
-            revealed = num - math.floor(self.schedule(s) * num) if i < steps - 1 else num
-            reveal = (rank < revealed) & (x == self.mask_id)
-            x = torch.where(reveal, draw(logits), x)
-            report(i, x)
-        return x
-
-    def _sample_uniform(self, n: int, steps: int, denoise, draw, generator, report) -> Tensor:
-        """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
-        x0 with the temperature; where x0 differs from the current id, move to x0 with the D3PM
-        posterior odds q(x_s = x0 | x_t, x0) : q(x_s = x_t | x_t, x0), else keep the current id
-        (the posterior's jumps to a third, random id are left out: re-corruption keeps the current
-        ids). A cold x0 agrees with the current ids, so a lower temperature changes fewer ids;
-        at s = 0 the odds are 1 and every id becomes x0."""
-        k = self.cfg.codebook_size
-        num = self.cfg.grid_h * self.cfg.grid_w
-        x = randint(k, (n, num), device=self.device, generator=generator)
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            logits = denoise(x, t)
-            x0 = draw(logits)  # [n N]
-            tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
-            post = self.posterior(x, F.one_hot(x0, k), tt, ss)  # [n N k]
-            to_x0 = post.gather(-1, x0[..., None])[..., 0]
-            stay = post.gather(-1, x[..., None])[..., 0]
-            move = to_x0 / (to_x0 + stay)
-            u = rand(x.shape, device=x.device, generator=generator)
-            x = torch.where((x0 != x) & (u < move), x0, x)
-            report(i, x)
-        return x
-
-    def _sample_mask_and_replace(
-        self, n: int, steps: int, denoise, draw, generator, report, *, temperature: float, top_k=None, top_p=None
-    ) -> Tensor:
-        """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
-        x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t), p tempered by the temperature; s = 0 at the last
-        step leaves no mask."""
-        k = self.cfg.codebook_size
-        num = self.cfg.grid_h * self.cfg.grid_w
-        x = torch.full((n, num), self.mask_id, dtype=torch.long, device=self.device)
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            logits = denoise(x, t)
-            if temperature == 0:
-                p0 = F.one_hot(logits.argmax(-1), k).double()
-            else:
-                p0 = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
-            tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
-            probs = self.posterior(x, p0, tt, ss)  # [n N k+1]
-            x = sample_logits(probs.log(), generator=generator)
-            report(i, x)
-        return x
