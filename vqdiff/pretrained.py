@@ -17,6 +17,18 @@ image, so the grid is image_size / 2 ** (len(block_out_channels) - 1).
 
 Grey datasets go through an RGB VQModel by repeating the channel on the way in and averaging the
 three on the way out.
+
+Other diffusers utilities were weighed against the code they would replace, and left out:
+- `training_utils.EMAModel`: it averages parameters only; our weight EMA (`train._ema_update`)
+  also carries buffers (the quantizer's EMA codebook statistics), which a tokenizer needs.
+- `optimization.get_cosine_schedule_with_warmup`: a stateful LambdaLR that decays to zero; ours is
+  a pure function of the step with a floor (`schedules.warmup_cosine`), which resume relies on.
+- `VQDiffusionScheduler`: VQ-Diffusion's posterior under its own cumulative schedule; ours uses
+  the one gamma of `schedules` in training and sampling, for all three corruptions.
+- `utils.torch_utils.randn_tensor`: draws on the generator's device and moves, as `nn.rand` does,
+  but only Gaussian noise; the samplers need uniform noise and ids.
+- `ModelMixin`/`ConfigMixin` for our own models: the folder format (config.json with `kind` and
+  `format_version`, strict safetensors) is a fixed point of the project; `VQModel` is used as is.
 """
 
 from __future__ import annotations
