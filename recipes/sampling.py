@@ -175,8 +175,10 @@ def generate(
         if start == 0:
             frames.append(ids[:GIF_SAMPLES].cpu())
 
-    # the folder is about to hold other samples: its marker goes first, so a kill leaves no stale claim
-    (folder / "sample.json").unlink(missing_ok=True)
+    # the folder is about to hold other samples: its marker goes first, so a kill leaves no stale
+    # claim, and with it what describes the samples that were here (their FID, their trajectory)
+    for stale in ("sample.json", "metrics.json", "trajectory.gif"):
+        (folder / stale).unlink(missing_ok=True)
     sync(device)
     t0 = time.perf_counter()
     ids, images = sample_images(
@@ -188,10 +190,8 @@ def generate(
 
     save_pngs(images, folder)
     save_grid(images[:64], folder / "grid.png", nrow=8)
-    (folder / "trajectory.gif").unlink(missing_ok=True)
     if frames:
         save_trajectory_gif(tokenizer, frames, folder / "trajectory.gif")
-    (folder / "metrics.json").unlink(missing_ok=True)  # FID of the samples that were here
     save_tokens(folder / "ids.safetensors", ids, labels if labels is not None else torch.zeros(len(ids)), cfg.codebook_size)
     record_json = {
         "key": key,
