@@ -53,8 +53,8 @@ def save_trajectory_gif(tokenizer: torch.nn.Module, frames: list[torch.Tensor], 
     from PIL import Image
 
     pictures = []
-    for ids in frames:
-        picture = _picture(decode_partial(tokenizer, ids), nrow=4)
+    for images in decode_partial(tokenizer, torch.cat(frames)).split(len(frames[0])):  # one frame per step
+        picture = _picture(images, nrow=4)
         picture = picture.resize((picture.width * 2, picture.height * 2), Image.NEAREST)
         # an adaptive palette without dithering: the web palette would dither the grey into a checkerboard
         pictures.append(picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=256, dither=Image.Dither.NONE))
