@@ -60,7 +60,7 @@ class Run:
     run_dir: Path
     data_root: str | None = None
     device: str | None = None
-    _hashes: dict[tuple, str] = field(default_factory=dict, repr=False)
+    _hashes: dict[tuple, str] = field(default_factory=dict, init=False, repr=False)  # (path, mtime, size) -> hash
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
