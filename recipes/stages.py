@@ -8,6 +8,7 @@ the CLI and scripts have always found them.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,8 +101,9 @@ def save_reconstructions(model: torch.nn.Module, test_set: ImageSet, path, n: in
 # ------------------------------------------------------------------ tokens
 
 
-def tokens_current(run: Run) -> bool:
+def tokens_current(run: Run | Path) -> bool:
     """RUN/tokens/ holds both splits, encoded by the tokenizer that is there now."""
+    run = run if isinstance(run, Run) else Run(run)
     if not run.weights("tokenizer").exists():
         return False
     meta = run.fresh(run.tokens_meta_path, {"tokenizer_hash": run.tokenizer_hash})
