@@ -7,7 +7,10 @@ line and exit with code 1; tracebacks are for bugs.
 from __future__ import annotations
 
 import contextlib
+import errno
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -17,6 +20,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import stages
+from recipes.checks import check_device
+from recipes.lock import RunFolderError, run_lock
 from recipes.recipe import RecipeError, load_recipe
 from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
 
@@ -72,7 +77,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vqdiff.checkpoint import CheckpointError
     from vqdiff.data import DataError
 
-    errors: list[type[BaseException]] = [RecipeError, stages.StageError, CheckpointError, DataError]
+    from vqdiff.train import TrainingDiverged
+
+    errors: list[type[BaseException]] = [
+        RecipeError, stages.StageError, CheckpointError, DataError, RunFolderError, TrainingDiverged,
+    ]  # fmt: skip
     try:
         from evaluation import EvaluationError
 
@@ -82,17 +91,54 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `kill`) outside a training loop: handled like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
 @contextlib.contextmanager
 def edge() -> Iterator[None]:
-    """Turn domain errors into one red line and exit code 1."""
+    """Turn domain errors into one red line and exit code 1, and SIGINT/SIGTERM into the resume line."""
+    from vqdiff.train import TrainingInterrupted
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         yield
     except user_errors() as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: the last checkpoint is kept; run the same command to resume")
-        raise typer.Exit(130) from None
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        # a read-only or full disk met mid-stage: the environment, not a bug
+        where = f" {e.filename}" if e.filename else ""
+        fail(f"cannot write{where}: {e.strerror or e}")
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        if isinstance(e, TrainingInterrupted):
+            kept = f"step {e.step} is kept in {e.out_dir}"
+        else:
+            kept = "the last checkpoint is kept"
+        console.print(
+            f"[yellow]interrupted[/yellow] ({name}): {escape(kept)}; run the same command to resume", soft_wrap=True
+        )
+        raise typer.Exit(128 + signum) from None
+    finally:
+        if main:  # None: a handler set outside Python; the default is the nearest we can restore
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+# errno values that mean a path cannot be written (read-only, no permission, full, a file in the way), not a bug
+USER_OS_ERRORS = (
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+)  # fmt: skip
 
 
 def fail(message: str) -> None:
@@ -156,7 +202,7 @@ def _generator_stage(p: Progress, kind: str, r, ctx: "stages.Context") -> dict:
 
 def _context(recipe_name: str, run_dir: Optional[Path], sets, data_root, device) -> tuple:
     recipe = load_recipe(recipe_name, sets or [])
-    ctx = stages.Context(run_dir or stages.default_run_dir(recipe), data_root, device)
+    ctx = stages.Context(run_dir or stages.default_run_dir(recipe), data_root, check_device(device))
     return recipe, ctx
 
 
@@ -174,9 +220,10 @@ def train_tokenizer(
     """Train the VQ-VAE tokenizer, then write tokenizer/metrics.json and reconstructions.png."""
     with edge():
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
-        stages.write_recipe(r, ctx.run_dir)
-        with progress_bar() as p:
-            metrics = _tokenizer_stage(p, r, ctx)
+        with run_lock(ctx.run_dir):
+            stages.write_recipe(r, ctx.run_dir)
+            with progress_bar() as p:
+                metrics = _tokenizer_stage(p, r, ctx)
         out.print(
             f"tokenizer: psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f}, "
             f"perplexity {metrics['perplexity']:.1f} -> {ctx.run_dir / 'tokenizer'}"
@@ -187,8 +234,8 @@ def train_tokenizer(
 def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None) -> None:
     """Encode the train and test splits into token grids in RUN/tokens/."""
     with edge():
-        ctx = stages.Context(run, data_root, device)
-        with progress_bar() as p:
+        ctx = stages.Context(run, data_root, check_device(device))
+        with run_lock(run, create=False), progress_bar() as p:
             meta = stages.encode_dataset(ctx, batch_logger(p, "encode"))
         out.print(
             f"tokens: {meta['num_train']} train and {meta['num_test']} test grids of "
@@ -200,9 +247,10 @@ def _train_generator(kind: str, recipe, run_dir, set_, data_root, device) -> Non
     with edge():
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
         stages.tokenizer_meta(ctx.run_dir)  # fail before writing a recipe into a run without a tokenizer
-        stages.write_recipe(r, ctx.run_dir)
-        with progress_bar() as p:
-            metrics = _generator_stage(p, kind, r, ctx)
+        with run_lock(ctx.run_dir):
+            stages.write_recipe(r, ctx.run_dir)
+            with progress_bar() as p:
+                metrics = _generator_stage(p, kind, r, ctx)
         what = "exact" if metrics["kind"] == "exact" else "ELBO bound"
         out.print(
             f"{kind}: {metrics['bits_per_token']:.3f} bits per token on the test split ({what}) -> {ctx.run_dir / kind}",
@@ -232,7 +280,9 @@ def sample(
     generator: Annotated[str, typer.Option("--generator", "-g", help="ar or diffusion.")] = "diffusion",
     num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature, > 0.")] = 1.0,
-    steps: Annotated[Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes (AR ignores it).")] = None,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes, 1 to 1024 (AR ignores it).")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="AR: keep the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR: nucleus sampling.")] = None,
@@ -272,14 +322,24 @@ def sample(
         spec.validate()
         if gif and generator != "diffusion":
             console.print("note: --gif is for the diffusion generator; ignored")
-        ctx = stages.Context(run, None, device)
-        with progress_bar() as p:
+        if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+            fail(f"--out {out_dir} is a file; give a folder")
+        ctx = stages.Context(run, None, check_device(device))
+        # samples written into the run folder make this a writer; `--out elsewhere` only reads the run
+        # (prefix rows come from RUN/tokens, which is written first when missing)
+        writes_run = out_dir is None or _inside(out_dir, run) or (prefix_rows > 0 and not stages.tokens_current(run))
+        lock = run_lock(run, create=False) if writes_run else contextlib.nullcontext()
+        with lock, progress_bar() as p:
             result = stages.generate(ctx, spec, out=out_dir, gif=gif and generator == "diffusion", on_batch=batch_logger(p, f"sample {generator}"))
         out.print(
             f"{num} images from {generator} at {result.images_per_second:.1f} images/s "
             f"({result.forward_passes} forward passes each) -> {result.folder}",
             soft_wrap=True,
         )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _csv(value: Optional[str], cast, what: str):
@@ -363,7 +423,7 @@ def evaluate(
 ) -> None:
     """Sample each generator and setting, compute FID/KID/precision/recall, write RUN/report/."""
     with edge():
-        ctx = stages.Context(run, data_root, device)
+        ctx = stages.Context(run, data_root, check_device(device))
         recipe = stages.read_run_recipe(run)
         opts = stages.EvalOptions.from_recipe(
             recipe,
@@ -377,7 +437,8 @@ def evaluate(
             samplers=_csv(sampler, str, "--sampler"),
             eta=eta,
         )
-        _evaluate(ctx, opts, checkpoints)
+        with run_lock(run, create=False):
+            _evaluate(ctx, opts, checkpoints)
 
 
 @app.command("run")
@@ -394,11 +455,12 @@ def run_all(
     an interrupted one resumes."""
     import time
 
-    with edge():
+    with edge(), contextlib.ExitStack() as held:
         t0 = time.perf_counter()
         r, ctx = _context(recipe, run_dir, set_, data_root, device)
-        stages.write_recipe(r, ctx.run_dir)
         opts = stages.EvalOptions.from_recipe(r, extractor=extractor, inception_weights=inception_weights)
+        held.enter_context(run_lock(ctx.run_dir))  # every stage of the run, as one writer
+        stages.write_recipe(r, ctx.run_dir)
         timings = {}
         with progress_bar() as p:
             t = time.perf_counter()
@@ -440,7 +502,7 @@ def bench(
 
     with edge():
         r = load_recipe(recipe, set_ or [])
-        dev = default_device(device)
+        dev = default_device(check_device(device))
         result = run_bench(r, dev, quick=quick, progress=lambda what: console.print(f"bench: {what}..."))
         path = out_path or Path("runs") / f"bench-{r.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

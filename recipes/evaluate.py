@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 
 from recipes.recipe import EvaluateSection, Recipe
 from recipes.run import GENERATORS, Run, StageError, check_generator
-from recipes.sampling import Samples, SampleSpec, generate
+from recipes.sampling import MAX_SAMPLE_STEPS, Samples, SampleSpec, generate
 from vqdiff.checkpoint import read_config, read_json
 from vqdiff.data import from_uint8, to_uint8
 from vqdiff.diffusion import MASK_SAMPLERS
@@ -46,8 +47,12 @@ class EvalOptions(EvaluateSection):
             raise StageError(f"evaluate.curve_steps must be >= 1, got {self.curve_steps}")
         if any(s < 1 for s in self.steps) or not self.steps:
             raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
-        if any(not t > 0 for t in self.temperatures) or not self.temperatures:
-            raise StageError(f"--temperatures must be > 0, got {list(self.temperatures)}")
+        if any(s > MAX_SAMPLE_STEPS for s in self.steps):
+            raise StageError(f"--steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {list(self.steps)}")
+        if any(not (t > 0 and math.isfinite(t)) for t in self.temperatures) or not self.temperatures:
+            raise StageError(f"--temperatures must be > 0 and finite, got {list(self.temperatures)}")
+        if not (self.cfg > 0 and math.isfinite(self.cfg)):
+            raise StageError(f"--cfg must be > 0 and finite (1 = no guidance), got {self.cfg}")
         if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
             raise StageError(f"--sampler must be from {', '.join(MASK_SAMPLERS)}, got {list(self.samplers)}")
         if self.extractor not in ("auto", "classifier", "inception"):

@@ -37,6 +37,19 @@ class DataSection:
     limit_test: int = 0
     seed: int = 0  # for `shapes`
 
+    def __post_init__(self) -> None:
+        from vqdiff.data import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        for key in ("limit_train", "limit_test"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = all images), got {getattr(self, key)}")
+        if self.dataset == "folder" and not self.path:
+            raise ValueError('dataset = "folder" needs path = the image folder')
+
 
 @dataclass(frozen=True)
 class EvaluateSection:
@@ -110,7 +123,8 @@ def section_defaults(section: str) -> dict[str, Any]:
         out = {k: v for k, v in config_defaults(config_class(section)).items() if k not in DERIVED[section]}
     for schema in SCHEMAS[section][::-1]:
         out.update(config_defaults(schema))
-    return out
+    # a section holds what TOML gives back (lists), so that a recipe equals its own recipe.toml read again
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
@@ -261,13 +275,33 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
             merged[k] = v
         sections[section] = merged
     recipe = Recipe(name=name, sections=sections, source=source)
-    for section in ("tokenizer", "ar", "diffusion"):
-        recipe.train_config(section)  # validate now, not after an hour of training
-    recipe.data
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Check every section before any stage runs: a bad `diffusion.corruption` used to surface only
+    after the tokenizer and AR had trained (minutes on shapes, an hour on mnist)."""
+    recipe.data  # DataSection checks itself
     recipe.build(TokenizerExtras, "tokenizer")
     recipe.build(EvaluateSection, "evaluate")
-    check_samplers(sections["diffusion"]["sampler"], sections["evaluate"]["samplers"], sections["diffusion"]["eta"])
-    return recipe
+    for section in ("tokenizer", "ar", "diffusion"):
+        recipe.train_config(section)
+    check_samplers(recipe["diffusion"]["sampler"], recipe["evaluate"]["samplers"], recipe["diffusion"]["eta"])
+    d, tok = recipe["data"], recipe["tokenizer"]
+    # derived fields are only known once the data is loaded and the tokenizer trained; stand-ins that
+    # are valid whenever the real values are (the real ones are checked against a stated value later)
+    channels = tok.get("channels") or (3 if d["dataset"] == "cifar10" else 1)
+    tcfg = recipe.model_config("tokenizer", channels=channels, image_size=tok.get("image_size") or d["image_size"])
+    for section in ("ar", "diffusion"):
+        s = recipe[section]
+        stand_ins = {
+            "codebook_size": tcfg.codebook_size,
+            "grid_h": tcfg.grid[0],
+            "grid_w": tcfg.grid[1],
+            "num_classes": 10 if s["conditional"] else 0,
+        }
+        recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
 
 
 def check_samplers(sampler: str, samplers: list[str], eta: float) -> None:

@@ -7,6 +7,7 @@ same inputs is reused; any other content is replaced, never added to.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class SampleSpec:
     def validate(self) -> None:
         if self.generator not in GENERATORS:
             raise StageError(f"unknown generator {self.generator!r}; choose ar or diffusion")
+        check_sampling_values(self)
         if not self.temperature > 0:
             raise StageError(f"temperature must be > 0, got {self.temperature}")
         if self.steps < 1:
@@ -101,6 +103,21 @@ class SampleSpec:
         if self.generator == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != DEFAULT_CHOICE_TEMPERATURE:
             extras.append(f"ct{self.choice_temperature:g}")
         return "-".join([name, *extras])
+
+
+# one forward pass per step: the cost is linear in steps (--steps 100000 on 2 images ran for minutes)
+MAX_SAMPLE_STEPS = 1024
+
+
+def check_sampling_values(spec: "SampleSpec") -> None:
+    """Refuse inf and nan (they passed the > 0 checks and gave degenerate images with exit code 0),
+    and steps beyond MAX_SAMPLE_STEPS."""
+    for name in ("temperature", "cfg", "choice_temperature", "top_p"):
+        v = getattr(spec, name)
+        if v is not None and not math.isfinite(v):
+            raise StageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    if spec.steps > MAX_SAMPLE_STEPS:
+        raise StageError(f"steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {spec.steps}")
 
 
 @dataclass

@@ -29,14 +29,14 @@ from recipes.run import (
     tokenizer_meta,
     write_recipe,
 )
-from recipes.sampling import SampleSpec, Samples, generate
+from recipes.sampling import MAX_SAMPLE_STEPS, SampleSpec, Samples, check_sampling_values, generate
 from vqdiff.checkpoint import is_complete, model_class, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens, save_tokens
 from vqdiff.pipeline import decode, encode, measure_tokenizer
 from vqdiff.train import TensorSource, is_trained, seeded, train
 
 __all__ = [
-    "GENERATORS", "Context", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",
+    "GENERATORS", "MAX_SAMPLE_STEPS", "Context", "check_sampling_values", "tokens_current", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",
     "default_run_dir", "encode_dataset", "ensure_tokens", "evaluate", "generate", "generator_config", "learning_curve", "snapshots",
     "read_run_recipe", "save_grid", "save_pngs", "save_trajectory_gif", "sync", "tokenizer_meta",
     "train_generator", "train_tokenizer", "write_recipe",

@@ -113,10 +113,45 @@ def test_sample_ar_options(run):
         (["--steps", "0"], "steps must be >= 1"),
         (["--generator", "gan"], "unknown generator"),
         (["--class", "7"], "--class must be in [0, 3)"),
+        (["--cfg", "inf"], "--cfg must be a finite number"),
+        (["--temperature", "inf"], "--temperature must be a finite number"),
+        (["--choice-temperature", "nan"], "--choice-temperature must be a finite number"),
+        (["--steps", "100000"], "steps must be <= 1024"),
+        (["--device", "foo"], "--device 'foo'"),
+        (["-g", "ar", "--top-p", "nan"], "--top-p must be a finite number"),
     ],
 )
 def test_sample_bad_input(run, args, needle):
     one_line_error(invoke("sample", run, "-n", 2, *args), needle)
+
+
+def test_truncated_tokenizer_is_named(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    weights = copy / "tokenizer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    result = invoke("sample", copy, "-n", 2)
+    one_line_error(result, "tokenizer/model.safetensors", "truncated")
+    assert "diffusion" not in result.output  # the good generator is not blamed
+
+
+def test_sample_while_another_process_writes(run, tmp_path):
+    from recipes.lock import run_lock
+
+    with run_lock(run):
+        # a reader that writes elsewhere is not blocked; one that writes into the run folder is
+        ok(invoke("sample", run, "-n", 2, "--steps", 2, "--out", tmp_path / "elsewhere"))
+        assert (tmp_path / "elsewhere" / "grid.png").exists()
+        one_line_error(invoke("sample", run, "-n", 2, "--steps", 2), "in use by process")
+        one_line_error(invoke("evaluate", run, "--num", 40), "in use by process")
+        one_line_error(invoke("encode", run), "in use by process")
+        one_line_error(invoke("run", "shapes", "--run-dir", run, *sets(TINY)), "in use by process")
+
+
+def test_sample_out_is_a_file(run, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_error(invoke("sample", run, "-n", 2, "--out", f), "is a file")
 
 
 def test_mismatched_tokenizer_is_refused(run, tmp_path):
@@ -220,6 +255,8 @@ def test_evaluate_bad_input(run):
     one_line_error(invoke("evaluate", run, "--temperatures", "0"), "temperatures must be > 0")
     one_line_error(invoke("evaluate", run, "--generators", "gan"), "unknown generator")
     one_line_error(invoke("evaluate", run, "--extractor", "vgg"), "unknown extractor")
+    one_line_error(invoke("evaluate", run, "--steps", "5000"), "--steps must be <= 1024")
+    one_line_error(invoke("evaluate", run, "--temperatures", "inf"), "--temperatures must be > 0 and finite")
 
 
 def test_run_resumes_after_interruption(tmp_path, cache, monkeypatch):

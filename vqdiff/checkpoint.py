@@ -13,8 +13,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,13 +261,28 @@ def save_train_state(folder: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any] | None:
+    """The resumable state, unpickled with `weights_only=True`: run folders get shared and downloaded,
+    and a full unpickle runs whatever code a crafted file names. The state holds only tensors, numbers,
+    strings, None and containers of them, which the restricted unpickler allows."""
     path = Path(folder) / STATE_FILE
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a plain pickle also warns about its protocol; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # the restricted unpickler refused a global or an opcode: a file that wants to build arbitrary objects
+        lines = [line.strip() for line in str(e).splitlines()]
+        what = next((line for line in lines if "nsupported" in line), "a forbidden object")[:160]
+        raise CheckpointError(
+            f"{path} holds objects a training state never holds ({what}); refused to load it: delete it to restart"
+        ) from None
     except Exception as e:  # torch raises several types for a truncated zip
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it to restart") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a training state ({type(state).__name__}); delete it to restart")
+    return state
 
 
 _atomic_write = atomic_write  # the name before it was public

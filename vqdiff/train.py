@@ -15,6 +15,9 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -59,12 +62,22 @@ class TrainConfig:
     keep_every: int = 0  # > 0: keep the weights every N steps in OUT/history/ (learning curves); 0 = off
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        # steps = 0 used to exit 0 without a model; checkpoint_every or log_every = 0 divided by zero
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not 0.0 <= self.ema < 1.0:
@@ -74,6 +87,45 @@ class TrainConfig:
 
 
 TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss stopped training; the message is one line that says which step was kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training between two steps; `step` is the step kept in `out_dir`."""
+
+    def __init__(self, signum: int, step: int, out_dir: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: step {step} is kept in {out_dir}")
+        self.signum, self.step, self.out_dir = signum, step, out_dir
+
+
+class _DeferSignals:
+    """SIGINT and SIGTERM set a flag that the loop reads between steps, so that the state saved is
+    that of the last finished step (a step changes weights, optimiser and codebook buffers in turn,
+    and only the state between two steps is consistent). A second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_DeferSignals":
+        # handlers can only be set from the main thread; elsewhere the signals keep their behaviour
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # asked twice: stop now and keep the last checkpoint
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            # None: a handler set outside Python; the default is the nearest we can restore
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class BatchSource(Protocol):
@@ -262,11 +314,16 @@ def train(
     window_t, window_items = time.perf_counter(), 0
     model.train()
     # a step changes the weights, the optimiser and buffers (codebook statistics) in turn: only a
-    # state between two steps is consistent, so an interruption inside a step keeps the last checkpoint
+    # state between two steps is consistent, so SIGINT and SIGTERM are acted on between steps, and a
+    # crash (or a second signal) inside a step keeps the last checkpoint
     between_steps = True
     try:
-        with open(log_path, "a") as log_file:
+        with open(log_path, "a") as log_file, _DeferSignals() as signals:
             while step < last_end:
+                if signals.signum is not None:
+                    if saved < step:
+                        checkpoint(step)
+                    raise TrainingInterrupted(signals.signum, step, out_dir)
                 between_steps = False
                 torch.manual_seed(step_seed(cfg.seed, step))
                 batch = data.batch(batch_indices(len(data), cfg.batch_size, step, cfg.seed))
@@ -277,7 +334,12 @@ def train(
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss, step_logs = loss_fn(batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; last good checkpoint kept in {out_dir}")
+                    # the forward may have moved codebook buffers already: keep the last checkpoint, and say which
+                    kept = f"step {saved} is kept in {out_dir}" if saved > 0 else f"no step was kept in {out_dir}"
+                    raise TrainingDiverged(
+                        f"training stopped: the loss is {loss.item()} at step {step + 1}; {kept}; "
+                        "lower lr or raise warmup_steps"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = (
@@ -309,7 +371,13 @@ def train(
                     keep(step)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     checkpoint(step)
-    except BaseException:  # Ctrl-C, a crash, a non-finite loss: keep the last finished step
+            if signals.signum is not None:  # a signal during the last step: the caller must still stop
+                if saved < step:
+                    checkpoint(step)
+                raise TrainingInterrupted(signals.signum, step, out_dir)
+    except TrainingDiverged:
+        raise  # inside a step: the last checkpoint is what is kept, as its message says
+    except BaseException:  # a second Ctrl-C, a crash: keep the last finished step
         if between_steps and saved < step:
             checkpoint(step)
         raise
