@@ -196,3 +196,33 @@ def run_bench(recipe: Recipe, device: torch.device, quick: bool = False, progres
         "features": features,
         "matmul_peak_flops": peaks,
     }
+
+
+def bench_table(result: dict[str, Any], name: str):
+    """`run_bench`'s result as a rich table, for the terminal."""
+    from rich.table import Table
+
+    t = Table(title=f"vqdiff bench: {name} on {result['device']}", title_justify="left")
+    for col in ("what", "setting", "batch", "images/s", "detail"):
+        t.add_column(col, justify="left" if col in ("what", "setting", "detail") else "right")
+    for row in result["sampling"]:
+        if row["what"] == "decode":
+            t.add_row("decode", "tokenizer", str(row["batch"]), f"{row['images_per_second']:.1f}", "")
+            continue
+        if row["generator"] == "ar":
+            setting = "ar, KV cache" if row["kv_cache"] else "ar, no cache"
+        else:
+            setting = f"diffusion, {row['steps']} steps"
+        t.add_row("sample", setting, str(row["batch"]), f"{row['images_per_second']:.1f}",
+                  f"{row['forward_passes']} passes")  # fmt: skip
+    for row in result["training"]:
+        unit = "pixels" if row["model"] == "tokenizer" else "tokens"
+        t.add_row(
+            "train", f"{row['model']} ({row['parameters'] / 1e6:.2f}M, {row['dtype']})", str(row["batch"]),
+            f"{row['items_per_second']:.1f}",
+            f"{row['tokens_per_second']:.3g} {unit}/s, {row['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+            f"{100 * row['fraction_of_peak']:.0f}% of matmul peak {row['matmul_peak_flops'] / 1e9:.0f}",
+        )  # fmt: skip
+    for row in result["features"]:
+        t.add_row("features", row["extractor"], str(row["batch"]), f"{row['images_per_second']:.1f}", "")
+    return t

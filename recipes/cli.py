@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import signal
 import sys
 import threading
@@ -17,11 +18,12 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from recipes import stages
 from recipes.checks import check_device
 from recipes.lock import RunFolderError, run_lock
+from recipes.progress import batch_logger, progress_bars, train_logger
 from recipes.recipe import RecipeError, load_recipe
 from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
 
@@ -56,6 +58,7 @@ app.add_typer(train_app, name="train")
 # rich wraps at 80 columns when not on a terminal (CI logs, pipes); reports read better wider
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 out = Console(width=None if sys.stdout.isatty() else 140)
+progress_bar = functools.partial(progress_bars, console)
 
 
 # ------------------------------------------------------------------ shared options
@@ -144,48 +147,6 @@ USER_OS_ERRORS = (
 def fail(message: str) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
-
-
-@contextlib.contextmanager
-def progress_bar() -> Iterator[Progress]:
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console) as p:
-        yield p
-
-
-def train_logger(p: Progress, description: str, total: int, unit: str):
-    """An on_log callback that draws a bar; the task appears with the first log (not before errors)."""
-    task = None
-
-    def on_log(step: int, logs: dict) -> None:
-        nonlocal task
-        if task is None:
-            task = p.add_task(description, total=total, info="")
-        extra = f" psnr {logs['psnr']:.2f}" if "psnr" in logs else ""
-        extra += f" usage {logs['usage']:.2f}" if "usage" in logs else ""
-        p.update(task, completed=step, info=f"loss {logs['loss']:.4f}{extra} | {logs['items_per_s']:.0f} {unit}/s")
-
-    return on_log
-
-
-def batch_logger(p: Progress, description: str):
-    """An on_batch(done, total) callback that draws a bar from its first call on."""
-    task = None
-
-    def on_batch(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            task = p.add_task(description, total=total, info="")
-        p.update(task, completed=done, total=total)
-
-    return on_batch
 
 
 def _tokenizer_stage(p: Progress, r, ctx: "stages.Context") -> dict:
@@ -352,28 +313,9 @@ def _csv(value: Optional[str], cast, what: str):
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
+    from recipes.report import results_table
 
-    from recipes.report import setting
-
-    tok = report["tokenizer"]
-    title = (
-        f"{report['recipe']}: {report['num_samples']} samples per setting, extractor {report['extractor']} "
-        f"({report['extractor_hash']})"
-    )
-    table = Table(title=title, title_justify="left")
-    for col in ("setting", "FID", "KID", "precision", "recall", "images/s", "passes"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
-    for r in report["results"]:
-        kid = f"{r['kid']:.3f}" if r.get("kid") is not None else "-"
-        table.add_row(
-            setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
-            f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",
-            str(r["forward_passes"]),
-        )  # fmt: skip
-    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
-    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
-    out.print(table)
+    out.print(results_table(report))
     out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
 
 
@@ -492,45 +434,16 @@ def bench(
     device: DeviceOpt = None,
 ) -> None:
     """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s."""
-    import json
-
-    import torch
-    from rich.table import Table
-
-    from recipes.bench import run_bench
-    from vqdiff.checkpoint import default_device
+    from recipes.bench import bench_table, run_bench
+    from vqdiff.checkpoint import default_device, write_json
 
     with edge():
         r = load_recipe(recipe, set_ or [])
         dev = default_device(check_device(device))
         result = run_bench(r, dev, quick=quick, progress=lambda what: console.print(f"bench: {what}..."))
         path = out_path or Path("runs") / f"bench-{r.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        t = Table(title=f"vqdiff bench: {r.name} on {result['device']}", title_justify="left")
-        for col in ("what", "setting", "batch", "images/s", "detail"):
-            t.add_column(col, justify="left" if col in ("what", "setting", "detail") else "right")
-        for row in result["sampling"]:
-            if row["what"] == "decode":
-                t.add_row("decode", "tokenizer", str(row["batch"]), f"{row['images_per_second']:.1f}", "")
-                continue
-            if row["generator"] == "ar":
-                setting = "ar, KV cache" if row["kv_cache"] else "ar, no cache"
-            else:
-                setting = f"diffusion, {row['steps']} steps"
-            t.add_row("sample", setting, str(row["batch"]), f"{row['images_per_second']:.1f}",
-                      f"{row['forward_passes']} passes")  # fmt: skip
-        for row in result["training"]:
-            unit = "pixels" if row["model"] == "tokenizer" else "tokens"
-            t.add_row(
-                "train", f"{row['model']} ({row['parameters'] / 1e6:.2f}M, {row['dtype']})", str(row["batch"]),
-                f"{row['items_per_second']:.1f}",
-                f"{row['tokens_per_second']:.3g} {unit}/s, {row['achieved_flops'] / 1e9:.1f} GFLOP/s = "
-                f"{100 * row['fraction_of_peak']:.0f}% of matmul peak {row['matmul_peak_flops'] / 1e9:.0f}",
-            )  # fmt: skip
-        for row in result["features"]:
-            t.add_row("features", row["extractor"], str(row["batch"]), f"{row['images_per_second']:.1f}", "")
-        out.print(t)
+        write_json(path, result)
+        out.print(bench_table(result, r.name))
         out.print(f"bench -> {path}", soft_wrap=True)
 
 

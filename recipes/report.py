@@ -36,6 +36,30 @@ def best_sentence(results: list[dict[str, Any]]) -> list[str]:
     return [text + ".", ""]
 
 
+def results_table(report: dict[str, Any]):
+    """The results as a rich table, for the terminal: one row a setting, then the context rows."""
+    from rich.table import Table
+
+    tok = report["tokenizer"]
+    title = (
+        f"{report['recipe']}: {report['num_samples']} samples per setting, extractor {report['extractor']} "
+        f"({report['extractor_hash']})"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("setting", "FID", "KID", "precision", "recall", "images/s", "passes"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in report["results"]:
+        kid = f"{r['kid']:.3f}" if r.get("kid") is not None else "-"
+        table.add_row(
+            setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
+            f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",
+            str(r["forward_passes"]),
+        )  # fmt: skip
+    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
+    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
+    return table
+
+
 def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     import matplotlib
 
