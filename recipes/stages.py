@@ -30,7 +30,7 @@ from recipes.run import (
     write_recipe,
 )
 from recipes.sampling import MAX_SAMPLE_STEPS, SampleSpec, Samples, check_sampling_values, generate
-from vqdiff.checkpoint import is_complete, model_class, read_config, read_json, save_model, write_json
+from vqdiff.checkpoint import file_digest, is_complete, model_class, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens, save_tokens
 from vqdiff.pipeline import decode, encode, measure_tokenizer
 from vqdiff.train import TensorSource, is_trained, seeded, train
@@ -200,3 +200,18 @@ def test_bits_per_token(model: Any, run: Run, max_grids: int, batch_size: int = 
         "num_grids": len(ids),
         "conditional": model.cfg.num_classes > 0,
     }
+
+
+# ------------------------------------------------------------------ the names scripts used before `Run`
+
+
+def load_tokenizer(run_dir: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    return Run(run_dir).load_tokenizer(device)
+
+
+def load_generator(run_dir: Path, kind: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    return Run(run_dir).load_generator(kind, device)
+
+
+generator_class = check_generator
+file_hash = file_digest
