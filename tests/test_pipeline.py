@@ -89,3 +89,18 @@ def test_encode_decode_and_partial_grids():
     shown = decode_partial(tok, partial)
     assert (shown[:, :, :F, :F] == 0).all()
     assert torch.equal(shown[:, :, F:, :], decode(tok, partial.clamp_max(K - 1))[:, :, F:, :])
+
+
+def test_noise_comes_from_a_cpu_generator_whatever_the_model_device(monkeypatch):
+    """The CPU-generator design of vqdiff.nn: the same seed gives the same noise on any device."""
+    gen, seen = generator("diffusion"), []
+
+    def spy(n, **kw):
+        seen.append(kw["generator"].device)
+        return torch.zeros(n, H, H, dtype=torch.long)
+
+    monkeypatch.setattr(gen, "sample", spy)
+    # a model that says it is on a GPU: a generator made on the model's device would be a CUDA one
+    monkeypatch.setattr(type(gen), "device", property(lambda self: torch.device("cuda")))
+    sample_ids(gen, 3, steps=2, batch_size=2)
+    assert seen == [torch.device("cpu")] * 2
