@@ -18,12 +18,11 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 
 from recipes import stages
 from recipes.checks import check_device
 from recipes.lock import RunFolderError, run_lock
-from recipes.progress import batch_logger, progress_bars, train_logger
+from recipes.progress import batch_logger, generator_stage, progress_bars, tokenizer_stage
 from recipes.recipe import RecipeError, load_recipe
 from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
 
@@ -149,18 +148,6 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _tokenizer_stage(p: Progress, r, ctx: "stages.Context") -> dict:
-    return stages.train_tokenizer(
-        r, ctx, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
-    )
-
-
-def _generator_stage(p: Progress, kind: str, r, ctx: "stages.Context") -> dict:
-    return stages.train_generator(
-        kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"), on_batch=batch_logger(p, "encode")
-    )
-
-
 def _context(recipe_name: str, run_dir: Optional[Path], sets, data_root, device) -> tuple:
     recipe = load_recipe(recipe_name, sets or [])
     ctx = stages.Context(run_dir or stages.default_run_dir(recipe), data_root, check_device(device))
@@ -184,7 +171,7 @@ def train_tokenizer(
         with run_lock(ctx.run_dir):
             stages.write_recipe(r, ctx.run_dir)
             with progress_bar() as p:
-                metrics = _tokenizer_stage(p, r, ctx)
+                metrics = tokenizer_stage(p, r, ctx)
         out.print(
             f"tokenizer: psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f}, "
             f"perplexity {metrics['perplexity']:.1f} -> {ctx.run_dir / 'tokenizer'}"
@@ -211,7 +198,7 @@ def _train_generator(kind: str, recipe, run_dir, set_, data_root, device) -> Non
         with run_lock(ctx.run_dir):
             stages.write_recipe(r, ctx.run_dir)
             with progress_bar() as p:
-                metrics = _generator_stage(p, kind, r, ctx)
+                metrics = generator_stage(p, kind, r, ctx)
         what = "exact" if metrics["kind"] == "exact" else "ELBO bound"
         out.print(
             f"{kind}: {metrics['bits_per_token']:.3f} bits per token on the test split ({what}) -> {ctx.run_dir / kind}",
@@ -270,11 +257,7 @@ def sample(
     with edge():
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
-        diffusion_section = stages.read_run_recipe(run)["diffusion"] if (run / "recipe.toml").exists() else {}
-        if sampler is None:
-            sampler = diffusion_section.get("sampler", "maskgit")
-        if eta is None:
-            eta = diffusion_section.get("eta", 0.0) if sampler == "ancestral" else 0.0
+        sampler, eta = stages.recipe_sampler(run, sampler, eta)
         spec = stages.SampleSpec(
             generator=generator, num=num, temperature=temperature, steps=steps if steps is not None else 8, seed=seed,
             top_k=top_k, top_p=top_p, class_=class_, cfg=cfg, prefix_rows=prefix_rows, batch_size=batch_size,
@@ -406,7 +389,7 @@ def run_all(
         timings = {}
         with progress_bar() as p:
             t = time.perf_counter()
-            m = _tokenizer_stage(p, r, ctx)
+            m = tokenizer_stage(p, r, ctx)
             timings["tokenizer"] = time.perf_counter() - t
             p.console.print(f"tokenizer: psnr {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.3f}")
             t = time.perf_counter()
@@ -414,7 +397,7 @@ def run_all(
             timings["encode"] = time.perf_counter() - t
             for kind in stages.GENERATORS:
                 t = time.perf_counter()
-                m = _generator_stage(p, kind, r, ctx)
+                m = generator_stage(p, kind, r, ctx)
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
         t = time.perf_counter()
@@ -432,8 +415,16 @@ def bench(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="JSON file. [default: runs/bench-<recipe>.json]")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Short timings (a smoke run, not a measurement).")] = False,
     device: DeviceOpt = None,
+    run: Annotated[Optional[Path], typer.Argument(help="With RECIPE = compress: the run whose codec is measured.")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="compress: test images (0 = all). [default: 1000]")] = None,
 ) -> None:
-    """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s."""
+    """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s.
+    `vqdiff bench compress RUN`: the run's codec against PNG, WebP and JPEG on the test split."""
+    if recipe == "compress":  # the coder runs on the CPU in fp32 by design, so --device does not apply
+        return codec.bench(run, out_path, num, quick)
+    if run is not None or num is not None:
+        fail("a run folder and --num are for `vqdiff bench compress RUN`")
+
     from recipes.bench import bench_table, run_bench
     from vqdiff.checkpoint import default_device, write_json
 
@@ -445,6 +436,11 @@ def bench(
         write_json(path, result)
         out.print(bench_table(result, r.name))
         out.print(f"bench -> {path}", soft_wrap=True)
+
+
+from recipes import codec  # noqa: E402  (compress, decompress: registered here, defined there)
+
+codec.register(app)
 
 
 def main() -> None:

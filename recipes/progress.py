@@ -1,4 +1,5 @@
-"""Progress bars of the CLI: callbacks that the stages call (on_log, on_batch), drawn with rich."""
+"""Progress bars of the CLI: callbacks that the stages call (on_log, on_batch), drawn with rich, and the
+training stages run with them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from recipes import stages
 
 
 @contextlib.contextmanager
@@ -50,3 +53,16 @@ def batch_logger(p: Progress, description: str):
         p.update(task, completed=done, total=total)
 
     return on_batch
+
+
+# the training stages with their bars (`stages.X` looked up at call time, so tests can stand in for a stage)
+def tokenizer_stage(p: Progress, r, run) -> dict:
+    return stages.train_tokenizer(
+        r, run, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
+    )
+
+
+def generator_stage(p: Progress, kind: str, r, run) -> dict:
+    return stages.train_generator(
+        kind, r, run, on_log=train_logger(p, kind, r[kind]["steps"], "grids"), on_batch=batch_logger(p, "encode")
+    )

@@ -105,6 +105,16 @@ class SampleSpec:
         return "-".join([name, *extras])
 
 
+def recipe_sampler(run_dir: Path, sampler: str | None, eta: float | None) -> tuple[str, float]:
+    """--sampler and --eta, each defaulting to the run's recipe (diffusion.sampler, diffusion.eta)."""
+    recipe_path = Run(run_dir).recipe_path
+    section = Run(run_dir).read_recipe()["diffusion"] if recipe_path.exists() else {}
+    sampler = sampler if sampler is not None else section.get("sampler", "maskgit")
+    if eta is None:
+        eta = section.get("eta", 0.0) if sampler == "ancestral" else 0.0
+    return sampler, eta
+
+
 # one forward pass per step: the cost is linear in steps (--steps 100000 on 2 images ran for minutes)
 MAX_SAMPLE_STEPS = 1024
 

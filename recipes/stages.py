@@ -29,7 +29,7 @@ from recipes.run import (
     tokenizer_meta,
     write_recipe,
 )
-from recipes.sampling import MAX_SAMPLE_STEPS, SampleSpec, Samples, check_sampling_values, generate
+from recipes.sampling import MAX_SAMPLE_STEPS, SampleSpec, Samples, check_sampling_values, generate, recipe_sampler
 from vqdiff.checkpoint import file_digest, is_complete, model_class, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens, save_tokens
 from vqdiff.pipeline import decode, encode, measure_tokenizer
@@ -38,7 +38,7 @@ from vqdiff.train import TensorSource, is_trained, seeded, train
 __all__ = [
     "GENERATORS", "MAX_SAMPLE_STEPS", "Context", "check_sampling_values", "tokens_current", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",
     "default_run_dir", "encode_dataset", "ensure_tokens", "evaluate", "generate", "generator_config", "learning_curve", "snapshots",
-    "read_run_recipe", "save_grid", "save_pngs", "save_trajectory_gif", "sync", "tokenizer_meta",
+    "read_run_recipe", "recipe_sampler", "save_grid", "save_pngs", "save_trajectory_gif", "sync", "tokenizer_meta",
     "train_generator", "train_tokenizer", "write_recipe",
 ]  # fmt: skip
 
@@ -211,6 +211,10 @@ def load_tokenizer(run_dir: Path, device: torch.device | str = "cpu") -> torch.n
 
 def load_generator(run_dir: Path, kind: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     return Run(run_dir).load_generator(kind, device)
+
+
+def load_split(recipe: Recipe, split: str, run: Run) -> ImageSet:
+    return run.load_split(recipe, split)
 
 
 generator_class = check_generator

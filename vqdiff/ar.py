@@ -127,7 +127,7 @@ class ARTransformer(nn.Module):
         pending = ids  # tokens the cache has not seen yet (the whole prefix at first)
         for i in range(ids.shape[1], num):
             if cache is not None:
-                logits = self.trunk(double(pending), labels, cache=cache)[:, -1]  # [n k] (x2 if guided)
+                logits = self.next_logits(double(pending), labels, cache)  # [n k] (x2 if guided)
             else:
                 logits = self.trunk(double(ids), labels)[:, -1]
             if guided:
@@ -139,6 +139,16 @@ class ARTransformer(nn.Module):
                 rest = torch.full((n, num - ids.shape[1]), cfg.codebook_size, dtype=torch.long, device=device)
                 callback(i, rearrange(torch.cat([ids, rest], 1), "n (h w) -> n h w", h=h))
         return rearrange(ids, "n (h w) -> n h w", h=h, w=w)
+
+    def next_logits(self, new: Tensor, labels: Tensor | None, cache: KVCache) -> Tensor:
+        """Logits float [b k] of the next grid cell, after feeding `new` through the KV cache.
+
+        new: long [b m] in [0, k), the cells the cache has not seen yet (m = 0 on the first call,
+        which feeds the class token alone). labels: long [b] in [0, num_classes], or None (null);
+        used on the first call only. This one-token-at-a-time path is shared by `sample` and by
+        the entropy coder (vqdiff.compress), whose encoder and decoder must compute the same floats.
+        """
+        return self.trunk(new, labels, cache=cache)[:, -1]
 
     @torch.no_grad()
     def bits_per_token(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict:

@@ -167,6 +167,16 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(Path(path), w)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file atomically (e.g. a compressed .vqd file or a PNG)."""
+
+    def w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(Path(path), w)
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
