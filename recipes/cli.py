@@ -232,8 +232,8 @@ def sample(
         Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes, 1 to 1024 (AR ignores it).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="AR: keep the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR: nucleus sampling.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (both generators).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling (both generators).")] = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Class to generate (conditional models).")] = None,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")] = 1.0,
     prefix_rows: Annotated[int, typer.Option("--prefix-rows", help="AR: keep the first R token rows of test images.")] = 0,
