@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from torch import nn
 from evaluation.common import EvaluationError, Progress, sha256_file, sha256_json
 from vqdiff.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
 from vqdiff.data import ImageSet, from_uint8
+from vqdiff.schedules import warmup_cosine
+from vqdiff.train import seeded
 
 ARCH = "cnn3-bn-v1"  # part of the cache key: change it when `Classifier` changes
 WEIGHTS_FILE = "model.safetensors"
@@ -103,11 +104,8 @@ class Classifier(nn.Module):
 
 
 def _lr_factor(step: int, steps: int) -> float:
-    # short linear warmup, then cosine to zero
-    warmup = max(1, min(100, steps // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    # short linear warmup, then cosine to zero: the training loop's schedule with its own warmup
+    return warmup_cosine(step, steps=steps, warmup=max(1, min(100, steps // 10)))
 
 
 @contextlib.contextmanager
@@ -150,8 +148,7 @@ def train_classifier(
 
 def _train(train_set: ImageSet, cfg: ClassifierConfig, device: torch.device, progress: Progress | None) -> Classifier:
     r = cfg.recipe
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(r.seed)
+    with seeded(r.seed):
         model = Classifier(cfg)
     model.to(device).train()
     g = torch.Generator().manual_seed(r.seed)

@@ -10,6 +10,9 @@ from typing import Any, Callable
 
 import torch
 
+# one hash of a file and one default device for the whole project (the library's)
+from vqdiff.checkpoint import default_device, file_digest as sha256_file  # noqa: F401  (re-exported)
+
 CACHE_ENV = "VQDIFF_CACHE"
 HASH_CHARS = 12  # short hex: 48 bits, plenty to tell weights apart
 
@@ -30,14 +33,6 @@ def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path("~/.cache/vqdiff").expanduser()
 
 
-def sha256_file(path: str | Path, chars: int = HASH_CHARS) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:chars]
-
-
 def sha256_json(obj: Any, chars: int = 10) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:chars]
@@ -49,9 +44,3 @@ def sha256_tensor(x: torch.Tensor, chars: int = 8) -> str:
     h = hashlib.sha256(f"{tuple(x.shape)}{x.dtype}".encode())
     h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
     return h.hexdigest()[:chars]
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

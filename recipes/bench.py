@@ -13,7 +13,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from recipes.recipe import Recipe
-from recipes.stages import generator_class, generator_config, sync
+from recipes.run import check_generator, sync
+from recipes.stages import generator_config
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import autocast_dtype, make_optimizer
 
@@ -50,20 +51,20 @@ def build_models(recipe: Recipe, device: torch.device, channels: int = 1, num_cl
     tcfg: TokenizerConfig = recipe.model_config("tokenizer", channels=channels, image_size=recipe["data"]["image_size"])
     tokenizer = VQTokenizer(tcfg).to(device).eval()
     meta = {"codebook_size": tcfg.codebook_size, "grid": list(tcfg.grid), "num_classes": num_classes}
-    gens = {k: generator_class(k)(generator_config(k, recipe, meta)).to(device).eval() for k in ("ar", "diffusion")}
+    gens = {k: check_generator(k)(generator_config(k, recipe, meta)).to(device).eval() for k in ("ar", "diffusion")}
     return BenchModels(tokenizer, gens)
 
 
 def bench_sampling(models: BenchModels, device: torch.device, batches=(1, 64), steps=(4, 8, 16), min_seconds=1.0):
     rows = []
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # on the CPU, as `vqdiff.pipeline` samples
     ar = models.generators["ar"]
     diff = models.generators["diffusion"]
     for b in batches:
         for cached in (True, False):
             s = timeit(lambda: ar.sample(b, use_cache=cached, generator=gen), device, min_seconds)
             rows.append({"what": "sample", "generator": "ar", "kv_cache": cached, "steps": None, "batch": b,
-                         "forward_passes": ar.forward_passes(0), "images_per_second": b / s})  # fmt: skip
+                         "forward_passes": ar.forward_passes(), "images_per_second": b / s})  # fmt: skip
         for st in steps:
             s = timeit(lambda: diff.sample(b, steps=st, generator=gen), device, min_seconds)
             rows.append({"what": "sample", "generator": "diffusion", "kv_cache": None, "steps": st, "batch": b,
@@ -195,3 +196,33 @@ def run_bench(recipe: Recipe, device: torch.device, quick: bool = False, progres
         "features": features,
         "matmul_peak_flops": peaks,
     }
+
+
+def bench_table(result: dict[str, Any], name: str):
+    """`run_bench`'s result as a rich table, for the terminal."""
+    from rich.table import Table
+
+    t = Table(title=f"vqdiff bench: {name} on {result['device']}", title_justify="left")
+    for col in ("what", "setting", "batch", "images/s", "detail"):
+        t.add_column(col, justify="left" if col in ("what", "setting", "detail") else "right")
+    for row in result["sampling"]:
+        if row["what"] == "decode":
+            t.add_row("decode", "tokenizer", str(row["batch"]), f"{row['images_per_second']:.1f}", "")
+            continue
+        if row["generator"] == "ar":
+            setting = "ar, KV cache" if row["kv_cache"] else "ar, no cache"
+        else:
+            setting = f"diffusion, {row['steps']} steps"
+        t.add_row("sample", setting, str(row["batch"]), f"{row['images_per_second']:.1f}",
+                  f"{row['forward_passes']} passes")  # fmt: skip
+    for row in result["training"]:
+        unit = "pixels" if row["model"] == "tokenizer" else "tokens"
+        t.add_row(
+            "train", f"{row['model']} ({row['parameters'] / 1e6:.2f}M, {row['dtype']})", str(row["batch"]),
+            f"{row['items_per_second']:.1f}",
+            f"{row['tokens_per_second']:.3g} {unit}/s, {row['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+            f"{100 * row['fraction_of_peak']:.0f}% of matmul peak {row['matmul_peak_flops'] / 1e9:.0f}",
+        )  # fmt: skip
+    for row in result["features"]:
+        t.add_row("features", row["extractor"], str(row["batch"]), f"{row['images_per_second']:.1f}", "")
+    return t

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import signal
 import sys
 import threading
@@ -17,12 +18,13 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from recipes import stages
 from recipes.checks import check_device
 from recipes.lock import RunFolderError, run_lock
+from recipes.progress import batch_logger, generator_stage, progress_bars, tokenizer_stage
 from recipes.recipe import RecipeError, load_recipe
+from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
 
 app = typer.Typer(
     name="vqdiff",
@@ -55,6 +57,7 @@ app.add_typer(train_app, name="train")
 # rich wraps at 80 columns when not on a terminal (CI logs, pipes); reports read better wider
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 out = Console(width=None if sys.stdout.isatty() else 140)
+progress_bar = functools.partial(progress_bars, console)
 
 
 # ------------------------------------------------------------------ shared options
@@ -145,60 +148,6 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-@contextlib.contextmanager
-def progress_bar() -> Iterator[Progress]:
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console) as p:
-        yield p
-
-
-def train_logger(p: Progress, description: str, total: int, unit: str):
-    """An on_log callback that draws a bar; the task appears with the first log (not before errors)."""
-    task = None
-
-    def on_log(step: int, logs: dict) -> None:
-        nonlocal task
-        if task is None:
-            task = p.add_task(description, total=total, info="")
-        extra = f" psnr {logs['psnr']:.2f}" if "psnr" in logs else ""
-        extra += f" usage {logs['usage']:.2f}" if "usage" in logs else ""
-        p.update(task, completed=step, info=f"loss {logs['loss']:.4f}{extra} | {logs['items_per_s']:.0f} {unit}/s")
-
-    return on_log
-
-
-def batch_logger(p: Progress, description: str):
-    """An on_batch(done, total) callback that draws a bar from its first call on."""
-    task = None
-
-    def on_batch(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            task = p.add_task(description, total=total, info="")
-        p.update(task, completed=done, total=total)
-
-    return on_batch
-
-
-def _tokenizer_stage(p: Progress, r, ctx: "stages.Context") -> dict:
-    return stages.train_tokenizer(
-        r, ctx, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
-    )
-
-
-def _generator_stage(p: Progress, kind: str, r, ctx: "stages.Context") -> dict:
-    return stages.train_generator(
-        kind, r, ctx, on_log=train_logger(p, kind, r[kind]["steps"], "grids"), on_batch=batch_logger(p, "encode")
-    )
-
-
 def _context(recipe_name: str, run_dir: Optional[Path], sets, data_root, device) -> tuple:
     recipe = load_recipe(recipe_name, sets or [])
     ctx = stages.Context(run_dir or stages.default_run_dir(recipe), data_root, check_device(device))
@@ -243,7 +192,7 @@ def train_tokenizer(
         with writer_lock(ctx.run_dir):
             stages.write_recipe(r, ctx.run_dir)
             with progress_bar() as p:
-                metrics = _tokenizer_stage(p, r, ctx)
+                metrics = tokenizer_stage(p, r, ctx)
         out.print(
             f"tokenizer: psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f}, "
             f"perplexity {metrics['perplexity']:.1f} -> {ctx.run_dir / 'tokenizer'}"
@@ -277,7 +226,7 @@ def _train_generator(kind: str, recipe, run_dir, set_, data_root, device) -> Non
         with writer_lock(ctx.run_dir):
             stages.write_recipe(r, ctx.run_dir)
             with progress_bar() as p:
-                metrics = _generator_stage(p, kind, r, ctx)
+                metrics = generator_stage(p, kind, r, ctx)
         what = "exact" if metrics["kind"] == "exact" else "ELBO bound"
         out.print(
             f"{kind}: {metrics['bits_per_token']:.3f} bits per token on the test split ({what}) -> {ctx.run_dir / kind}",
@@ -311,8 +260,8 @@ def sample(
         Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes, 1 to 1024 (AR ignores it).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="AR: keep the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR: nucleus sampling.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (both generators).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling (both generators).")] = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Class to generate (conditional models).")] = None,
     cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale (1 = none).")] = 1.0,
     prefix_rows: Annotated[int, typer.Option("--prefix-rows", help="AR: keep the first R token rows of test images.")] = 0,
@@ -322,7 +271,7 @@ def sample(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="AR: recompute every step without the KV cache.")] = False,
     choice_temperature: Annotated[
         float, typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences, MaskGIT's 4.5.")
-    ] = 4.5,
+    ] = DEFAULT_CHOICE_TEMPERATURE,
     sampler: Annotated[
         Optional[str],
         typer.Option("--sampler", help="Diffusion (mask): maskgit | ancestral | halton. [default: the recipe's diffusion.sampler]"),
@@ -336,11 +285,7 @@ def sample(
     with edge():
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
-        diffusion_section = stages.read_run_recipe(run)["diffusion"] if (run / "recipe.toml").exists() else {}
-        if sampler is None:
-            sampler = diffusion_section.get("sampler", "maskgit")
-        if eta is None:
-            eta = diffusion_section.get("eta", 0.0) if sampler == "ancestral" else 0.0
+        sampler, eta = stages.recipe_sampler(run, sampler, eta)
         spec = stages.SampleSpec(
             generator=generator, num=num, temperature=temperature, steps=steps if steps is not None else 8, seed=seed,
             top_k=top_k, top_p=top_p, class_=class_, cfg=cfg, prefix_rows=prefix_rows, batch_size=batch_size,
@@ -352,12 +297,13 @@ def sample(
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
             fail(f"--out {out_dir} is a file; give a folder")
         ctx = stages.Context(run, None, check_device(device))
+        join_torchrun(ctx.device)  # under torchrun: the batches are shared by the ranks
         # samples written into the run folder make this a writer; `--out elsewhere` only reads the run
         # (prefix rows come from RUN/tokens, which is written first when missing)
         writes_run = out_dir is None or _inside(out_dir, run) or (prefix_rows > 0 and not stages.tokens_current(run))
-        lock = run_lock(run, create=False) if writes_run else contextlib.nullcontext()
+        lock = writer_lock(run, create=False) if writes_run else contextlib.nullcontext()
         with lock, progress_bar() as p:
-            result = stages.generate(ctx, spec, out=out_dir, gif=gif, on_batch=batch_logger(p, f"sample {generator}"))
+            result = stages.generate(ctx, spec, out=out_dir, gif=gif and generator == "diffusion", on_batch=batch_logger(p, f"sample {generator}"))
         out.print(
             f"{num} images from {generator} at {result.images_per_second:.1f} images/s "
             f"({result.forward_passes} forward passes each) -> {result.folder}",
@@ -379,28 +325,9 @@ def _csv(value: Optional[str], cast, what: str):
 
 
 def print_report(report: dict) -> None:
-    from rich.table import Table
+    from recipes.report import results_table
 
-    from recipes.report import setting
-
-    tok = report["tokenizer"]
-    title = (
-        f"{report['recipe']}: {report['num_samples']} samples per setting, extractor {report['extractor']} "
-        f"({report['extractor_hash']})"
-    )
-    table = Table(title=title, title_justify="left")
-    for col in ("setting", "FID", "KID", "precision", "recall", "images/s", "passes"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
-    for r in report["results"]:
-        kid = f"{r['kid']:.3f}" if r.get("kid") is not None else "-"
-        table.add_row(
-            setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
-            f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",
-            str(r["forward_passes"]),
-        )  # fmt: skip
-    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
-    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
-    out.print(table)
+    out.print(results_table(report))
     if report.get("reference"):
         out.print(f"reference set: {report['reference']}", soft_wrap=True)
     if report.get("isc_omitted"):
@@ -455,6 +382,7 @@ def evaluate(
     """Sample each generator and setting, compute FID/KID/precision/recall, write RUN/report/."""
     with edge():
         ctx = stages.Context(run, data_root, check_device(device))
+        join_torchrun(ctx.device)  # under torchrun: sampling and feature extraction shared by the ranks
         recipe = stages.read_run_recipe(run)
         opts = stages.EvalOptions.from_recipe(
             recipe,
@@ -468,7 +396,7 @@ def evaluate(
             samplers=_csv(sampler, str, "--sampler"),
             eta=eta,
         )
-        with run_lock(run, create=False):
+        with writer_lock(run, create=False):
             _evaluate(ctx, opts, checkpoints)
 
 
@@ -495,7 +423,7 @@ def run_all(
         timings = {}
         with progress_bar() as p:
             t = time.perf_counter()
-            m = _tokenizer_stage(p, r, ctx)
+            m = tokenizer_stage(p, r, ctx)
             timings["tokenizer"] = time.perf_counter() - t
             p.console.print(f"tokenizer: psnr {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.3f}")
             t = time.perf_counter()
@@ -503,18 +431,10 @@ def run_all(
             timings["encode"] = time.perf_counter() - t
             for kind in stages.GENERATORS:
                 t = time.perf_counter()
-                m = _generator_stage(p, kind, r, ctx)
+                m = generator_stage(p, kind, r, ctx)
                 timings[kind] = time.perf_counter() - t
                 p.console.print(f"{kind}: {m['bits_per_token']:.3f} bits per token ({m['kind']})")
-        from vqdiff import distributed
-
-        if distributed.is_distributed():
-            # the training was shared; rank 0 evaluates alone, as one process
-            main = distributed.is_main()
-            distributed.leave()
-            if not main:
-                return
-        t = time.perf_counter()
+        t = time.perf_counter()  # under torchrun every rank evaluates its share (sampling, features)
         _evaluate(ctx, opts, checkpoints=any(r[g]["keep_every"] > 0 for g in opts.generators))
         timings["evaluate"] = time.perf_counter() - t
         total = time.perf_counter() - t0
@@ -534,49 +454,21 @@ def bench(
 ) -> None:
     """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s.
     `vqdiff bench compress RUN`: the run's codec against PNG, WebP and JPEG on the test split."""
-    import json
-
     if recipe == "compress":  # the coder runs on the CPU in fp32 by design, so --device does not apply
         return codec.bench(run, out_path, num, quick)
     if run is not None or num is not None:
         fail("a run folder and --num are for `vqdiff bench compress RUN`")
 
-    import torch
-    from rich.table import Table
-
-    from recipes.bench import run_bench
+    from recipes.bench import bench_table, run_bench
+    from vqdiff.checkpoint import default_device, write_json
 
     with edge():
         r = load_recipe(recipe, set_ or [])
-        dev = torch.device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(check_device(device))
         result = run_bench(r, dev, quick=quick, progress=lambda what: console.print(f"bench: {what}..."))
         path = out_path or Path("runs") / f"bench-{r.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        t = Table(title=f"vqdiff bench: {r.name} on {result['device']}", title_justify="left")
-        for col in ("what", "setting", "batch", "images/s", "detail"):
-            t.add_column(col, justify="left" if col in ("what", "setting", "detail") else "right")
-        for row in result["sampling"]:
-            if row["what"] == "decode":
-                t.add_row("decode", "tokenizer", str(row["batch"]), f"{row['images_per_second']:.1f}", "")
-                continue
-            if row["generator"] == "ar":
-                setting = "ar, KV cache" if row["kv_cache"] else "ar, no cache"
-            else:
-                setting = f"diffusion, {row['steps']} steps"
-            t.add_row("sample", setting, str(row["batch"]), f"{row['images_per_second']:.1f}",
-                      f"{row['forward_passes']} passes")  # fmt: skip
-        for row in result["training"]:
-            unit = "pixels" if row["model"] == "tokenizer" else "tokens"
-            t.add_row(
-                "train", f"{row['model']} ({row['parameters'] / 1e6:.2f}M, {row['dtype']})", str(row["batch"]),
-                f"{row['items_per_second']:.1f}",
-                f"{row['tokens_per_second']:.3g} {unit}/s, {row['achieved_flops'] / 1e9:.1f} GFLOP/s = "
-                f"{100 * row['fraction_of_peak']:.0f}% of matmul peak {row['matmul_peak_flops'] / 1e9:.0f}",
-            )  # fmt: skip
-        for row in result["features"]:
-            t.add_row("features", row["extractor"], str(row["batch"]), f"{row['images_per_second']:.1f}", "")
-        out.print(t)
+        write_json(path, result)
+        out.print(bench_table(result, r.name))
         out.print(f"bench -> {path}", soft_wrap=True)
 
 

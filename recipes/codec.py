@@ -23,6 +23,7 @@ from recipes import stages
 from vqdiff.checkpoint import write_bytes
 from vqdiff.compress import CompressError, Encoded, decompress_ids, encode_grid, read_header, weights_hash
 from vqdiff.data import from_uint8, to_uint8
+from vqdiff.pipeline import decode, encode
 
 SUFFIX = ".vqd"
 RunArg = Annotated[Path, typer.Argument(help="A run folder with a tokenizer and an ar generator, e.g. runs/mnist.")]
@@ -38,8 +39,8 @@ class Codec:
     """A run's tokenizer and AR model on the CPU in fp32 (what the coder needs), with their hashes."""
 
     def __init__(self, run: Path) -> None:
-        self.tokenizer = stages.load_tokenizer(run, "cpu").float()
-        self.ar = stages.load_generator(run, "ar", "cpu").float()
+        self.tokenizer = stages.Run(run).load_tokenizer("cpu").float()
+        self.ar = stages.Run(run).load_generator("ar", "cpu").float()
         self.tokenizer_hash = weights_hash(self.tokenizer)
         self.ar_hash = weights_hash(self.ar)
 
@@ -55,16 +56,13 @@ class Codec:
         if not 0 <= label < self.num_classes:
             raise stages.StageError(f"--class must be in [0, {self.num_classes}), got {label}")
 
-    @torch.no_grad()
     def encode_images(self, images_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """uint8 [b c H W] -> ids long [b h w]."""
-        chunks = [images_uint8[i : i + batch_size] for i in range(0, len(images_uint8), batch_size)]
-        return torch.cat([self.tokenizer.encode(from_uint8(c)) for c in chunks])
+        """uint8 [b c H W] -> ids long [b h w] (vqdiff.pipeline.encode)."""
+        return encode(self.tokenizer, from_uint8(images_uint8), batch_size)
 
-    @torch.no_grad()
     def decode_ids(self, ids: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """ids long [b h w] -> uint8 [b c H W]."""
-        return torch.cat([to_uint8(self.tokenizer.decode(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)])
+        """ids long [b h w] -> uint8 [b c H W] (vqdiff.pipeline.decode)."""
+        return to_uint8(decode(self.tokenizer, ids, batch_size))
 
     def compress(self, ids: torch.Tensor, label: int | None) -> Encoded:
         return encode_grid(self.ar, ids, label, tokenizer_hash=self.tokenizer_hash, ar_hash=self.ar_hash)
@@ -261,8 +259,7 @@ def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, prog
     say = progress or (lambda what: None)
     recipe = stages.read_run_recipe(run)
     codec = Codec(run)
-    ctx = stages.Context(run, None, "cpu")
-    test = stages.load_split(recipe, "test", ctx)
+    test = stages.Run(run, None, "cpu").load_split(recipe, "test")
     n = len(test) if num == 0 else min(num or 1000, len(test))
     if quick:
         n = min(n, 16)

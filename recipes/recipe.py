@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vqdiff.checkpoint import ConfigError, config_class, config_defaults, config_from_dict
 from vqdiff.train import TrainConfig
 
 RECIPE_DIR = Path(__file__).parent
@@ -25,80 +26,105 @@ class RecipeError(Exception):
     """A bad recipe or --set; the message is one line."""
 
 
-DATA_DEFAULTS: dict[str, Any] = {
-    "dataset": "mnist",
-    "image_size": 32,
-    "path": "",  # the image folder, for dataset = "folder"
-    "limit_train": 0,  # > 0: use only the first N training images
-    "limit_test": 0,
-    "seed": 0,  # for `shapes`
-}
+@dataclass(frozen=True)
+class DataSection:
+    """[data]: which images, at which size."""
 
-EVALUATE_DEFAULTS: dict[str, Any] = {
-    "generators": ["ar", "diffusion"],
-    "num": 1000,  # samples per generator and setting
-    "steps": [4, 8, 16],  # diffusion sampling steps (AR ignores them)
-    "temperatures": [1.0],
-    "cfg": 1.0,  # classifier-free guidance scale for class-conditional generators (1 = none)
-    "extractor": "auto",  # auto | classifier | inception
-    "batch_size": 100,  # sampling batch size
-    "seed": 0,
-    "gif_steps": 16,  # steps of the diffusion trajectory GIF in the report
-    "classifier_steps": 0,  # training steps of the classifier extractor (0 = its fixed default recipe)
-    "curve_steps": 16,  # diffusion sampling steps of the learning curves (evaluate --checkpoints)
-    "samplers": [],  # diffusion samplers to compare (mask corruption); [] = the diffusion section's `sampler`
-}
+    dataset: str = "mnist"  # mnist | fashion-mnist | cifar10 | folder | shapes
+    image_size: int = 32
+    path: str = ""  # the image folder, for dataset = "folder"
+    limit_train: int = 0  # > 0: use only the first N training images
+    limit_test: int = 0
+    seed: int = 0  # for `shapes`
 
-# keys a generator section takes besides its model config and TrainConfig
-GENERATOR_EXTRAS: dict[str, Any] = {
-    "conditional": True,  # class-conditional (with CFG) when the dataset has labels
-    "eval_grids": 2000,  # test grids for bits per token after training (0 = all)
+    def __post_init__(self) -> None:
+        from vqdiff.data import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        for key in ("limit_train", "limit_test"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0 = all images), got {getattr(self, key)}")
+        if self.dataset == "folder" and not self.path:
+            raise ValueError('dataset = "folder" needs path = the image folder')
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    """[evaluate]: what `vqdiff evaluate` samples and measures (EvalOptions adds the CLI-only options)."""
+
+    generators: tuple[str, ...] = ("ar", "diffusion")
+    num: int = 1000  # samples per generator and setting
+    steps: tuple[int, ...] = (4, 8, 16)  # diffusion sampling steps (AR takes one pass per token)
+    temperatures: tuple[float, ...] = (1.0,)
+    cfg: float = 1.0  # classifier-free guidance scale for class-conditional generators (1 = none)
+    extractor: str = "auto"  # auto | classifier | inception
+    batch_size: int = 100  # sampling batch size
+    seed: int = 0
+    gif_steps: int = 16  # steps of the diffusion trajectory GIF in the report
+    classifier_steps: int = 0  # training steps of the classifier extractor (0 = its fixed default recipe)
+    curve_steps: int = 16  # diffusion sampling steps of the learning curves (evaluate --checkpoints)
+    samplers: tuple[str, ...] = ()  # diffusion samplers to compare (mask corruption); () = the diffusion section's `sampler`
+
+
+@dataclass(frozen=True)
+class GeneratorExtras:
+    """Keys a generator section takes besides its model config and TrainConfig."""
+
+    conditional: bool = True  # class-conditional (with CFG) when the dataset has labels
+    eval_grids: int = 2000  # test grids for bits per token after training (0 = all)
+
+
+@dataclass(frozen=True)
+class DiffusionExtras:
+    """Sampling defaults of the diffusion section (not part of the model: a run can sample either way)."""
+
+    sampler: str = "maskgit"  # maskgit | ancestral | halton (mask corruption; see vqdiff.diffusion)
+    eta: float = 0.0  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
+
+
+@dataclass(frozen=True)
+class TokenizerExtras:
+    """Keys the tokenizer section takes besides TokenizerConfig and TrainConfig."""
+
+    kind: str = "vqvae"  # vqvae: trained here | diffusers: a pretrained diffusers VQModel, not trained
+    pretrained: str = ""  # kind = "diffusers": a local folder (save_pretrained) or a Hub id (online)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vqvae", "diffusers"):
+            raise ValueError(f"kind must be vqvae or diffusers, got {self.kind!r}")
+        if self.kind == "diffusers" and not self.pretrained:
+            raise ValueError('kind = "diffusers" needs pretrained = a folder written by VQModel.save_pretrained, or a Hub id')
+
+
+# the schema of each section: its dataclasses, whose fields and defaults are the section's keys
+SCHEMAS: dict[str, tuple[type, ...]] = {
+    "data": (DataSection,),
+    "tokenizer": (TokenizerExtras, TrainConfig),  # + TokenizerConfig, from the model registry
+    "ar": (GeneratorExtras, TrainConfig),  # + ARConfig
+    "diffusion": (DiffusionExtras, GeneratorExtras, TrainConfig),  # + DiffusionConfig
+    "evaluate": (EvaluateSection,),
 }
-# sampling defaults of the diffusion section (not part of the model: a run can sample either way)
-DIFFUSION_EXTRAS: dict[str, Any] = {
-    "sampler": "maskgit",  # maskgit | ancestral | halton (mask corruption; see vqdiff.diffusion)
-    "eta": 0.0,  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
-}
+# kept for code that read the defaults as dicts
+DATA_DEFAULTS: dict[str, Any] = config_defaults(DataSection)
+EVALUATE_DEFAULTS: dict[str, Any] = config_defaults(EvaluateSection)
+GENERATOR_EXTRAS: dict[str, Any] = config_defaults(GeneratorExtras)
+DIFFUSION_EXTRAS: dict[str, Any] = config_defaults(DiffusionExtras)
 # filled in from the tokenizer and the dataset, not from the recipe (the recipe may state them; they are checked)
 DERIVED = {"tokenizer": ("channels", "image_size"), "ar": ("codebook_size", "grid_h", "grid_w", "num_classes")}
 DERIVED["diffusion"] = DERIVED["ar"]
 
 
-def _model_config_cls(section: str) -> type:
-    if section == "tokenizer":
-        from vqdiff.tokenizer import TokenizerConfig
-
-        return TokenizerConfig
-    if section == "ar":
-        from vqdiff.ar import ARConfig
-
-        return ARConfig
-    from vqdiff.diffusion import DiffusionConfig
-
-    return DiffusionConfig
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-    return out
-
-
 def section_defaults(section: str) -> dict[str, Any]:
-    if section == "data":
-        return dict(DATA_DEFAULTS)
-    if section == "evaluate":
-        return dict(EVALUATE_DEFAULTS)
-    model = {k: v for k, v in _defaults(_model_config_cls(section)).items() if k not in DERIVED[section]}
-    train = _defaults(TrainConfig)
-    extras = GENERATOR_EXTRAS if section in ("ar", "diffusion") else {}
-    if section == "diffusion":
-        extras = {**extras, **DIFFUSION_EXTRAS}
-    return {**model, **train, **extras}
+    out: dict[str, Any] = {}
+    if section in DERIVED:  # a model section: its config's fields first, as recipe.toml has always listed them
+        out = {k: v for k, v in config_defaults(config_class(section)).items() if k not in DERIVED[section]}
+    for schema in SCHEMAS[section][::-1]:
+        out.update(config_defaults(schema))
+    # a section holds what TOML gives back (lists), so that a recipe equals its own recipe.toml read again
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
@@ -123,8 +149,20 @@ class Recipe:
     # ------------------------------------------------------------------ configs
 
     def train_config(self, section: str) -> TrainConfig:
-        keys = {f.name for f in dataclasses.fields(TrainConfig)}
-        return _build(TrainConfig, {k: v for k, v in self.sections[section].items() if k in keys}, section)
+        return self.build(TrainConfig, section)
+
+    def build(self, cls: type, section: str, **extra: Any) -> Any:
+        """Section `section` as the dataclass `cls` (its fields only), plus `extra` values."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in self.sections[section].items() if k in fields}
+        try:
+            return config_from_dict(cls, {**values, **extra})
+        except ConfigError as e:
+            raise RecipeError(f"[{section}] {e}") from None
+
+    @property
+    def data(self) -> DataSection:
+        return self.build(DataSection, "data")
 
     def model_config(self, section: str, **derived: Any) -> Any:
         """The model's config dataclass from the section, with derived fields (e.g. `codebook_size`).
@@ -132,10 +170,7 @@ class Recipe:
         A derived field the recipe states must agree with the derived value.
         """
         self.check_derived(section, **derived)
-        cls = _model_config_cls(section)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in self.sections[section].items() if k in fields}
-        return _build(cls, {**values, **derived}, section)
+        return self.build(config_class(section), section, **derived)
 
     def check_derived(self, section: str, **derived: Any) -> None:
         """Refuse a derived field (codebook_size, grid_h, ...) that the recipe states with another value."""
@@ -157,15 +192,6 @@ def _derived_from(key: str) -> str:
     return {"codebook_size": "tokenizer's codebook", "grid_h": "tokenizer's grid", "grid_w": "tokenizer's grid"}.get(
         key, "dataset"
     )
-
-
-def _build(cls: type, values: dict[str, Any], section: str) -> Any:
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    fixed = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints.get(k)) else v for k, v in values.items()}
-    try:
-        return cls(**fixed)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"[{section}] {e}") from None
 
 
 def _toml_value(v: Any) -> str:
@@ -256,7 +282,9 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
 def validate(recipe: Recipe) -> None:
     """Check every section before any stage runs: a bad `diffusion.corruption` used to surface only
     after the tokenizer and AR had trained (minutes on shapes, an hour on mnist)."""
-    validate_data(recipe["data"])
+    recipe.data  # DataSection checks itself
+    recipe.build(TokenizerExtras, "tokenizer")
+    recipe.build(EvaluateSection, "evaluate")
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)
     check_samplers(recipe["diffusion"]["sampler"], recipe["evaluate"]["samplers"], recipe["diffusion"]["eta"])
@@ -274,20 +302,6 @@ def validate(recipe: Recipe) -> None:
             "num_classes": 10 if s["conditional"] else 0,
         }
         recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
-
-
-def validate_data(d: dict[str, Any]) -> None:
-    from vqdiff.data import DATASETS
-
-    if d["dataset"] not in DATASETS:
-        raise RecipeError(f"[data] unknown dataset {d['dataset']!r}; choose one of {', '.join(DATASETS)}")
-    if d["image_size"] < 1:
-        raise RecipeError(f"[data] image_size must be >= 1, got {d['image_size']}")
-    for key in ("limit_train", "limit_test"):
-        if d[key] < 0:
-            raise RecipeError(f"[data] {key} must be >= 0 (0 = all images), got {d[key]}")
-    if d["dataset"] == "folder" and not d["path"]:
-        raise RecipeError("[data] dataset = \"folder\" needs path = the image folder")
 
 
 def check_samplers(sampler: str, samplers: list[str], eta: float) -> None:

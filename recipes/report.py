@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vqdiff.checkpoint import write_json
+from vqdiff.checkpoint import atomic_write, write_json
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -34,6 +34,30 @@ def best_sentence(results: list[dict[str, Any]]) -> list[str]:
         a = min(ar, key=lambda r: r["fid"])
         text += f", against the best AR setting {setting(a)}: FID {_fmt(a['fid'])} (recall {_fmt(a.get('recall'), 3)})"
     return [text + ".", ""]
+
+
+def results_table(report: dict[str, Any]):
+    """The results as a rich table, for the terminal: one row a setting, then the context rows."""
+    from rich.table import Table
+
+    tok = report["tokenizer"]
+    title = (
+        f"{report['recipe']}: {report['num_samples']} samples per setting, extractor {report['extractor']} "
+        f"({report['extractor_hash']})"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("setting", "FID", "KID", "precision", "recall", "images/s", "passes"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in report["results"]:
+        kid = f"{r['kid']:.3f}" if r.get("kid") is not None else "-"
+        table.add_row(
+            setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
+            f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",
+            str(r["forward_passes"]),
+        )  # fmt: skip
+    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
+    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
+    return table
 
 
 def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
@@ -185,6 +209,5 @@ def write_report(report: dict[str, Any], report_dir: Path) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     report["plots"] = write_plots(report, report_dir)
     write_json(report_dir / "report.json", report)
-    tmp = report_dir / ".report.md.tmp"
-    tmp.write_text(markdown(report, report_dir))
-    tmp.replace(report_dir / "report.md")
+    text = markdown(report, report_dir)
+    atomic_write(report_dir / "report.md", lambda tmp: Path(tmp).write_text(text))

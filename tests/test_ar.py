@@ -114,7 +114,20 @@ def test_seeds_and_guidance():
     # cfg_scale = 0 is the unconditional half of the doubled batch: the null class
     guided = model.sample(6, labels=1, cfg_scale=0.0, generator=gen(2))
     assert torch.equal(guided, model.sample(6, generator=gen(2)))
-    assert model.forward_passes(8) == H * W
+    assert model.forward_passes() == model.forward_passes(H * W) == H * W
+    with pytest.raises(ValueError, match="one forward pass per token"):
+        model.sample(2, steps=8)  # a step count the next-token generator cannot honour is an error, not ignored
+
+
+def test_callback_shows_the_grid_filling_in_raster_order():
+    model = make()
+    frames = []
+    out = model.sample(2, generator=gen(3), callback=lambda i, ids: frames.append((i, ids)))
+    assert [i for i, _ in frames] == list(range(H * W))
+    for i, ids in frames:
+        flat = ids.flatten(1)
+        assert torch.equal(flat[:, : i + 1], out.flatten(1)[:, : i + 1])  # decided cells are the final ids
+        assert (flat[:, i + 1 :] == model.cfg.codebook_size).all()  # the rest hold k, like a mask
 
 
 def test_overfit_four_grids(tmp_path):

@@ -60,6 +60,39 @@ def test_sample_diffusion_with_gif_and_seed(run, tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sample_folder_holds_exactly_its_samples(run, tmp_path):
+    """`sample --num 3` after `--num 8` into the same folder (as `sample` after `evaluate`): the folder
+    names leave out num, so the first call's extra PNGs must not stay beside the new ones."""
+    folder = tmp_path / "samples"
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 8, "-s", 2, "--out", folder))
+    (folder / "metrics.json").write_text('{"key": "the FID of the 8 images", "value": {}}')
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 3, "-s", 2, "--out", folder, "--seed", 4))
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "grid.png"]
+    assert not (folder / "metrics.json").exists()  # a cache of other images
+    record = json.loads((folder / "sample.json").read_text())
+    assert record["key"]["spec"]["num"] == 3 and record["key"]["spec"]["seed"] == 4
+    from vqdiff.data import load_tokens
+
+    assert len(load_tokens(folder / "ids.safetensors")[0]) == 3
+
+
+def test_readme_notebook_block_runs(run, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- notebook -->")[1].split("<!-- /notebook -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 6
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (8 * 32 + 9 * 2, 8 * 32 + 9 * 2)  # 64 images of 32 px, 2 px padding
+
+
 def test_sample_ar_options(run):
     result = ok(invoke("sample", run, "-g", "ar", "-n", 4, "--steps", 5, "--top-k", 3, "--class", 1, "--cfg", 2.0))
     assert "ignores --steps" in result.output

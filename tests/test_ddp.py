@@ -156,3 +156,42 @@ def test_sharded_feature_extraction_gives_the_metrics_of_one_process(tmp_path):
     assert left and all(name.startswith("shapes-ddp") for name in left)
     again = compute_metrics(fake, real, ex, real_key="shapes-ddp", cache_dir=tmp_path / "fid0", batch_size=16)
     assert again["real_cached"] and again["fid"] == pytest.approx(one["fid"], rel=1e-5)
+
+
+# ------------------------------------------------------------------ sharded sampling
+
+
+def _generators():
+    with seeded(1):
+        ar = ARTransformer(ARConfig(**GRID)).eval()
+    with seeded(2):
+        diff = DiffusionTransformer(DiffusionConfig(**GRID)).eval()
+    return {"ar": (ar, None), "diffusion": (diff, 3)}
+
+
+def _sample_worker(rank: int, world: int, port: int, out: str) -> None:
+    from vqdiff.pipeline import sample_ids
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, (model, steps) in _generators().items():
+            # 10 samples in batches of 3: 4 batches dealt 2 + 2, the last one short
+            ids = sample_ids(model, 10, steps=steps, seed=5, batch_size=3)
+            torch.save(ids, os.path.join(out, f"{name}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sharded_sampling_gives_the_ids_of_one_process(tmp_path):
+    from vqdiff.pipeline import sample_ids
+
+    mp.spawn(_sample_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for name, (model, steps) in _generators().items():
+        one = sample_ids(model, 10, steps=steps, seed=5, batch_size=3)
+        assert one.shape == (10, 4, 4)
+        for rank in (0, 1):  # every rank gets all the ids, in order
+            assert torch.equal(torch.load(tmp_path / f"{name}-rank{rank}.pt"), one), (name, rank)
+        assert not torch.equal(one, sample_ids(model, 10, steps=steps, seed=6, batch_size=3))

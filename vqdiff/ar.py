@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,9 @@ class ARConfig(TrunkConfig):
 
 @register_model("ar", ARConfig)
 class ARTransformer(nn.Module):
+    takes_steps = False  # one forward pass per token: no step count to sweep
+    sample_options = ("top_k", "top_p", "prefix", "use_cache")  # what `sample` takes besides the shared arguments
+
     def __init__(self, cfg: ARConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -68,31 +72,41 @@ class ARTransformer(nn.Module):
         return loss, {"bits_per_token": loss.item() / math.log(2)}
 
     def forward_passes(self, steps: int | None = None) -> int:
-        """Forward passes per sample: one per token, h * w (`steps` is ignored)."""
-        return self.cfg.grid_h * self.cfg.grid_w
+        """Forward passes per sample: one per token, h * w. `steps` may only restate that number:
+        the next-token generator has no step count to choose."""
+        num = self.cfg.grid_h * self.cfg.grid_w
+        if steps is not None and steps != num:
+            raise ValueError(f"the ar generator takes one forward pass per token: steps must be None or {num}, got {steps}")
+        return num
 
     @torch.no_grad()
     def sample(
         self,
         n: int,
         *,
+        steps: int | None = None,
         temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
         labels: Tensor | int | None = None,
         cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, Tensor], None] | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         prefix: Tensor | None = None,
         use_cache: bool = True,
-        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Sample n grids: long [n h w] in [0, k).
+        """Sample n grids: long [n h w] in [0, k). The signature is the diffusion generator's, plus
+        the options of next-token sampling (top_k, top_p, prefix, use_cache).
 
-        temperature >= 0 (0 = greedy); top_k / top_p filter before sampling. labels: long [n] or
-        one int, in [0, num_classes); None samples with the null class. cfg_scale != 1 with labels
-        mixes uncond + s * (cond - uncond) on a doubled batch. prefix: long [n r w], its r rows are
-        kept exactly and the rest is generated. use_cache=False recomputes the whole sequence at
-        every step (slow; gives the same ids as the cached path for the same generator).
+        steps: None, or h * w (see `forward_passes`). temperature >= 0 (0 = greedy); top_k / top_p
+        filter before sampling. labels: long [n] or one int, in [0, num_classes); None samples with
+        the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond) on a doubled
+        batch. callback(step_index, ids long [n h w]) is called after every token, the cells not
+        generated yet holding k (as a diffusion trajectory holds mask_id = k). prefix: long [n r w],
+        its r rows are kept exactly and the rest is generated. use_cache=False recomputes the whole
+        sequence at every step (slow; gives the same ids as the cached path for the same generator).
         """
+        self.forward_passes(steps)
         cfg = self.cfg
         h, w, num = cfg.grid_h, cfg.grid_w, cfg.grid_h * cfg.grid_w
         device = self.device
@@ -111,7 +125,7 @@ class ARTransformer(nn.Module):
 
         cache = KVCache(self.trunk.seq_len) if use_cache else None
         pending = ids  # tokens the cache has not seen yet (the whole prefix at first)
-        for _ in range(ids.shape[1], num):
+        for i in range(ids.shape[1], num):
             if cache is not None:
                 logits = self.next_logits(double(pending), labels, cache)  # [n k] (x2 if guided)
             else:
@@ -121,6 +135,9 @@ class ARTransformer(nn.Module):
             nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             pending = nxt[:, None]
+            if callback is not None:
+                rest = torch.full((n, num - ids.shape[1]), cfg.codebook_size, dtype=torch.long, device=device)
+                callback(i, rearrange(torch.cat([ids, rest], 1), "n (h w) -> n h w", h=h))
         return rearrange(ids, "n (h w) -> n h w", h=h, w=w)
 
     def next_logits(self, new: Tensor, labels: Tensor | None, cache: KVCache) -> Tensor:

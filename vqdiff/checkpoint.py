@@ -10,6 +10,7 @@ so a kill never leaves half a checkpoint behind.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -53,12 +54,41 @@ def _ensure_registry() -> None:
     # the models register themselves on import; import them lazily to avoid cycles
     import importlib
 
-    for mod in ("vqdiff.tokenizer", "vqdiff.ar", "vqdiff.diffusion"):
+    for mod in ("vqdiff.tokenizer", "vqdiff.ar", "vqdiff.diffusion", "vqdiff.pretrained"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # a module not written yet is not an error here
             if e.name != mod:
                 raise
+
+
+def model_class(kind: str) -> type:
+    """The model class registered as `kind` ("tokenizer", "ar", "diffusion", "diffusers"); a
+    CheckpointError names the choices."""
+    return _registered(kind)[1]
+
+
+def config_class(kind: str) -> type:
+    """The config dataclass of the model registered as `kind`."""
+    return _registered(kind)[0]
+
+
+def _registered(kind: str) -> tuple[type, type]:
+    _ensure_registry()
+    if kind not in _REGISTRY:
+        raise CheckpointError(f"unknown model kind {kind!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[kind]
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, else CUDA when there is one, else the CPU."""
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def file_digest(path: str | Path, chars: int = 12) -> str:
+    """sha256 of a file, short hex (12 chars = 48 bits, plenty to tell weights apart)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:chars]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -79,29 +109,43 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def config_from_dict(cls: type, d: dict[str, Any], *, where: str = "config") -> Any:
-    """Build a dataclass config from a dict, rejecting unknown keys and restoring tuples."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+class ConfigError(ValueError):
+    """A config dict that does not build its dataclass; the message is one line, without its place."""
+
+
+def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """Build a dataclass config from a dict (a config.json, a recipe section), rejecting unknown
+    keys and restoring tuples from JSON/TOML lists. Raises ConfigError; the caller says where."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
     if unknown:
-        raise CheckpointError(f"{where}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for k, v in d.items():
-        origin = typing.get_origin(hints.get(k))
-        if isinstance(v, list) and origin is tuple:
-            v = tuple(v)
-        kwargs[k] = v
+    kwargs = {k: tuple(v) if isinstance(v, list) and typing.get_origin(hints.get(k)) is tuple else v for k, v in d.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise ConfigError(str(e)) from None
+
+
+def config_defaults(cls: type) -> dict[str, Any]:
+    """The fields of a config dataclass that have defaults, with them: a recipe section's defaults."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
 
 
 # ---------------------------------------------------------------- atomic writes
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp) on a unique temp file beside `path`, then `os.replace` it onto `path`: a kill
+    leaves the old file or the new one, never half of one. Every file vqdiff writes goes through here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -120,7 +164,7 @@ def write_json(path: str | Path, obj: Any) -> None:
             json.dump(obj, f, indent=2)
             f.write("\n")
 
-    _atomic_write(Path(path), w)
+    atomic_write(Path(path), w)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -130,7 +174,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic_write(Path(path), w)
+    atomic_write(Path(path), w)
 
 
 def read_json(path: str | Path) -> Any:
@@ -145,7 +189,7 @@ def read_json(path: str | Path) -> Any:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -189,8 +233,10 @@ def read_config(folder: str | Path, kind: str | None = None) -> tuple[str, Any]:
         raise CheckpointError(f"{folder} holds a {found!r} checkpoint, not {kind!r}")
     if found not in _REGISTRY:
         raise CheckpointError(f"{folder}: unknown model kind {found!r}")
-    config_cls, _ = _REGISTRY[found]
-    return found, config_from_dict(config_cls, meta["config"], where=str(folder / CONFIG_FILE))
+    try:
+        return found, config_from_dict(config_class(found), meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {e}") from None
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -207,8 +253,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
 def load_model(folder: str | Path, kind: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from its folder alone, strictly. Returns it in eval mode on `device`."""
     kind, cfg = read_config(folder, kind)
-    _, model_cls = _REGISTRY[kind]
-    model = model_cls(cfg)
+    model = model_class(kind)(cfg)
     load_weights(model, folder)
     return model.to(device).eval()
 
@@ -222,7 +267,7 @@ def is_complete(folder: str | Path) -> bool:
 
 
 def save_train_state(folder: str | Path, state: dict[str, Any]) -> None:
-    _atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any] | None:
@@ -248,3 +293,6 @@ def load_train_state(folder: str | Path) -> dict[str, Any] | None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training state ({type(state).__name__}); delete it to restart")
     return state
+
+
+_atomic_write = atomic_write  # the name before it was public

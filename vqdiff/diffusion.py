@@ -22,9 +22,10 @@ find which visible ids are wrong). With `elbo_weighting` the loss is a bound in 
 MDLM's continuous-time weight gamma'(t) / gamma(t) for `mask`, the D3PM discrete-time KL term
 (times T = `elbo_steps`) otherwise.
 
-Samplers take exactly `steps` forward passes (a CFG pass over a doubled batch counts as one):
-`mask` uses MaskGIT's confidence-based parallel decoding, `uniform` the x0-posterior refinement
-described at `_sample_uniform`, `mask-and-replace` the VQ-Diffusion posterior.
+Samplers (`vqdiff.samplers`, chosen in `_sampler`) take exactly `steps` forward passes (a CFG
+pass over a doubled batch counts as one): `mask` reveals tokens by MaskGIT's confidence, MDLM's
+ancestral rule or a Halton order, `uniform` uses the x0-posterior refinement described at
+`samplers.uniform`, `mask-and-replace` the VQ-Diffusion posterior.
 """
 
 from __future__ import annotations
@@ -32,21 +33,20 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqdiff import samplers
 from vqdiff.checkpoint import register_model
 from vqdiff.distributed import batch_positions, batch_ratio
 from vqdiff.nn import (
     Transformer,
     cfg_mix,
     TrunkConfig,
-    filter_logits,
-    gumbel,
     guidance_labels,
     rand,
     randint,
@@ -54,42 +54,12 @@ from vqdiff.nn import (
     sample_logits,
     train_labels,
 )
+from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
 from vqdiff.schedules import get_schedule
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
 MASK_SAMPLERS = ("maskgit", "ancestral", "halton")
 DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences
-
-
-def halton_sequence(count: int, base: int) -> list[float]:
-    """The first `count` terms of the van der Corput sequence in `base` (the Halton coordinates)."""
-    out = []
-    for i in range(1, count + 1):
-        f, r = 1.0, 0.0
-        while i > 0:
-            f /= base
-            r += f * (i % base)
-            i //= base
-        out.append(r)
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def halton_order(h: int, w: int) -> Tensor:
-    """A permutation of the h*w flat grid positions: the cells hit by the 2-D Halton sequence
-    (bases 2 and 3), in order of first visit. long [h*w]."""
-    order: list[int] = []
-    seen: set[int] = set()
-    count = 0
-    while len(order) < h * w:
-        count = max(64, 2 * count)
-        order, seen = [], set()
-        for y, x in zip(halton_sequence(count, 2), halton_sequence(count, 3)):
-            cell = min(int(y * h), h - 1) * w + min(int(x * w), w - 1)
-            if cell not in seen:
-                seen.add(cell)
-                order.append(cell)
-    return torch.tensor(order, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -123,6 +93,9 @@ def _per_sample(x: Tensor) -> Tensor:
 
 @register_model("diffusion", DiffusionConfig)
 class DiffusionTransformer(nn.Module):
+    takes_steps = True  # the number of forward passes is the caller's choice
+    sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p")  # `sample`'s **options (see `_sampler`)
+
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -228,6 +201,36 @@ class DiffusionTransformer(nn.Module):
         i = (u * steps).floor().clamp(0, steps - 1) + 1
         return i / steps, (i - 1) / steps
 
+    def elbo(self, ids: Tensor, labels: Tensor | None, u: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One draw of the negative ELBO per grid, in nats per token: (float [b], x_t long [b h w]).
+
+        ids: long [b h w] in [0, k); u: float [b] in [0, 1), where the time is drawn (stratified by
+        the caller). The corruption's randomness comes from `generator` (None: the global RNG).
+        - `mask`: MDLM's continuous-time bound (Sahoo et al. 2024, eq. 10; Shi et al. 2024),
+          gamma'(t) / gamma(t) * sum_masked -log p(x0 | x_t) / n at t = u.
+        - `uniform`, `mask-and-replace`: the discrete-time D3PM bound with T = cfg.elbo_steps
+          (Austin et al. 2021, eq. 1), T * KL(q(x_s | x_t, x0) || p(x_s | x_t)) / n at the step
+          t = i/T, s = (i-1)/T that u falls in; the i = 1 term is -log p(x0 | x_{1/T}) and the prior
+          term is zero (q(x_1 | x0) is the prior exactly).
+        Both are comparable with the AR model's exact bits per token (the same data, / n).
+        """
+        cfg = self.cfg
+        n = cfg.grid_h * cfg.grid_w
+        flat = rearrange(ids, "b h w -> b (h w)")
+        if cfg.corruption == "mask":
+            t = u.clamp(1e-6, 1.0)
+            x_t = self.corrupt(ids, t, generator)
+            logits = self(x_t, labels, t).float()
+            ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), flat, reduction="none")  # [b n]
+            masked = rearrange(x_t, "b h w -> b (h w)") == self.mask_id
+            weight = self.schedule.dgamma(t) / self.schedule(t)  # [b]
+            return weight * (ce * masked).sum(1) / n, x_t
+        t, s = self._discrete_steps(u)
+        x_t = self.corrupt(ids, t, generator)
+        logits = self(x_t, labels, t).float()
+        kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), flat, logits, t, s)
+        return cfg.elbo_steps * kl.sum(1) / n, x_t
+
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Training loss in nats. batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional)}.
 
@@ -235,18 +238,15 @@ class DiffusionTransformer(nn.Module):
         """
         cfg = self.cfg
         ids = batch["ids"]
-        b = ids.shape[0]
-        n = cfg.grid_h * cfg.grid_w
         labels = train_labels(batch, cfg.num_classes, cfg.class_dropout)
-        u = self._stratified_t(b, ids.device)
-        if cfg.elbo_weighting and cfg.corruption != "mask":
-            # D3PM: T * KL at a uniformly drawn step i estimates the sum of the T terms
-            t, s = self._discrete_steps(u)
-            x_t = self.corrupt(ids, t)
-            logits = self(x_t, labels, t).float()
-            kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), rearrange(ids, "b h w -> b (h w)"), logits, t, s)
-            loss = (cfg.elbo_steps * kl.sum(1) / n).mean().float()
-            return loss, {"elbo_bits_per_token": loss.item() / math.log(2)}
+        u = self._stratified_t(ids.shape[0], ids.device)
+        if cfg.elbo_weighting:
+            nats, x_t = self.elbo(ids, labels, u)
+            loss = nats.mean().float()
+            logs = {"elbo_bits_per_token": loss.item() / math.log(2)}
+            if cfg.corruption == "mask":
+                logs["masked_fraction"] = (x_t == self.mask_id).float().mean().item()
+            return loss, logs
         t = u
         x_t = self.corrupt(ids, t)
         logits = self(x_t, labels, t).float()  # [b n k]
@@ -256,58 +256,27 @@ class DiffusionTransformer(nn.Module):
             return loss, {"ce": loss.item()}
         # loss only on masked positions: elsewhere the target is the input (MaskGIT Sec. 3.2)
         masked = (rearrange(x_t, "b h w -> b (h w)") == self.mask_id).float()
-        logs = {"masked_fraction": masked.mean().item()}
-        if cfg.elbo_weighting:
-            # MDLM continuous-time bound: E_t[gamma'(t) / gamma(t) * sum_masked -log p] / n
-            weight = self.schedule.dgamma(t) / self.schedule(t)  # [b]
-            loss = (weight * (ce * masked).sum(1)).mean() / n
-            logs["elbo_bits_per_token"] = loss.item() / math.log(2)
-        else:
-            # the mean over the global batch's masked positions (their count summed over ranks)
-            loss = batch_ratio((ce * masked).sum(), masked.sum())
-            logs["ce_masked"] = loss.item()
-        return loss, logs
+        # the mean over the global batch's masked positions (their count summed over ranks under torchrun)
+        loss = batch_ratio((ce * masked).sum(), masked.sum())
+        return loss, {"masked_fraction": masked.mean().item(), "ce_masked": loss.item()}
 
     @torch.no_grad()
     def bits_per_token(self, batch: dict[str, Tensor], generator: torch.Generator | None = None, *, samples: int = 8) -> dict:
-        """An upper bound (negative ELBO) on -log2 p(ids) per token, averaged over the batch.
+        """An upper bound (negative ELBO, see `elbo`) on -log2 p(ids) per token, averaged over the batch,
+        with `samples` stratified draws of the time per grid.
 
         batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional, used when the model
         is class-conditional)}. All randomness (t and the corruption) comes from `generator`.
-
-        - `mask`: MDLM's continuous-time bound (Sahoo et al. 2024, eq. 10; Shi et al. 2024)
-          E_t[gamma'(t) / gamma(t) * sum_masked -log p(x0 | x_t)] / n, with `samples` stratified
-          draws of t per grid.
-        - `uniform`, `mask-and-replace`: the discrete-time D3PM bound with T = cfg.elbo_steps
-          (Austin et al. 2021, eq. 1): sum_{i=1..T} E KL(q(x_{s} | x_t, x0) || p(x_s | x_t)),
-          t = i/T, s = (i-1)/T, the i = 1 term being -log p(x0 | x_{1/T}) and the prior term zero
-          (q(x_1 | x0) is the prior exactly). Estimated as T * KL at `samples` stratified steps.
-        Both are comparable with the AR model's exact bits per token (the same data, log2, / n).
         """
         cfg = self.cfg
         device = self.device
         ids = batch["ids"].to(device)
         labels = batch.get("labels") if cfg.num_classes > 0 else None
         labels = labels.to(device).long() if labels is not None else None
-        b, n = ids.shape[0], cfg.grid_h * cfg.grid_w
-        flat = rearrange(ids, "b h w -> b (h w)")
-        total = torch.zeros(b, dtype=torch.float64, device=device)  # nats per token, summed over samples
+        total = torch.zeros(ids.shape[0], dtype=torch.float64, device=device)  # nats per token, summed over samples
         for j in range(samples):
-            u = (j + rand((b,), device=device, generator=generator)) / samples  # stratum j of [0, 1)
-            if cfg.corruption == "mask":
-                t = u.clamp(1e-6, 1.0)
-                x_t = self.corrupt(ids, t, generator)
-                logits = self(x_t, labels, t).float()
-                ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), flat, reduction="none")  # [b n]
-                masked = rearrange(x_t, "b h w -> b (h w)") == self.mask_id
-                weight = self.schedule.dgamma(t) / self.schedule(t)
-                total += (weight * (ce * masked).sum(1)).double() / n
-            else:
-                t, s = self._discrete_steps(u)
-                x_t = self.corrupt(ids, t, generator)
-                logits = self(x_t, labels, t).float()
-                kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), flat, logits, t, s)
-                total += cfg.elbo_steps * kl.sum(1) / n
+            u = (j + rand((ids.shape[0],), device=device, generator=generator)) / samples  # stratum j of [0, 1)
+            total += self.elbo(ids, labels, u, generator)[0].double()
         nats = (total / samples).mean().item()
         if cfg.corruption == "mask":
             estimator = f"MDLM continuous-time ELBO, {samples} stratified t per grid"
@@ -340,39 +309,22 @@ class DiffusionTransformer(nn.Module):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
-        sampler: str = "maskgit",
-        choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
-        eta: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        **options: Any,
     ) -> Tensor:
         """Sample n grids in exactly `steps` forward passes: long [n h w] in [0, k).
 
-        temperature >= 0 (0 = argmax); top_k / top_p filter the x0 distribution before sampling.
-        labels: long [n] or one int, in [0, num_classes); None samples with the null class.
-        cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
+        temperature >= 0 (0 = argmax). labels: long [n] or one int, in [0, num_classes); None
+        samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
         callback(step_index, ids long [n h w]) is called after every step (still-masked positions
-        hold mask_id = k), e.g. to record the trajectory.
-
-        `sampler` chooses which masked tokens the `mask` corruption reveals at each step
-        (MASK_SAMPLERS; the other corruptions have one sampler each and ignore it):
-        - `maskgit`: the most confident ones, with Gumbel noise of scale `choice_temperature`
-          (MaskGIT's 4.5) on the confidences; implicitly low-temperature, greedier with more steps;
-        - `ancestral`: each masked token with prob (gamma(t) - gamma(s)) / gamma(t) (MDLM), an
-          unbiased sampler of the model; `eta` > 0 remasks decoded tokens (ReMDM-cap);
-        - `halton`: the tokens next in a Halton low-discrepancy order over the grid, rolled
-          randomly per sample, as many per step as the schedule says (Halton-MaskGIT).
+        hold mask_id = k), e.g. to record the trajectory. `options` choose and tune the sampler
+        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`: see `_sampler`); one it does not
+        know is a TypeError.
         """
-        if steps < 1:
+        if steps is None or steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if not 0 <= temperature < math.inf:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        if sampler not in MASK_SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(MASK_SAMPLERS)}, got {sampler!r}")
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if not 0 <= choice_temperature < math.inf:
-            raise ValueError(f"choice_temperature must be finite and >= 0, got {choice_temperature}")
+        run, top = self._sampler(temperature, **options)
         cfg = self.cfg
         labels = sample_labels(labels, n, cfg.num_classes, self.device)
         labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
@@ -381,149 +333,54 @@ class DiffusionTransformer(nn.Module):
             return self._denoise(x, labels, guided, cfg_scale, t)
 
         def draw(logits: Tensor) -> Tensor:
-            return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            return sample_logits(logits, temperature=temperature, **top, generator=generator)
 
         def report(i: int, x: Tensor) -> None:
             if callback is not None:
                 callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
 
-        if cfg.corruption == "mask" and sampler == "maskgit":
-            run = functools.partial(self._sample_maskgit, temperature=temperature, choice_temperature=choice_temperature)
-        elif cfg.corruption == "mask" and sampler == "ancestral":
-            run = functools.partial(self._sample_ancestral, eta=eta)
-        elif cfg.corruption == "mask":
-            run = self._sample_halton
-        elif cfg.corruption == "uniform":
-            run = self._sample_uniform
-        else:
-            run = functools.partial(self._sample_mask_and_replace, temperature=temperature, top_k=top_k, top_p=top_p)
         x = run(n, steps, denoise, draw, generator, report)
         return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
 
-    def _all_masked(self, n: int) -> Tensor:
-        return torch.full((n, self.cfg.grid_h * self.cfg.grid_w), self.mask_id, dtype=torch.long, device=self.device)
+    def _sampler(
+        self,
+        temperature: float,
+        *,
+        sampler: str = "maskgit",
+        choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
+        eta: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+        """The dispatch: (run(n, steps, denoise, draw, generator, report) -> ids long [n N], the
+        top-k/top-p filter of `draw`). A new sampler or option goes here.
 
-    def _sample_maskgit(
-        self, n: int, steps: int, denoise, draw, generator, report, *, temperature: float, choice_temperature: float
-    ) -> Tensor:
-        """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
-        temperature at the masked positions, then re-mask the floor(gamma(1 - (i+1)/steps) * N)
-        least confident of them. Confidence is log p of the sampled id plus Gumbel noise annealed
-        by temperature * (1 - progress); decoded ids are never re-masked."""
-        num = self.cfg.grid_h * self.cfg.grid_w
-        x = self._all_masked(n)
-        for i in range(steps):
-            logits = denoise(x, 1 - i / steps)  # [n N k]
-            masked = x == self.mask_id
-            x0 = draw(logits)  # [n N]
-            confidence = logits.double().log_softmax(-1).gather(-1, x0[..., None])[..., 0]
-            noise_scale = choice_temperature * temperature * (1 - (i + 1) / steps)
-            if noise_scale > 0:
-                confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
-            confidence = confidence.masked_fill(~masked, float("inf"))
-            # on the schedule, but decode at least one id per step while any is masked
-            target = 0 if i == steps - 1 else math.floor(self.schedule(1 - (i + 1) / steps) * num)
-            keep_masked = (masked.sum(1) - 1).clamp(min=0).clamp(max=target)  # [n]
-            rank = confidence.argsort(-1).argsort(-1)  # 0 = least confident
-            x = torch.where(masked, x0, x)
-            x = x.masked_fill(rank < keep_masked[:, None], self.mask_id)
-            report(i, x)
-        return x
-
-    def _sample_ancestral(self, n: int, steps: int, denoise, draw, generator, report, *, eta: float = 0.0) -> Tensor:
-        """MDLM ancestral sampling (Sahoo et al. 2024, eq. 7): from t to s < t each masked token
-        is revealed with prob (gamma(t) - gamma(s)) / gamma(t), its id drawn from p(x0 | x_t) at
-        the temperature; revealed ids never change. It samples the model's own distribution (no
-        confidence ordering), so more steps cannot make it greedier.
-
-        eta > 0 is ReMDM-cap (Wang et al. 2025, eq. 9): with alpha = 1 - gamma, a decoded token is
-        remasked with prob sigma = min(eta, (1 - alpha_s) / alpha_t) and a masked token revealed
-        with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); eta = 0 is MDLM exactly. The cap
-        keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask."""
-        x = self._all_masked(n)
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            alpha_t, alpha_s = 1 - float(self.schedule(t)), 1 - float(self.schedule(s))
-            logits = denoise(x, t)
-            masked = x == self.mask_id
-            sigma = min(eta, (1 - alpha_s) / alpha_t) if eta > 0 and alpha_t > 0 else 0.0
-            reveal_p = 1.0 if s == 0 else (alpha_s - (1 - sigma) * alpha_t) / max(1 - alpha_t, 1e-12)
-            u = rand(x.shape, device=x.device, generator=generator)
-            x0 = draw(logits)
-            reveal = masked & (u < reveal_p)
-            if sigma > 0:  # drawn only with remasking, so eta = 0 consumes the same noise as MDLM
-                remask = ~masked & (rand(x.shape, device=x.device, generator=generator) < sigma)
-                x = x.masked_fill(remask, self.mask_id)
-            x = torch.where(reveal, x0, x)
-            report(i, x)
-        return x
-
-    def _sample_halton(self, n: int, steps: int, denoise, draw, generator, report) -> Tensor:
-        """Halton-MaskGIT (Besnier et al., ICLR 2025): reveal positions in a Halton
-        low-discrepancy order over the h x w grid, so that each step's tokens are spread out and
-        far from each other (neighbours sampled in the same step are the ones that clash). The
-        order is rolled on the torus by a random (dy, dx) per sample; the number revealed per step
-        follows the schedule, ids drawn from p(x0 | x_t) at the temperature."""
-        h, w = self.cfg.grid_h, self.cfg.grid_w
-        num = h * w
-        order = halton_order(h, w).to(self.device)  # [N] flat positions, a permutation
-        dy = randint(h, (n,), device=self.device, generator=generator)
-        dx = randint(w, (n,), device=self.device, generator=generator)
-        rows, cols = (order // w)[None] + dy[:, None], (order % w)[None] + dx[:, None]
-        order = (rows % h) * w + cols % w  # [n N]: still a permutation of the grid per sample
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(num, device=self.device).expand(n, num))
-        x = self._all_masked(n)
-        for i in range(steps):
-            s = 1 - (i + 1) / steps
-            logits = denoise(x, 1 - i / steps)
-            revealed = num - math.floor(self.schedule(s) * num) if i < steps - 1 else num
-            reveal = (rank < revealed) & (x == self.mask_id)
-            x = torch.where(reveal, draw(logits), x)
-            report(i, x)
-        return x
-
-    def _sample_uniform(self, n: int, steps: int, denoise, draw, generator, report) -> Tensor:
-        """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
-        x0 with the temperature; where x0 differs from the current id, move to x0 with the D3PM
-        posterior odds q(x_s = x0 | x_t, x0) : q(x_s = x_t | x_t, x0), else keep the current id
-        (the posterior's jumps to a third, random id are left out: re-corruption keeps the current
-        ids). A cold x0 agrees with the current ids, so a lower temperature changes fewer ids;
-        at s = 0 the odds are 1 and every id becomes x0."""
-        k = self.cfg.codebook_size
-        num = self.cfg.grid_h * self.cfg.grid_w
-        x = randint(k, (n, num), device=self.device, generator=generator)
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            logits = denoise(x, t)
-            x0 = draw(logits)  # [n N]
-            tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
-            post = self.posterior(x, F.one_hot(x0, k), tt, ss)  # [n N k]
-            to_x0 = post.gather(-1, x0[..., None])[..., 0]
-            stay = post.gather(-1, x[..., None])[..., 0]
-            move = to_x0 / (to_x0 + stay)
-            u = rand(x.shape, device=x.device, generator=generator)
-            x = torch.where((x0 != x) & (u < move), x0, x)
-            report(i, x)
-        return x
-
-    def _sample_mask_and_replace(
-        self, n: int, steps: int, denoise, draw, generator, report, *, temperature: float, top_k=None, top_p=None
-    ) -> Tensor:
-        """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
-        x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t), p tempered by the temperature; s = 0 at the last
-        step leaves no mask."""
-        k = self.cfg.codebook_size
-        num = self.cfg.grid_h * self.cfg.grid_w
-        x = torch.full((n, num), self.mask_id, dtype=torch.long, device=self.device)
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
-            logits = denoise(x, t)
-            if temperature == 0:
-                p0 = F.one_hot(logits.argmax(-1), k).double()
-            else:
-                p0 = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
-            tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
-            probs = self.posterior(x, p0, tt, ss)  # [n N k+1]
-            x = sample_logits(probs.log(), generator=generator)
-            report(i, x)
-        return x
+        top_k / top_p filter the x0 distribution before sampling. `sampler` chooses which masked
+        tokens the `mask` corruption reveals at each step (MASK_SAMPLERS; the other corruptions
+        have one sampler each and ignore it):
+        - `maskgit`: the most confident ones, with Gumbel noise of scale `choice_temperature`
+          (MaskGIT's 4.5) on the confidences; implicitly low-temperature, greedier with more steps;
+        - `ancestral`: each masked token with prob (gamma(t) - gamma(s)) / gamma(t) (MDLM), an
+          unbiased sampler of the model; `eta` > 0 remasks decoded tokens (ReMDM-cap);
+        - `halton`: the tokens next in a Halton low-discrepancy order over the grid, rolled
+          randomly per sample, as many per step as the schedule says (Halton-MaskGIT).
+        """
+        if sampler not in MASK_SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(MASK_SAMPLERS)}, got {sampler!r}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if not 0 <= choice_temperature < math.inf:
+            raise ValueError(f"choice_temperature must be finite and >= 0, got {choice_temperature}")
+        top = {"top_k": top_k, "top_p": top_p}
+        corruption = self.cfg.corruption
+        if corruption == "mask" and sampler == "maskgit":
+            run = functools.partial(samplers.maskgit, self, temperature=temperature, choice_temperature=choice_temperature)
+        elif corruption == "mask" and sampler == "ancestral":
+            run = functools.partial(samplers.ancestral, self, eta=eta)
+        elif corruption == "mask":
+            run = functools.partial(samplers.halton, self)
+        elif corruption == "uniform":
+            run = functools.partial(samplers.uniform, self)
+        else:
+            run = functools.partial(samplers.mask_and_replace, self, temperature=temperature, **top)
+        return run, top

@@ -100,3 +100,17 @@ def get_schedule(name: str) -> Schedule:
         return SCHEDULES[name]
     except KeyError:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
+
+
+# ---------------------------------------------------------------- learning rate
+
+
+def warmup_cosine(step: int, *, steps: int, warmup: int, peak: float = 1.0, floor_ratio: float = 0.0) -> float:
+    """The learning rate at `step`: linear warmup to `peak` over `warmup` steps, then a cosine down to
+    peak * floor_ratio at `steps`. The training loop (peak = lr) and the classifier extractor
+    (peak = 1, a LambdaLR factor) share it; the arithmetic order is the one both had, so their
+    numbers did not change when they started sharing it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -175,6 +175,10 @@ class VQTokenizer(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.cfg.grid
 
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
     # ---------------------------------------------------------------- encode / decode
 
     @torch.no_grad()

@@ -45,6 +45,7 @@ from vqdiff.checkpoint import (
     save_train_state,
     unwrap,
 )
+from vqdiff.schedules import warmup_cosine
 
 HISTORY_DIR = "history"  # OUT/history/step-NNNNNNN.safetensors, written every `keep_every` steps
 
@@ -190,12 +191,8 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine from lr to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio (`schedules.warmup_cosine`)."""
+    return warmup_cosine(step, steps=cfg.steps, warmup=cfg.warmup_steps, peak=cfg.lr, floor_ratio=cfg.min_lr_ratio)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,74 @@
+"""`vqdiff evaluate --checkpoints`: FID and recall of the weights kept every `keep_every` steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recipes.evaluate import EvalOptions, Measuring, bars_of
+from recipes.run import Run, StageError
+from recipes.sampling import SampleSpec, generate
+from vqdiff.checkpoint import write_json
+from vqdiff.distributed import is_main
+
+
+def snapshots(run_dir: Path, kind: str) -> list[tuple[int, float, Path]]:
+    """(step, training seconds, path) of the weights kept every `keep_every` steps, by step."""
+    from safetensors import safe_open
+
+    from vqdiff.train import HISTORY_DIR
+
+    out = []
+    for path in sorted((Path(run_dir) / kind / HISTORY_DIR).glob("step-*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            out.append((int(meta["step"]), float(meta["train_seconds"]), path))
+        except Exception:  # a snapshot cut by a kill: skip it, the next run writes it again
+            continue
+    return sorted(out)
+
+
+def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
+    """FID and recall of every kept snapshot of each generator, on the same axes: training step and
+    training wall time. AR samples at the first temperature; diffusion at the first temperature,
+    `curve_steps` steps and the first sampler. Writes RUN/report/curve.json and
+    learning_curve.png; re-runs reuse samples and metrics."""
+    bar = bars_of(bars)
+    recipe = run.read_recipe()
+    found = {g: snapshots(run.run_dir, g) for g in opts.generators}
+    if not any(found.values()):
+        raise StageError(
+            f"no kept weights in {run.run_dir}/{{{','.join(opts.generators)}}}/history; train with "
+            "keep_every > 0, e.g. --set ar.keep_every=100 --set diffusion.keep_every=100"
+        )
+    m = Measuring.of(run, opts, recipe, bar)
+    temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
+    points = []
+    for g, snaps in found.items():
+        for step, seconds, path in snaps:
+            spec = SampleSpec(
+                generator=g, num=m.n, temperature=temperature, steps=steps if g == "diffusion" else 1, seed=opts.seed,
+                cfg=opts.cfg, batch_size=opts.batch_size, sampler=sampler if g == "diffusion" else "maskgit",
+            )  # fmt: skip
+            label = f"{g} step {step}"
+            # the folder names of the first learning curves (AR: "-s0-"), so that their samples are reused
+            folder = run.samples_dir / "curve" / f"{spec.folder_name(spec.steps if g == 'diffusion' else 0)}-step{step}"
+            samples = generate(run, spec, out=folder, on_batch=bar(f"sample {label}"), snapshot=path)
+            metrics = m.of_samples(samples, label)
+            points.append(
+                {"generator": g, "step": step, "train_seconds": seconds, "fid": metrics["fid"], "recall": metrics.get("recall"),
+                 "precision": metrics.get("precision"), "setting": spec.folder_name(samples.forward_passes)}
+            )  # fmt: skip
+    curve = {
+        "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "num_samples": m.n,
+        "temperature": temperature, "diffusion_steps": steps, "diffusion_sampler": sampler, "points": points,
+    }  # fmt: skip
+    from recipes.report import plot_curve
+
+    if not is_main():  # under torchrun rank 0 writes
+        return curve
+    run.report_dir.mkdir(parents=True, exist_ok=True)
+    curve["plot"] = plot_curve(curve, run.report_dir, dataset=recipe.data.dataset)
+    write_json(run.report_dir / "curve.json", curve)
+    return curve

@@ -1,0 +1,214 @@
+"""`vqdiff evaluate`: sample every setting, turn the images into numbers, write the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from recipes.recipe import EvaluateSection, Recipe
+from recipes.run import GENERATORS, Run, StageError, check_generator
+from recipes.sampling import MAX_SAMPLE_STEPS, Samples, SampleSpec, generate
+from vqdiff.checkpoint import read_config, read_json
+from vqdiff.data import from_uint8, to_uint8
+from vqdiff.diffusion import MASK_SAMPLERS
+from vqdiff.distributed import is_main
+from vqdiff.pipeline import decode, encode
+
+
+@dataclass(frozen=True)
+class EvalOptions(EvaluateSection):
+    """The [evaluate] section (its defaults are the recipe's), plus what only the CLI gives and what
+    comes from the diffusion section."""
+
+    inception_weights: str | None = None
+    eta: float = 0.0  # ReMDM remasking for the ancestral sampler (diffusion.eta)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
+        opts = recipe.build(cls, "evaluate")
+        d = recipe["diffusion"]
+        opts = dataclasses.replace(opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]))
+        opts = dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        for g in self.generators:
+            if g not in GENERATORS:
+                raise StageError(f"unknown generator {g!r}; choose from ar, diffusion")
+        if not self.generators:
+            raise StageError("no generators to evaluate")
+        if self.num < 2:
+            raise StageError(f"--num must be >= 2, got {self.num}")
+        if self.curve_steps < 1:
+            raise StageError(f"evaluate.curve_steps must be >= 1, got {self.curve_steps}")
+        if any(s < 1 for s in self.steps) or not self.steps:
+            raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
+        if any(s > MAX_SAMPLE_STEPS for s in self.steps):
+            raise StageError(f"--steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {list(self.steps)}")
+        if any(not (t > 0 and math.isfinite(t)) for t in self.temperatures) or not self.temperatures:
+            raise StageError(f"--temperatures must be > 0 and finite, got {list(self.temperatures)}")
+        if not (self.cfg > 0 and math.isfinite(self.cfg)):
+            raise StageError(f"--cfg must be > 0 and finite (1 = no guidance), got {self.cfg}")
+        if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
+            raise StageError(f"--sampler must be from {', '.join(MASK_SAMPLERS)}, got {list(self.samplers)}")
+        if self.extractor not in ("auto", "classifier", "inception"):
+            raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
+
+
+@dataclass
+class Measuring:
+    """What every FID of a run needs: the splits, the extractor and the real images it is measured against."""
+
+    run: Run
+    train_set: Any
+    test_set: Any
+    extractor: Any
+    real: torch.Tensor  # uint8 [n c h w], the first n test images
+    real_key: str
+    bar: Any
+
+    @classmethod
+    def of(cls, run: Run, opts: EvalOptions, recipe: Recipe, bar) -> "Measuring":
+        from evaluation import ClassifierRecipe, get_extractor
+
+        train_set, test_set = run.load_split(recipe, "train"), run.load_split(recipe, "test")
+        extractor = get_extractor(
+            opts.extractor, dataset=recipe.data.dataset, image_size=recipe.data.image_size, data_root=run.data_root,
+            train_set=train_set, test_set=test_set, inception_weights=opts.inception_weights, device=run.device,
+            recipe=ClassifierRecipe(steps=opts.classifier_steps) if opts.classifier_steps else None,
+            progress=bar("feature extractor"),
+        )  # fmt: skip
+        n = min(opts.num, len(test_set))
+        real_key = f"{recipe.data.dataset}-test-{recipe.data.image_size}"
+        return cls(run, train_set, test_set, extractor, test_set.images_uint8(torch.arange(n)), real_key, bar)
+
+    @property
+    def n(self) -> int:
+        return len(self.real)
+
+    def metrics(self, images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
+        from evaluation import compute_metrics
+
+        return compute_metrics(images_uint8, self.real, self.extractor, real_key=self.real_key, progress=self.bar(what))
+
+    def of_samples(self, samples: Samples, label: str) -> dict[str, Any]:
+        """FID etc. of `samples`, cached in their folder's metrics.json under the inputs that made them."""
+        key = {"sample": samples.key, "extractor": [self.extractor.name, self.extractor.hash], "real": [self.real_key, self.n]}
+        return self.run.cached(samples.folder / "metrics.json", key, lambda: self.metrics(to_uint8(samples.images), f"metrics {label}"))
+
+
+def bars_of(bars):
+    """bar(description) -> an on_batch(done, total) callback or None, from the CLI's `bars`."""
+    return lambda description: bars(description) if bars is not None else None
+
+
+def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
+    """Sample every (generator, sampler, temperature, steps), measure FID/KID/PR against the test
+    split, write the report.
+
+    `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
+    Re-runs reuse samples and metrics whose inputs have not changed.
+    """
+    bar = bars_of(bars)
+    recipe = run.read_recipe()
+    dataset = recipe.data.dataset
+    for g in opts.generators:
+        run.load_generator(g)  # fail now, not after the extractor is trained
+    m = Measuring.of(run, opts, recipe, bar)
+    n, extractor = m.n, m.extractor
+    reference_name = f"{dataset} ({recipe.data.path})" if recipe.data.path else dataset
+
+    def context() -> dict[str, Any]:
+        tokenizer = run.load_tokenizer()
+        recon = to_uint8(decode(tokenizer, encode(tokenizer, from_uint8(m.real))))
+        train_idx = torch.randperm(len(m.train_set), generator=torch.Generator().manual_seed(opts.seed))[:n]
+        return {"rfid": m.metrics(recon, "rFID")["fid"], "floor_fid": m.metrics(m.train_set.images_uint8(train_idx), "floor")["fid"]}
+
+    context_key = {"tokenizer": run.tokenizer_hash, "extractor": [extractor.name, extractor.hash], "n": n, "real": m.real_key}
+    ctx = run.cached(run.report_dir / "context.json", context_key, context)
+
+    results: list[dict[str, Any]] = []
+    diffusion_kind = None
+    if "diffusion" in opts.generators:
+        diffusion_kind = read_config(run.model_dir("diffusion"), "diffusion")[1].corruption
+    for g in opts.generators:
+        # one sampler per setting, except the mask corruption, which compares its samplers
+        samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
+        steps_list = opts.steps if check_generator(g).takes_steps else (None,)
+        for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
+            spec = SampleSpec(
+                generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
+                batch_size=opts.batch_size, sampler=sampler or "maskgit", eta=opts.eta if sampler == "ancestral" else 0.0,
+            )  # fmt: skip
+            label = f"{g}" + (f" {sampler}" if sampler else "") + f" t={temperature:g}" + (f" s={steps}" if steps else "")
+            samples = generate(run, spec, on_batch=bar(f"sample {label}"))
+            metrics = m.of_samples(samples, label)
+            results.append(
+                {
+                    "generator": g,
+                    "sampler": sampler,
+                    "temperature": temperature,
+                    "steps": steps,
+                    "fid": metrics["fid"],
+                    **{k: metrics.get(k) for k in ("kid", "kid_std", "precision", "recall", "isc")},
+                    "images_per_second": samples.images_per_second,
+                    "forward_passes": samples.forward_passes,
+                    "samples": str(samples.folder.relative_to(run.run_dir)),
+                }
+            )
+    gif = None
+    if "diffusion" in opts.generators:
+        spec = SampleSpec(
+            generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg,
+            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit",
+        )  # fmt: skip
+        gif_samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
+        gif = str((gif_samples.folder / "trajectory.gif").relative_to(run.run_dir))
+    tok_metrics = read_json(run.metrics_path("tokenizer")) if run.metrics_path("tokenizer").exists() else {}
+    bits = {}
+    for g in opts.generators:
+        if run.metrics_path(g).exists():
+            mj = read_json(run.metrics_path(g))
+            bits[g] = {"bits_per_token": mj.get("bits_per_token"), "kind": mj.get("kind")}
+    report = {
+        "run": str(run.run_dir),
+        "recipe": recipe.name,
+        "dataset": dataset,
+        "extractor": extractor.name,
+        "extractor_hash": extractor.hash,
+        "extractor_info": extractor.info,
+        "num_samples": n,
+        "reference": f"{reference_name} test split, first {n} of {len(m.test_set)} images",
+        # FID depends on the reference set and its size as much as on the samples: state both
+        "reference_set": {
+            "dataset": dataset,
+            "path": recipe.data.path or None,
+            "split": "test",
+            "size": n,
+            "split_size": len(m.test_set),
+        },
+        "isc_omitted": extractor.info.get("isc_omitted"),
+        "floor_fid": ctx["floor_fid"],
+        "tokenizer": {
+            "rfid": ctx["rfid"],
+            "psnr": tok_metrics.get("psnr"),
+            "codebook_usage": tok_metrics.get("codebook_usage"),
+        },
+        "bits_per_token": bits,
+        "cfg": opts.cfg,
+        "device": str(run.torch_device),
+        "results": results,
+        "trajectory_gif": gif,
+    }
+    if (run.report_dir / "curve.json").exists():
+        report["learning_curve"] = read_json(run.report_dir / "curve.json")
+    from recipes.report import write_report
+
+    if is_main():  # under torchrun every rank measured its share; rank 0 writes
+        write_report(report, run.report_dir)
+    return report

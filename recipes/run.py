@@ -1,0 +1,232 @@
+"""The run folder as one object: its paths, the hashes of its weights, its caches and its models.
+
+RUN/
+  recipe.toml                      the resolved recipe
+  tokenizer/ ar/ diffusion/        config.json, model.safetensors, train_state.pt, log.jsonl, metrics.json
+  tokens/                          train.safetensors, test.safetensors, meta.json
+  samples/GENERATOR-tTEMP-sSTEPS/  PNGs, grid.png, ids.safetensors, sample.json, trajectory.gif (diffusion)
+  report/                          report.md, report.json, context.json, plots
+
+Every cache in a run folder is a JSON marker that records the inputs (`key`) that produced the files
+beside it: `Run.fresh(path, key)` reads one, `Run.cached(path, key, compute)` computes a value once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from recipes.recipe import Recipe, load_recipe
+from vqdiff.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_write,
+    file_digest,
+    load_model,
+    load_tensors,
+    model_class,
+    read_config,
+    read_json,
+    write_json,
+)
+from vqdiff.data import ImageSet, load_dataset
+from vqdiff.distributed import is_main, local_device
+
+GENERATORS = ("ar", "diffusion")
+
+
+class StageError(Exception):
+    """A stage that cannot run as asked; the message is one line."""
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / recipe.name
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that wall-clock timings cover the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Run:
+    """One run folder, where its data lives and where to compute."""
+
+    run_dir: Path
+    data_root: str | None = None
+    device: str | None = None
+    _hashes: dict[tuple, str] = field(default_factory=dict, init=False, repr=False)  # (path, mtime, size) -> hash
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return local_device(self.device)  # under torchrun on CUDA: cuda:LOCAL_RANK
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.run_dir / "recipe.toml"
+
+    def model_dir(self, kind: str) -> Path:
+        """tokenizer/, ar/ or diffusion/."""
+        return self.run_dir / kind
+
+    def weights(self, kind: str) -> Path:
+        return self.model_dir(kind) / WEIGHTS_FILE
+
+    def metrics_path(self, kind: str) -> Path:
+        return self.model_dir(kind) / "metrics.json"
+
+    @property
+    def tokens_dir(self) -> Path:
+        return self.run_dir / "tokens"
+
+    def tokens_file(self, split: str) -> Path:
+        return self.tokens_dir / f"{split}.safetensors"
+
+    @property
+    def tokens_meta_path(self) -> Path:
+        return self.tokens_dir / "meta.json"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.run_dir / "samples"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.run_dir / "report"
+
+    # ------------------------------------------------------------ recipe and data
+
+    def read_recipe(self) -> Recipe:
+        if not self.recipe_path.exists():
+            raise StageError(f"{self.run_dir} is not a run folder (no recipe.toml); train a tokenizer into it first")
+        return load_recipe(str(self.recipe_path))
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        if not is_main():  # under torchrun: rank 0 writes
+            return
+        text = recipe.to_toml()
+        atomic_write(self.recipe_path, lambda tmp: Path(tmp).write_text(text))
+
+    def load_split(self, recipe: Recipe, split: str) -> ImageSet:
+        d = recipe.data
+        return load_dataset(
+            d.dataset, split, image_size=d.image_size, root=self.data_root, path=d.path or None,
+            limit=d.limit_train if split == "train" else d.limit_test, seed=d.seed,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ hashes and caches
+
+    def file_hash(self, path: Path) -> str:
+        """sha256 of a weights file (short hex), memoised while the file is unchanged."""
+        stat = Path(path).stat()
+        memo = (str(path), stat.st_mtime_ns, stat.st_size)
+        if memo not in self._hashes:
+            self._hashes[memo] = file_digest(path)
+        return self._hashes[memo]
+
+    def weights_hash(self, kind: str) -> str:
+        """sha256 of RUN/kind/model.safetensors."""
+        return self.file_hash(self.weights(kind))
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.weights_hash("tokenizer")
+
+    @staticmethod
+    def fresh(path: Path, key: Any) -> dict[str, Any] | None:
+        """The JSON marker at `path` when it records `key`, else None (missing, corrupt or stale)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) and data.get("key") == key else None
+
+    def cached(self, path: Path, key: Any, compute: Callable[[], Any]) -> Any:
+        """compute(), stored at `path` as {"key": key, "value": ...}, and read back while the key holds."""
+        marker = self.fresh(path, key)
+        if marker is not None:
+            return marker["value"]
+        value = compute()  # under torchrun every rank computes (sharded), rank 0 writes
+        if is_main():
+            write_json(path, {"key": key, "value": value})
+        return value
+
+    # ------------------------------------------------------------ models
+
+    def load_tokenizer(self, device: torch.device | str | None = None) -> torch.nn.Module:
+        if not (self.model_dir("tokenizer") / CONFIG_FILE).exists():
+            raise StageError(f"no tokenizer in {self.run_dir}; run `vqdiff train tokenizer` first")
+        return load_model(self.model_dir("tokenizer"), device=device or self.torch_device)
+
+    def tokenizer_meta(self) -> dict[str, Any]:
+        """codebook_size and grid of the run's tokenizer, from its config alone."""
+        folder = self.model_dir("tokenizer")
+        if not (folder / CONFIG_FILE).exists():
+            raise StageError(f"no tokenizer in {self.run_dir}; run `vqdiff train tokenizer` first")
+        _, cfg = read_config(folder)
+        return {"codebook_size": cfg.codebook_size, "grid": list(cfg.grid)}
+
+    def load_generator(self, kind: str, device: torch.device | str | None = None) -> torch.nn.Module:
+        check_generator(kind)
+        folder = self.model_dir(kind)
+        if not (folder / CONFIG_FILE).exists():
+            raise StageError(f"no {kind} generator in {self.run_dir}; run `vqdiff train {kind}` first")
+        model = load_model(folder, kind, device or self.torch_device)
+        self.check_fits_tokenizer(kind, model.cfg, self.tokenizer_meta())
+        self.check_same_tokens(kind)
+        return model
+
+    def check_fits_tokenizer(self, kind: str, cfg: Any, tokens_meta: dict[str, Any]) -> None:
+        """Refuse a generator whose codebook or grid is not the tokenizer's."""
+        grid, where = tuple(tokens_meta["grid"]), self.model_dir(kind)
+        if cfg.codebook_size != tokens_meta["codebook_size"] or (cfg.grid_h, cfg.grid_w) != grid:
+            raise StageError(
+                f"the {kind} generator in {where} expects a {cfg.codebook_size}-code book and a "
+                f"{cfg.grid_h}x{cfg.grid_w} grid, but the tokenizer has {tokens_meta['codebook_size']} codes "
+                f"and a {grid[0]}x{grid[1]} grid; retrain the {kind} generator (delete {where}) or use another run dir"
+            )
+
+    def check_same_tokens(self, kind: str) -> None:
+        """Refuse a generator trained on the tokens of another tokenizer (retrained since): its ids mean other codes."""
+        path = self.model_dir(kind) / "tokens.json"
+        if not path.exists() or not self.weights("tokenizer").exists():
+            return
+        if read_json(path).get("tokenizer_hash") != self.tokenizer_hash:
+            load_tensors(self.weights("tokenizer"))  # a corrupt tokenizer file also changes the hash: name it, not the generator
+            raise StageError(
+                f"the {kind} generator in {self.model_dir(kind)} was trained on the tokens of another tokenizer "
+                f"(retrained since); delete {self.model_dir(kind)} to retrain it"
+            )
+
+
+Context = Run  # the name the stages and the CLI used before the run folder was one object
+
+
+def check_generator(kind: str) -> type:
+    """The model class of generator `kind`; a StageError names the choices."""
+    if kind not in GENERATORS:
+        raise StageError(f"unknown generator {kind!r}; choose ar or diffusion")
+    return model_class(kind)
+
+
+# the functions of a run folder by its path, as the CLI and scripts called them before `Run`
+def write_recipe(recipe: Recipe, run_dir: Path) -> None:
+    Run(run_dir).write_recipe(recipe)
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    return Run(run_dir).read_recipe()
+
+
+def tokenizer_meta(run_dir: Path) -> dict[str, Any]:
+    return Run(run_dir).tokenizer_meta()

@@ -1,0 +1,203 @@
+"""Images from a generator and a tokenizer: the call a notebook makes (no files, no CLI).
+
+    from vqdiff.checkpoint import load_model
+    from vqdiff.pipeline import sample_images
+    tokenizer, generator = load_model("runs/quickstart/tokenizer"), load_model("runs/quickstart/diffusion")
+    ids, images = sample_images(generator, tokenizer, 64, steps=8, seed=0)   # long [64 h w], float [64 c H W]
+
+Both generators share one `sample(n, *, steps, temperature, labels, cfg_scale, generator,
+callback, **options)`; `sample_images` batches it, draws the class labels, splits per-sample
+options (an AR `prefix`) by batch, and decodes. Like diffusers' pipelines it takes the models and
+the settings and returns tensors; writing PNGs is the caller's business (`recipes/`).
+
+Determinism (the rule, so that a sharded run can reproduce it): the noise of batch j (samples
+[j * batch_size, (j + 1) * batch_size)) comes from a CPU `torch.Generator` seeded with
+`batch_seed(seed, j)` alone, and the labels of all n samples from `torch.Generator().manual_seed(seed)`.
+A CPU generator gives the same numbers whatever the model's device (the helpers in `vqdiff.nn`
+draw on the generator's device and move), so the same (seed, batch_size) gives the same ids on a
+CPU and a GPU up to kernel rounding, and a DDP rank that takes whole batches j gets the same
+images as one process. Changing `batch_size` changes the images.
+
+Under torchrun (a process group of several ranks) `sample_ids` deals the batches out round-robin
+(rank r runs batches r, r + world, ...) and gathers the ids on every rank: the same seed gives the
+same images whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from vqdiff.data import ImageSet
+from vqdiff.distributed import gather_batches, my_batches
+from vqdiff.quantize import codebook_stats
+from vqdiff.tokenizer import psnr
+
+Callback = Callable[[int, int, Tensor], None]  # (first sample of the batch, step, ids long [b h w])
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of sampling batch `batch`: a pure function of (seed, batch), like `train.step_seed`."""
+    return (seed * 1_000_003 + batch * 7_919 + 17) % (2**63 - 1)
+
+
+def draw_labels(num_classes: int, n: int, seed: int) -> Tensor | None:
+    """Random classes long [n] in [0, num_classes) from `seed`, or None for an unconditional model."""
+    if num_classes == 0:
+        return None
+    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample_ids(
+    generator: nn.Module,
+    n: int,
+    *,
+    steps: int | None = None,
+    temperature: float = 1.0,
+    labels: Tensor | int | None = None,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    callback: Callback | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> Tensor:
+    """n token grids: long [n h w] in [0, k), on the CPU. See `sample_images` for the arguments."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    if labels is None:
+        labels = draw_labels(generator.cfg.num_classes, n, seed)
+    elif isinstance(labels, int):
+        labels = torch.full((n,), labels, dtype=torch.long)
+    out = []
+    num_batches = -(-n // batch_size)
+    for j in my_batches(num_batches):  # all of them in one process; this rank's share under torchrun
+        start, stop = j * batch_size, min((j + 1) * batch_size, n)
+        # per-sample tensors ([n ...]: an AR prefix) are split like the labels
+        batch_options = {k: v[start:stop] if isinstance(v, Tensor) and len(v) == n else v for k, v in options.items()}
+        report = (lambda i, x, start=start: callback(start, i, x)) if callback is not None else None
+        ids = generator.sample(
+            stop - start,
+            steps=steps,
+            temperature=temperature,
+            labels=labels[start:stop] if labels is not None else None,
+            cfg_scale=cfg_scale,
+            generator=torch.Generator().manual_seed(batch_seed(seed, j)),
+            callback=report,
+            **batch_options,
+        )
+        out.append(ids.cpu())
+        if on_batch is not None:
+            on_batch(stop, n)
+    return torch.cat(gather_batches(out, num_batches))
+
+
+@torch.no_grad()
+def decode(tokenizer: nn.Module, ids: Tensor, batch_size: int = 256) -> Tensor:
+    """ids long [n h w] in [0, k) -> images float [n c H W] in [-1, 1] on the CPU, in batches on the tokenizer's device."""
+    device = next(tokenizer.parameters()).device
+    return torch.cat([tokenizer.decode(ids[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(ids), batch_size)])
+
+
+def _images(data: Tensor | ImageSet, start: int, stop: int) -> Tensor:
+    """images float [b c H W] in [-1, 1] of items [start, stop) of a tensor or an ImageSet (decoded lazily)."""
+    if isinstance(data, Tensor):
+        return data[start:stop]
+    return data.batch(torch.arange(start, stop))["images"]
+
+
+@torch.no_grad()
+def encode(tokenizer: nn.Module, images: Tensor | ImageSet, batch_size: int = 256, on_batch=None) -> Tensor:
+    """images float [n c H W] in [-1, 1] (or an ImageSet) -> ids long [n h w] on the CPU, in batches
+    on the tokenizer's device. on_batch(done, n) after every batch."""
+    device = next(tokenizer.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        out.append(tokenizer.encode(_images(images, start, stop).to(device)).cpu())
+        if on_batch is not None:
+            on_batch(stop, len(images))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def measure_tokenizer(tokenizer: nn.Module, data: Tensor | ImageSet, batch_size: int = 256, on_batch=None) -> dict[str, Any]:
+    """decode(encode(images)) against the images: PSNR (dB, [0,1] scale), MSE ([-1,1] scale), and
+    the codebook usage and perplexity of the ids."""
+    k = tokenizer.codebook_size
+    counts = torch.zeros(k)
+    sq_err, pixels, psnrs = 0.0, 0, []
+    for start in range(0, len(data), batch_size):
+        x = _images(data, start, min(start + batch_size, len(data))).float()
+        ids = encode(tokenizer, x, batch_size)
+        err = (decode(tokenizer, ids, batch_size) - x).pow(2)
+        sq_err += err.sum().item()
+        pixels += err.numel()
+        psnrs.extend(psnr(e) for e in err.flatten(1).mean(1).tolist())
+        counts.add_(torch.bincount(ids.flatten(), minlength=k).float())
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(data)), len(data))
+    mse = sq_err / max(pixels, 1)
+    usage, perplexity = codebook_stats(counts)
+    return {
+        "psnr": psnr(mse),  # of the mean squared error over the set
+        "psnr_mean_per_image": sum(psnrs) / max(len(psnrs), 1),
+        "mse": mse,
+        "codebook_usage": usage,
+        "perplexity": perplexity,
+        "codebook_size": k,
+        "grid": list(tokenizer.grid),
+        "num_images": len(data),
+    }
+
+
+@torch.no_grad()
+def decode_partial(tokenizer: nn.Module, ids: Tensor) -> Tensor:
+    """Decode a grid in the making: ids long [n h w] in [0, k], where k (mask_id: not decided yet)
+    is shown grey (0). -> images float [n c H W] in [-1, 1] on the CPU."""
+    k, (h, _) = tokenizer.codebook_size, tokenizer.grid
+    undecided = ids >= k
+    images = decode(tokenizer, ids.clamp_max(k - 1))
+    f = images.shape[-2] // h  # pixels per token
+    pixels = undecided.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, None]  # [n 1 H W]
+    return torch.where(pixels, torch.zeros_like(images), images)
+
+
+@torch.no_grad()
+def sample_images(
+    generator: nn.Module,
+    tokenizer: nn.Module,
+    n: int,
+    *,
+    steps: int | None = None,
+    temperature: float = 1.0,
+    labels: Tensor | int | None = None,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    callback: Callback | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """Sample n images: (ids long [n h w] in [0, k), images float [n c H W] in [-1, 1]), both on the CPU.
+
+    - generator: an `ARTransformer` or a `DiffusionTransformer`; tokenizer: anything with
+      `encode`/`decode` (a `VQTokenizer`, a `DiffusersTokenizer`). Both on the device to use.
+    - steps: forward passes for diffusion; None for AR (one pass per token).
+    - labels: long [n] or one int in [0, num_classes); None draws random classes from `seed` for a
+      class-conditional generator. cfg_scale != 1 applies classifier-free guidance.
+    - callback(start, step, ids) after every step of every batch (`start` is the batch's first
+      sample): record a trajectory with it. on_batch(done, n) after every batch: a progress bar.
+    - options go to `generator.sample`: AR `top_k`, `top_p`, `prefix` (long [n r w]), `use_cache`;
+      diffusion `choice_temperature` and the sampler's options.
+    """
+    ids = sample_ids(
+        generator, n, steps=steps, temperature=temperature, labels=labels, cfg_scale=cfg_scale, seed=seed,
+        batch_size=batch_size, callback=callback, on_batch=on_batch, **options,
+    )  # fmt: skip
+    # decoded in decode's own batches, not the sampling ones: the same ids give the same pixels to the
+    # last bit whoever decodes them (batched convolutions round differently for other batch sizes)
+    return ids, decode(tokenizer, ids)
