@@ -175,10 +175,3 @@ def gather_batches(mine: list[Any], num_batches: int) -> list[Any]:
     parts: list[Any] = [None] * w
     dist.all_gather_object(parts, mine)
     return [parts[j % w][j // w] for j in range(num_batches)]
-
-
-def leave() -> None:
-    """Leave the process group (after a barrier): what follows runs as independent processes."""
-    if is_distributed():
-        dist.barrier()
-        dist.destroy_process_group()
