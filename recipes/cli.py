@@ -7,23 +7,17 @@ line and exit with code 1; tracebacks are for bugs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
-import signal
-import sys
-import threading
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from recipes import stages
 from recipes.checks import check_device
-from recipes.lock import RunFolderError, run_lock
+from recipes.lock import run_lock
 from recipes.progress import batch_logger, generator_stage, progress_bars, tokenizer_stage
-from recipes.recipe import RecipeError, load_recipe
+from recipes.recipe import RecipeError, load_recipe  # noqa: F401  (RecipeError: for scripts)
 from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE
 
 app = typer.Typer(
@@ -54,9 +48,7 @@ def _main(
 
 train_app = typer.Typer(help="Train one model of a recipe.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-# rich wraps at 80 columns when not on a terminal (CI logs, pipes); reports read better wider
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-out = Console(width=None if sys.stdout.isatty() else 140)
+from recipes.errors import USER_OS_ERRORS, Terminated, console, edge, fail, out, user_errors  # noqa: E402,F401  (re-exported)
 progress_bar = functools.partial(progress_bars, console)
 
 
@@ -74,78 +66,6 @@ DataRootOpt = Annotated[
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")]
 RunArg = Annotated[Path, typer.Argument(help="A run folder, e.g. runs/quickstart.")]
 
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from vqdiff.checkpoint import CheckpointError
-    from vqdiff.data import DataError
-
-    from vqdiff.train import TrainingDiverged
-
-    errors: list[type[BaseException]] = [
-        RecipeError, stages.StageError, CheckpointError, DataError, RunFolderError, TrainingDiverged,
-    ]  # fmt: skip
-    try:
-        from evaluation import EvaluationError
-
-        errors.append(EvaluationError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (schedulers, `kill`) outside a training loop: handled like Ctrl-C."""
-
-    signum = signal.SIGTERM
-
-
-def _raise_terminated(signum: int, frame) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def edge() -> Iterator[None]:
-    """Turn domain errors into one red line and exit code 1, and SIGINT/SIGTERM into the resume line."""
-    from vqdiff.train import TrainingInterrupted
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
-    try:
-        yield
-    except user_errors() as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        if e.errno not in USER_OS_ERRORS:
-            raise
-        # a read-only or full disk met mid-stage: the environment, not a bug
-        where = f" {e.filename}" if e.filename else ""
-        fail(f"cannot write{where}: {e.strerror or e}")
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        if isinstance(e, TrainingInterrupted):
-            kept = f"step {e.step} is kept in {e.out_dir}"
-        else:
-            kept = "the last checkpoint is kept"
-        console.print(
-            f"[yellow]interrupted[/yellow] ({name}): {escape(kept)}; run the same command to resume", soft_wrap=True
-        )
-        raise typer.Exit(128 + signum) from None
-    finally:
-        if main:  # None: a handler set outside Python; the default is the nearest we can restore
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-# errno values that mean a path cannot be written (read-only, no permission, full, a file in the way), not a bug
-USER_OS_ERRORS = (
-    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
-)  # fmt: skip
-
-
-def fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _context(recipe_name: str, run_dir: Optional[Path], sets, data_root, device) -> tuple:

@@ -25,12 +25,10 @@ import inspect
 import json
 import math
 import signal
-import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +44,13 @@ from vqdiff.checkpoint import (
     unwrap,
 )
 from vqdiff.schedules import warmup_cosine
+from vqdiff.steps import (  # re-exported: callers import them from here
+    BatchSource,
+    TensorSource,  # noqa: F401
+    TrainingInterrupted,
+    _DeferSignals,
+    batch_indices,
+)
 
 HISTORY_DIR = "history"  # OUT/history/step-NNNNNNN.safetensors, written every `keep_every` steps
 
@@ -99,82 +104,6 @@ TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss stopped training; the message is one line that says which step was kept."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped training between two steps; `step` is the step kept in `out_dir`."""
-
-    def __init__(self, signum: int, step: int, out_dir: Path) -> None:
-        super().__init__(f"{signal.Signals(signum).name}: step {step} is kept in {out_dir}")
-        self.signum, self.step, self.out_dir = signum, step, out_dir
-
-
-class _DeferSignals:
-    """SIGINT and SIGTERM set a flag that the loop reads between steps, so that the state saved is
-    that of the last finished step (a step changes weights, optimiser and codebook buffers in turn,
-    and only the state between two steps is consistent). A second signal stops at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_DeferSignals":
-        # handlers can only be set from the main thread; elsewhere the signals keep their behaviour
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt  # asked twice: stop now and keep the last checkpoint
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            # None: a handler set outside Python; the default is the nearest we can restore
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-class BatchSource(Protocol):
-    """Anything with a length and a way to gather a batch dict from indices."""
-
-    def __len__(self) -> int: ...
-
-    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
-class TensorSource:
-    """In-memory tensors sharing the first dimension, e.g. {"ids": [n h w], "labels": [n]}."""
-
-    def __init__(self, **tensors: torch.Tensor) -> None:
-        sizes = {len(t) for t in tensors.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"tensors differ in length: {sizes}")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v[indices] for k, v in self.tensors.items()}
-
-
-@lru_cache(maxsize=4)
-def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the batch at `step`: consecutive slices of per-epoch permutations (pure in its inputs)."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        take = min(batch_size - len(out), n - offset)
-        out.extend(_epoch_perm(n, seed, epoch)[offset : offset + take].tolist())
-    return torch.tensor(out, dtype=torch.long)
 
 
 @contextlib.contextmanager
