@@ -153,6 +153,20 @@ def test_concurrent_write_recipe_and_stale_temp_files(tmp_path):
     assert (tmp_path / "recipe.toml").exists()
 
 
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the file a user gets must have open()'s mode."""
+    from vqdiff.checkpoint import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    stages.write_recipe(load_recipe("shapes"), tmp_path)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this process's umask
+    expected = plain.stat().st_mode & 0o777
+    assert expected != 0o600 or os.umask(os.umask(0)) == 0o177  # the check means something here
+    for name in ("a.json", "recipe.toml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
 # ------------------------------------------------------------------ check everything before any work
 
 

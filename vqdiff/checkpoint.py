@@ -142,6 +142,15 @@ def config_defaults(cls: type) -> dict[str, Any]:
 # ---------------------------------------------------------------- atomic writes
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp) on a unique temp file beside `path`, then `os.replace` it onto `path`: a kill
     leaves the old file or the new one, never half of one. Every file vqdiff writes goes through here."""
@@ -151,6 +160,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the mode open() would: 0666 less the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
