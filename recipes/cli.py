@@ -288,6 +288,12 @@ def evaluate(
         typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
     ] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="ReMDM remasking for the ancestral sampler, in [0, 1].")] = None,
+    top_k: Annotated[
+        Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens, both generators (0 = off). [default: the recipe's]")
+    ] = None,
+    top_p: Annotated[
+        Optional[float], typer.Option("--top-p", help="Nucleus sampling, both generators (1 = off). [default: the recipe's]")
+    ] = None,
     checkpoints: Annotated[
         bool,
         typer.Option(
@@ -315,6 +321,8 @@ def evaluate(
             cfg=cfg,
             samplers=_csv(sampler, str, "--sampler"),
             eta=eta,
+            top_k=top_k,
+            top_p=top_p,
         )
         with writer_lock(run, create=False):
             _evaluate(ctx, opts, checkpoints)

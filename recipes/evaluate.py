@@ -54,10 +54,19 @@ class EvalOptions(EvaluateSection):
             raise StageError(f"--temperatures must be > 0 and finite, got {list(self.temperatures)}")
         if not (self.cfg > 0 and math.isfinite(self.cfg)):
             raise StageError(f"--cfg must be > 0 and finite (1 = no guidance), got {self.cfg}")
+        if self.top_k < 0:
+            raise StageError(f"--top-k must be >= 1 (or 0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise StageError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
         if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
             raise StageError(f"--sampler must be from {', '.join(MASK_SAMPLERS)}, got {list(self.samplers)}")
         if self.extractor not in ("auto", "classifier", "inception"):
             raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
+
+    @property
+    def truncation(self) -> dict[str, Any]:
+        """top_k / top_p for a SampleSpec: None where the recipe's 0 / 1 turns them off."""
+        return {"top_k": self.top_k or None, "top_p": self.top_p if self.top_p < 1 else None}
 
 
 @dataclass
@@ -144,6 +153,7 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             spec = SampleSpec(
                 generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
                 batch_size=opts.batch_size, sampler=sampler or "maskgit", eta=opts.eta if sampler == "ancestral" else 0.0,
+                **opts.truncation,
             )  # fmt: skip
             label = f"{g}" + (f" {sampler}" if sampler else "") + f" t={temperature:g}" + (f" s={steps}" if steps else "")
             samples = generate(run, spec, on_batch=bar(f"sample {label}"))
@@ -165,7 +175,7 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     if "diffusion" in opts.generators:
         spec = SampleSpec(
             generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg,
-            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit",
+            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit", **opts.truncation,
         )  # fmt: skip
         gif_samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
         gif = str((gif_samples.folder / "trajectory.gif").relative_to(run.run_dir))
@@ -201,6 +211,8 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         },
         "bits_per_token": bits,
         "cfg": opts.cfg,
+        "top_k": opts.truncation["top_k"],
+        "top_p": opts.truncation["top_p"],
         "device": str(run.torch_device),
         "results": results,
         "trajectory_gif": gif,

@@ -60,6 +60,8 @@ class EvaluateSection:
     steps: tuple[int, ...] = (4, 8, 16)  # diffusion sampling steps (AR takes one pass per token)
     temperatures: tuple[float, ...] = (1.0,)
     cfg: float = 1.0  # classifier-free guidance scale for class-conditional generators (1 = none)
+    top_k: int = 0  # sample from the k most likely tokens, both generators (0 = off)
+    top_p: float = 1.0  # nucleus sampling, both generators (1 = off)
     extractor: str = "auto"  # auto | classifier | inception
     batch_size: int = 100  # sampling batch size
     seed: int = 0

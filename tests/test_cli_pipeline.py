@@ -218,6 +218,14 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     md = (copy / "report" / "report.md").read_text()
     assert "Best diffusion setting: diffusion" in md
     one_line_error(invoke("evaluate", copy, "--sampler", "greedy"), "--sampler must be from")
+    # top-k / top-p reach both generators' samples, and the report says which were used
+    ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--sampler", "ancestral", "--top-k", 5, "--top-p", 0.9, "--extractor", "classifier"))
+    report = json.loads((copy / "report" / "report.json").read_text())
+    assert (report["top_k"], report["top_p"]) == (5, 0.9)
+    assert {r["samples"] for r in report["results"]} == {"samples/ar-t1-s64-k5-p0.9", "samples/diffusion-t1-s2-k5-p0.9-ancestral"}
+    assert "top-k 5; top-p 0.9" in (copy / "report" / "report.md").read_text()
+    one_line_error(invoke("evaluate", copy, "--top-p", 0), "--top-p must be in (0, 1]")
+    one_line_error(invoke("evaluate", copy, "--top-k", -1), "--top-k must be >= 1")
 
 
 def test_learning_curves_from_kept_weights(run, cache, tmp_path):
