@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from recipes.recipe import Recipe
-from recipes.run import check_generator, sync
+from recipes.run import check_generator, software_versions, sync
 from recipes.stages import generator_config
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import autocast_dtype, make_optimizer
@@ -190,7 +190,8 @@ def run_bench(recipe: Recipe, device: torch.device, quick: bool = False, progres
     return {
         "recipe": recipe.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
+        "torch": torch.__version__,  # kept for scripts that read it
+        "software": software_versions(),
         "sampling": sampling,
         "training": training,
         "features": features,

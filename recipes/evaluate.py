@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from recipes.recipe import EvaluateSection, Recipe
-from recipes.run import GENERATORS, Run, StageError, check_generator
+from recipes.run import GENERATORS, Run, StageError, check_generator, software_versions
 from recipes.sampling import MAX_SAMPLE_STEPS, Samples, SampleSpec, generate
 from vqdiff.checkpoint import read_config, read_json
 from vqdiff.data import from_uint8, to_uint8
@@ -214,6 +214,8 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "top_k": opts.truncation["top_k"],
         "top_p": opts.truncation["top_p"],
         "device": str(run.torch_device),
+        # bit-for-bit reproduction holds for one torch build on one kind of machine; say which
+        "software": software_versions(),
         "results": results,
         "trajectory_gif": gif,
     }

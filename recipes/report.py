@@ -177,7 +177,8 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
         lines.append(f"- {g}: {_fmt(b.get('bits_per_token'), 3)} bits per token on the test split ({what})")
     lines += [
         f"- Device: {report['device']}; classifier-free guidance scale {report['cfg']:g}; "
-        f"top-k {report.get('top_k') or 'off'}; top-p {report.get('top_p') or 'off'}",
+        f"top-k {report.get('top_k') or 'off'}; top-p {report.get('top_p') or 'off'}"
+        + "".join(f"; {k} {v}" for k, v in report.get("software", {}).items()),
         "",
         "| generator | sampler | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -43,6 +43,16 @@ class StageError(Exception):
     """A stage that cannot run as asked; the message is one line."""
 
 
+def software_versions() -> dict[str, str]:
+    """The builds that produced a result: the same seed reproduces bit for bit only under the same
+    torch (and the same kind of machine), so reports and metrics record them."""
+    import platform
+
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+
+
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
 
