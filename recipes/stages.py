@@ -25,6 +25,7 @@ from recipes.run import (
     check_generator,
     default_run_dir,
     read_run_recipe,
+    software_versions,
     sync,
     tokenizer_meta,
     write_recipe,
@@ -34,7 +35,7 @@ from vqdiff.checkpoint import file_digest, is_complete, model_class, read_config
 from vqdiff.data import ImageSet, load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.pipeline import decode, encode, measure_tokenizer
-from vqdiff.train import TensorSource, is_trained, seeded, train
+from vqdiff.train import TensorSource, autocast_dtype, is_trained, seeded, train
 
 __all__ = [
     "GENERATORS", "MAX_SAMPLE_STEPS", "Context", "check_sampling_values", "tokens_current", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",
@@ -83,7 +84,7 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
             model = model.to(run.torch_device).eval()
             test_set = run.load_split(recipe, "test")
             metrics = evaluate_tokenizer(model, test_set, on_eval)
-            metrics.update(train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from)
+            metrics.update(train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from, software=software_versions(), autocast=autocast_name(tcfg, run))
             write_json(run.metrics_path("tokenizer"), metrics)
             save_reconstructions(model, test_set, folder / "reconstructions.png")
         barrier()
@@ -182,10 +183,15 @@ def train_generator(kind: str, recipe: Recipe, run: Run, on_log=None, on_batch=N
     if is_main():  # under torchrun the other ranks wait at the barrier
         metrics = test_bits_per_token(result.model, run, recipe[kind]["eval_grids"])
         n_params = sum(p.numel() for p in result.model.parameters())
-        metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params)
+        metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params, software=software_versions(), autocast=autocast_name(tcfg, run))
         write_json(run.metrics_path(kind), metrics)
     barrier()
     return read_json(run.metrics_path(kind))
+
+
+def autocast_name(tcfg: Any, run: Run) -> str:
+    """The dtype the matmuls trained in (`precision = fast` picks it from the hardware)."""
+    return str(autocast_dtype(tcfg.precision, run.torch_device) or torch.float32).removeprefix("torch.")
 
 
 @torch.no_grad()

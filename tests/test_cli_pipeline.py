@@ -35,6 +35,8 @@ def test_train_generators_write_bits_per_token(run):
     assert ar["kind"] == "exact" and diff["kind"] == "elbo"
     assert ar["split"] == diff["split"] == "test"
     assert 0 < ar["bits_per_token"] < 20 and 0 < diff["bits_per_token"] < 40
+    assert ar["software"]["torch"] == diff["software"]["torch"] == torch.__version__  # what trained them
+    assert ar["autocast"] == diff["autocast"] == "float32"  # shapes trains with precision = auto: fp32 on a CPU
     for kind in ("ar", "diffusion"):
         for f in ("config.json", "model.safetensors", "train_state.pt", "log.jsonl"):
             assert (run / kind / f).exists()
@@ -224,6 +226,8 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     assert (report["top_k"], report["top_p"]) == (5, 0.9)
     assert {r["samples"] for r in report["results"]} == {"samples/ar-t1-s64-k5-p0.9", "samples/diffusion-t1-s2-k5-p0.9-ancestral"}
     assert "top-k 5; top-p 0.9" in (copy / "report" / "report.md").read_text()
+    assert report["software"]["torch"] == torch.__version__
+    assert f"torch {torch.__version__}" in (copy / "report" / "report.md").read_text()
     one_line_error(invoke("evaluate", copy, "--top-p", 0), "--top-p must be in (0, 1]")
     one_line_error(invoke("evaluate", copy, "--top-k", -1), "--top-k must be >= 1")
 

@@ -1,6 +1,7 @@
 """The GPU code paths that can be checked on a CPU: TF32, fused AdamW, bf16 autocast with an fp32
 quantizer, and noise drawn on the generator's device (the same seed, the same ids on any device)."""
 
+import pytest
 import torch
 
 from vqdiff.data import make_shapes
@@ -44,3 +45,28 @@ def test_noise_follows_the_generator_not_the_model_device():
     assert torch.equal(a, b)
     ids = randint(10, (4,), device="meta", generator=torch.Generator().manual_seed(7))
     assert ids.device.type == "meta"  # moved to the model's device after drawing on the CPU
+
+
+def test_fast_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, tmp_path):
+    import warnings
+
+    from vqdiff import train as train_mod
+
+    cpu = torch.device("cpu")
+    assert train_mod.native_bf16(cpu) in (True, False)  # the probe runs on the installed torch
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    assert train_mod.autocast_dtype("fast", cpu) is None
+    assert train_mod.autocast_dtype("bf16", cpu) is torch.bfloat16  # an explicit bf16 is honoured
+    assert train_mod.autocast_dtype("auto", cpu) is None
+    with seeded(0):
+        tok = VQTokenizer(TokenizerConfig(channels=3, image_size=16, width=8, max_width=16, codebook_size=16, codebook_dim=4))
+    with pytest.warns(UserWarning, match="precision = fast"):
+        train(tok, make_shapes(16, 16), TrainConfig(steps=1, batch_size=8, warmup_steps=0, precision="bf16"), tmp_path, device="cpu")
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    assert train_mod.autocast_dtype("fast", cpu) is torch.bfloat16
+    assert train_mod.autocast_dtype("auto", cpu) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(tok, make_shapes(16, 16), TrainConfig(steps=2, batch_size=8, warmup_steps=0, precision="bf16"), tmp_path / "b", device="cpu")
+    with pytest.raises(ValueError, match="precision must be one of auto, fast, fp32, bf16"):
+        TrainConfig(precision="fp16")

@@ -26,6 +26,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +56,9 @@ from vqdiff.steps import (  # re-exported: callers import them from here
 HISTORY_DIR = "history"  # OUT/history/step-NNNNNNN.safetensors, written every `keep_every` steps
 
 
+PRECISIONS = ("auto", "fast", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
@@ -70,7 +74,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 autocast on CUDA, fp32 on CPU | fast: bf16 wherever the device has native bf16
+    # matmuls (CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32 | fp32 | bf16 (always)
+    precision: str = "auto"
     compile: bool = False
     keep_every: int = 0  # > 0: keep the weights every N steps in OUT/history/ (learning curves); 0 = off
 
@@ -91,8 +97,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.keep_every < 0:
@@ -124,8 +130,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, steps=cfg.steps, warmup=cfg.warmup_steps, peak=cfg.lr, floor_ratio=cfg.min_lr_ratio)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware. A CPU without AMX-BF16 or AVX512-BF16
+    (or Arm's BF16 extension) emulates them: bf16 autocast there trains 3-4x slower than fp32
+    (measured on a 2-core AVX-512 CPU without them, docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    caps = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.9
+    if caps is not None:
+        found = caps()
+        return any(found.get(k, False) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+    return any(  # older torch: the private probes it has
+        getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if (
+        precision == "bf16"
+        or (precision == "auto" and device.type == "cuda")
+        or (precision == "fast" and native_bf16(device))
+    ):
         return torch.bfloat16
     return None
 
@@ -212,6 +240,12 @@ def train(
         raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must be >= the {world} ranks")
     model = unwrap(model).to(device)
     amp = autocast_dtype(cfg.precision, device)
+    if cfg.precision == "bf16" and device.type == "cpu" and not native_bf16(device) and main:
+        warnings.warn(
+            "precision = bf16 on a CPU without native bf16 matmuls trains 3-4x slower than fp32; "
+            "precision = fast uses bf16 only where the hardware has it",
+            stacklevel=2,
+        )
     opt = make_optimizer(model, cfg, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
     step = 0
