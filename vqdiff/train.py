@@ -135,7 +135,10 @@ def native_bf16(device: torch.device) -> bool:
     (or Arm's BF16 extension) emulates them: bf16 autocast there trains 3-4x slower than fp32
     (measured on a 2-core AVX-512 CPU without them, docs/benchmarks.md)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:  # newer torch counts emulated bf16 (pre-Ampere) unless told not to
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     caps = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.9
