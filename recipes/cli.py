@@ -64,6 +64,14 @@ DataRootOpt = Annotated[
     typer.Option("--data-root", help="Where datasets live. [default: $VQDIFF_DATA_ROOT, else ~/.cache/vqdiff/data]"),
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]")]
+SampleScheduleOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--sample-schedule",
+        help="Diffusion: the schedule the steps follow, cosine | linear | square | cubic (how many tokens stay "
+        "masked after each step). [default: the recipe's diffusion.sample_schedule, else the trained schedule]",
+    ),
+]
 RunArg = Annotated[Path, typer.Argument(help="A run folder, e.g. runs/quickstart.")]
 
 
@@ -199,17 +207,19 @@ def sample(
     eta: Annotated[
         Optional[float], typer.Option("--eta", help="Diffusion, ancestral sampler: ReMDM remasking in [0, 1]. [default: the recipe's]")
     ] = None,
+    sample_schedule: SampleScheduleOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Sample images from a trained generator: PNGs, grid.png and (diffusion, --gif) trajectory.gif."""
     with edge():
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
-        sampler, eta = stages.recipe_sampler(run, sampler, eta)
+        sampler, eta, sample_schedule = stages.recipe_sampler(run, sampler, eta, sample_schedule)
         spec = stages.SampleSpec(
             generator=generator, num=num, temperature=temperature, steps=steps if steps is not None else 8, seed=seed,
             top_k=top_k, top_p=top_p, class_=class_, cfg=cfg, prefix_rows=prefix_rows, batch_size=batch_size,
             use_cache=not no_cache, choice_temperature=choice_temperature, sampler=sampler, eta=eta,
+            sample_schedule=sample_schedule if generator == "diffusion" else None,
         )  # fmt: skip
         spec.validate()
         if gif and generator != "diffusion":
@@ -288,6 +298,7 @@ def evaluate(
         typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
     ] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="ReMDM remasking for the ancestral sampler, in [0, 1].")] = None,
+    sample_schedule: SampleScheduleOpt = None,
     top_k: Annotated[
         Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens, both generators (0 = off). [default: the recipe's]")
     ] = None,
@@ -321,6 +332,7 @@ def evaluate(
             cfg=cfg,
             samplers=_csv(sampler, str, "--sampler"),
             eta=eta,
+            sample_schedule=sample_schedule,
             top_k=top_k,
             top_p=top_p,
         )

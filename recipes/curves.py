@@ -50,7 +50,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             spec = SampleSpec(
                 generator=g, num=m.n, temperature=temperature, steps=steps if g == "diffusion" else 1, seed=opts.seed,
                 cfg=opts.cfg, batch_size=opts.batch_size, sampler=sampler if g == "diffusion" else "maskgit",
-                **opts.truncation,
+                **opts.truncation, **opts.diffusion_options(g),
             )  # fmt: skip
             label = f"{g} step {step}"
             # the folder names of the first learning curves (AR: "-s0-"), so that their samples are reused

@@ -17,6 +17,7 @@ from vqdiff.data import from_uint8, to_uint8
 from vqdiff.diffusion import MASK_SAMPLERS
 from vqdiff.distributed import is_main
 from vqdiff.pipeline import decode, encode
+from vqdiff.schedules import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,15 @@ class EvalOptions(EvaluateSection):
 
     inception_weights: str | None = None
     eta: float = 0.0  # ReMDM remasking for the ancestral sampler (diffusion.eta)
+    sample_schedule: str = ""  # the schedule the diffusion steps follow ("" = the trained one; diffusion.sample_schedule)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
         opts = recipe.build(cls, "evaluate")
         d = recipe["diffusion"]
-        opts = dataclasses.replace(opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]))
+        opts = dataclasses.replace(
+            opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]), sample_schedule=d.get("sample_schedule", "")
+        )
         opts = dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
         opts.validate()
         return opts
@@ -60,8 +64,14 @@ class EvalOptions(EvaluateSection):
             raise StageError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
         if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
             raise StageError(f"--sampler must be from {', '.join(MASK_SAMPLERS)}, got {list(self.samplers)}")
+        if self.sample_schedule and self.sample_schedule not in SCHEDULES:
+            raise StageError(f"unknown sample schedule {self.sample_schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.extractor not in ("auto", "classifier", "inception"):
             raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
+
+    def diffusion_options(self, generator: str) -> dict[str, Any]:
+        """What a SampleSpec takes from these options for `generator` beyond the shared ones."""
+        return {"sample_schedule": self.sample_schedule or None} if generator == "diffusion" else {}
 
     @property
     def truncation(self) -> dict[str, Any]:
@@ -153,9 +163,11 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             spec = SampleSpec(
                 generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
                 batch_size=opts.batch_size, sampler=sampler or "maskgit", eta=opts.eta if sampler == "ancestral" else 0.0,
-                **opts.truncation,
+                **opts.truncation, **opts.diffusion_options(g),
             )  # fmt: skip
             label = f"{g}" + (f" {sampler}" if sampler else "") + f" t={temperature:g}" + (f" s={steps}" if steps else "")
+            if g == "diffusion" and opts.sample_schedule:
+                label += f" on {opts.sample_schedule}"
             samples = generate(run, spec, on_batch=bar(f"sample {label}"))
             metrics = m.of_samples(samples, label)
             results.append(
@@ -164,6 +176,7 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
                     "sampler": sampler,
                     "temperature": temperature,
                     "steps": steps,
+                    **({"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}),
                     "fid": metrics["fid"],
                     **{k: metrics.get(k) for k in ("kid", "kid_std", "precision", "recall", "isc")},
                     "images_per_second": samples.images_per_second,
@@ -175,7 +188,7 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     if "diffusion" in opts.generators:
         spec = SampleSpec(
             generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg,
-            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit", **opts.truncation,
+            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit", **opts.truncation, **opts.diffusion_options("diffusion"),
         )  # fmt: skip
         gif_samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
         gif = str((gif_samples.folder / "trajectory.gif").relative_to(run.run_dir))

@@ -85,6 +85,9 @@ class DiffusionExtras:
 
     sampler: str = "maskgit"  # maskgit | ancestral | halton (mask corruption; see vqdiff.diffusion)
     eta: float = 0.0  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
+    # the schedule the sampler's steps follow, a name in vqdiff.schedules ("" = diffusion.schedule, the
+    # trained one): how many tokens are still masked after each step (see vqdiff.samplers.time_grid)
+    sample_schedule: str = ""
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,8 @@ def validate(recipe: Recipe) -> None:
     recipe.build(EvaluateSection, "evaluate")
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)
-    check_samplers(recipe["diffusion"]["sampler"], recipe["evaluate"]["samplers"], recipe["diffusion"]["eta"])
+    d = recipe["diffusion"]
+    check_samplers(d["sampler"], recipe["evaluate"]["samplers"], d["eta"], d.get("sample_schedule", ""))
     d, tok = recipe["data"], recipe["tokenizer"]
     # derived fields are only known once the data is loaded and the tokenizer trained; stand-ins that
     # are valid whenever the real values are (the real ones are checked against a stated value later)
@@ -306,14 +310,17 @@ def validate(recipe: Recipe) -> None:
         recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
 
 
-def check_samplers(sampler: str, samplers: list[str], eta: float) -> None:
+def check_samplers(sampler: str, samplers: list[str], eta: float, sample_schedule: str = "") -> None:
     from vqdiff.diffusion import MASK_SAMPLERS
+    from vqdiff.schedules import SCHEDULES
 
     for s in [sampler, *samplers]:
         if s not in MASK_SAMPLERS:
             raise RecipeError(f"unknown diffusion sampler {s!r}; choose from {', '.join(MASK_SAMPLERS)}")
     if not 0 <= eta <= 1:
         raise RecipeError(f"diffusion.eta = {eta}: must be in [0, 1]")
+    if sample_schedule and sample_schedule not in SCHEDULES:
+        raise RecipeError(f"diffusion.sample_schedule = {sample_schedule!r}: choose from {', '.join(SCHEDULES)} (or \"\" for diffusion.schedule)")
 
 
 def _same_type(default: Any, value: Any) -> bool:

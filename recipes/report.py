@@ -19,7 +19,8 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 def setting(r: dict[str, Any]) -> str:
     s = r["generator"] + (f" {r['sampler']}" if r.get("sampler") else "") + f" t={r['temperature']:g}"
-    return s + (f" s={r['steps']}" if r.get("steps") else "")
+    s += f" s={r['steps']}" if r.get("steps") else ""
+    return s + (f" on {r['sample_schedule']}" if r.get("sample_schedule") else "")
 
 
 def best_sentence(results: list[dict[str, Any]]) -> list[str]:

@@ -22,6 +22,7 @@ from vqdiff.data import load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE, MASK_SAMPLERS
 from vqdiff.pipeline import decode, draw_labels, sample_images
+from vqdiff.schedules import SCHEDULES
 
 GIF_SAMPLES = 16  # the trajectory GIF shows the first 16 samples of the first batch
 
@@ -43,6 +44,7 @@ class SampleSpec:
     choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # diffusion, mask corruption (MaskGIT)
     sampler: str = "maskgit"  # diffusion, mask corruption: maskgit | ancestral | halton
     eta: float = 0.0  # diffusion, ancestral sampler: ReMDM remasking
+    sample_schedule: str | None = None  # diffusion: the schedule the steps follow (None: the trained one)
 
     def validate(self) -> None:
         if self.generator not in GENERATORS:
@@ -74,12 +76,14 @@ class SampleSpec:
             raise StageError(f"eta must be in [0, 1], got {self.eta}")
         if self.eta and self.sampler != "ancestral":
             raise StageError("--eta (remasking) is for the ancestral sampler")
+        if self.sample_schedule is not None and self.sample_schedule not in SCHEDULES:
+            raise StageError(f"unknown sample schedule {self.sample_schedule!r}; choose from {', '.join(SCHEDULES)}")
 
     def options(self, takes: tuple[str, ...]) -> dict[str, Any]:
         """The sampling options among `takes` (a generator's `sample_options`) that differ from their
         defaults; the others have no meaning for that generator and are left out, as they always were."""
         defaults = SampleSpec(self.generator)
-        names = ("top_k", "top_p", "use_cache", "choice_temperature", "sampler", "eta")
+        names = ("top_k", "top_p", "use_cache", "choice_temperature", "sampler", "eta", "sample_schedule")
         return {k: getattr(self, k) for k in names if k in takes and getattr(self, k) != getattr(defaults, k)}
 
     def folder_name(self, forward_passes: int) -> str:
@@ -101,19 +105,26 @@ class SampleSpec:
             extras.append(self.sampler)  # maskgit keeps the names of the folders written before samplers
         if self.generator == "diffusion" and self.eta:
             extras.append(f"eta{self.eta:g}")
+        if self.generator == "diffusion" and self.sample_schedule is not None:
+            extras.append(f"sched{self.sample_schedule}")
         if self.generator == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != DEFAULT_CHOICE_TEMPERATURE:
             extras.append(f"ct{self.choice_temperature:g}")
         return "-".join([name, *extras])
 
 
-def recipe_sampler(run_dir: Path, sampler: str | None, eta: float | None) -> tuple[str, float]:
-    """--sampler and --eta, each defaulting to the run's recipe (diffusion.sampler, diffusion.eta)."""
+def recipe_sampler(
+    run_dir: Path, sampler: str | None, eta: float | None, sample_schedule: str | None = None
+) -> tuple[str, float, str | None]:
+    """--sampler, --eta and --sample-schedule, each defaulting to the run's recipe (diffusion.sampler,
+    diffusion.eta, diffusion.sample_schedule); a sample schedule "" is None, the trained one."""
     recipe_path = Run(run_dir).recipe_path
     section = Run(run_dir).read_recipe()["diffusion"] if recipe_path.exists() else {}
     sampler = sampler if sampler is not None else section.get("sampler", "maskgit")
     if eta is None:
         eta = section.get("eta", 0.0) if sampler == "ancestral" else 0.0
-    return sampler, eta
+    if sample_schedule is None:
+        sample_schedule = section.get("sample_schedule", "")
+    return sampler, eta, sample_schedule or None
 
 
 # one forward pass per step: the cost is linear in steps (--steps 100000 on 2 images ran for minutes)

@@ -8,6 +8,7 @@ import torch
 from helpers import TINY, invoke, ok, one_line_error, sets
 
 from recipes import stages
+from vqdiff.checkpoint import load_tensors
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -211,6 +212,14 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     assert (run / "samples" / "diffusion-t1-s3-halton" / "grid.png").exists()
     one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "greedy"), "unknown sampler")
     one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "maskgit", "--eta", 0.5), "--eta")
+    # --sample-schedule: its own folder; naming the trained schedule gives the trained schedule's ids
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sample-schedule", "linear"))
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sample-schedule", "cosine"))
+    ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3))
+    ids = {f: load_tensors(run / "samples" / f / "ids.safetensors")["ids"] for f in ("diffusion-t1-s3", "diffusion-t1-s3-schedlinear", "diffusion-t1-s3-schedcosine")}
+    assert torch.equal(ids["diffusion-t1-s3"], ids["diffusion-t1-s3-schedcosine"])  # shapes trains on cosine
+    assert not torch.equal(ids["diffusion-t1-s3"], ids["diffusion-t1-s3-schedlinear"])
+    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sample-schedule", "exp"), "unknown sample schedule")
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     ok(invoke("evaluate", copy, "--num", 20, "--steps", "2,4", "--sampler", "maskgit,ancestral", "--extractor", "classifier"))
@@ -230,6 +239,11 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     assert f"torch {torch.__version__}" in (copy / "report" / "report.md").read_text()
     one_line_error(invoke("evaluate", copy, "--top-p", 0), "--top-p must be in (0, 1]")
     one_line_error(invoke("evaluate", copy, "--top-k", -1), "--top-k must be >= 1")
+    ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--generators", "diffusion", "--sample-schedule", "linear", "--extractor", "classifier"))
+    report = json.loads((copy / "report" / "report.json").read_text())
+    assert [(r["sample_schedule"], r["samples"]) for r in report["results"]] == [("linear", "samples/diffusion-t1-s2-schedlinear")]
+    assert "s=2 on linear" in (copy / "report" / "report.md").read_text()
+    one_line_error(invoke("evaluate", copy, "--sample-schedule", "exp"), "unknown sample schedule")
 
 
 def test_learning_curves_from_kept_weights(run, cache, tmp_path):
@@ -243,8 +257,6 @@ def test_learning_curves_from_kept_weights(run, cache, tmp_path):
     assert [s for s, _, _ in kept] == [2, 4, 6] and all(sec > 0 for _, sec, _ in kept)
     assert [s for s, _, _ in stages.snapshots(copy, "ar")] == [2, 4]
     # the last kept weights are the final weights
-    from vqdiff.checkpoint import load_tensors
-
     final = load_tensors(copy / "diffusion" / "model.safetensors")
     assert all(torch.equal(final[k], v) for k, v in load_tensors(kept[-1][2]).items())
     ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--extractor", "classifier", "--checkpoints"))
@@ -261,6 +273,7 @@ def test_learning_curves_from_kept_weights(run, cache, tmp_path):
 def test_recipe_sampler_keys_are_checked(tmp_path):
     one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sampler=greedy"), "unknown diffusion sampler")
     one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "evaluate.samplers=['x']"), "unknown diffusion sampler")
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sample_schedule=exp"), "diffusion.sample_schedule")
 
 
 def test_evaluate_bad_input(run):

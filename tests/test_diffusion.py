@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from vqdiff.checkpoint import load_model, save_model
 from vqdiff.diffusion import CORRUPTIONS, MASK_SAMPLERS, DiffusionConfig, DiffusionTransformer, halton_order
+from vqdiff.schedules import get_schedule
 from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
 
 K, H, W = 16, 4, 4
@@ -289,6 +290,33 @@ def test_ancestral_reveals_the_expected_number_per_step():
         masked = (ids == K).float().mean().item()  # fraction over n * N tokens
         sd = math.sqrt(max(p * (1 - p), 1e-12) / (n * N))
         assert abs(masked - p) < 5 * sd + 1e-9, (i, masked, p)
+
+
+@pytest.mark.parametrize("sampler", MASK_SAMPLERS)
+def test_sample_schedule_sets_how_many_stay_masked_and_the_models_time(sampler):
+    # a model trained on linear, decoded on cosine: after step i, floor(cos(s_i) * N) tokens stay
+    # masked (maskgit, halton; ancestral in expectation), and the model is asked at the linear time
+    # with that share, t = gamma_cos(1 - i / steps); naming the trained schedule changes nothing
+    model = make("mask", schedule="linear")
+    steps, n = 5, 400 if sampler == "ancestral" else 4
+    seen = []
+    model.trunk.register_forward_pre_hook(lambda mod, args, kw: seen.append(float(kw["t"][0])), with_kwargs=True)
+    out, frames = trajectory_of(model, n, steps, sampler=sampler, sample_schedule="cosine")
+    gcos = get_schedule("cosine")
+    assert seen == pytest.approx([gcos(1 - i / steps) for i in range(steps)])
+    for i, ids in enumerate(frames):
+        share = gcos(1 - (i + 1) / steps) if i < steps - 1 else 0.0
+        masked = (ids == K).float().mean(1)  # per sample
+        if sampler == "ancestral":
+            sd = math.sqrt(max(share * (1 - share), 1e-12) / (n * N))
+            assert abs(masked.mean().item() - share) < 5 * sd + 1e-9, (i, masked.mean(), share)
+        else:
+            assert torch.equal(masked * N, torch.full((n,), float(math.floor(share * N)))), (i, masked * N, share)
+    trained, _ = trajectory_of(model, n, steps, sampler=sampler)
+    named, _ = trajectory_of(model, n, steps, sampler=sampler, sample_schedule="linear")
+    assert torch.equal(trained, named)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        model.sample(2, steps=2, sampler=sampler, sample_schedule="exp")
 
 
 def test_ancestral_eta_zero_is_plain_ancestral_and_eta_remasks():

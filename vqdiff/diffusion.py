@@ -55,7 +55,7 @@ from vqdiff.nn import (
     train_labels,
 )
 from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
-from vqdiff.schedules import get_schedule
+from vqdiff.schedules import Schedule, get_schedule
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
 MASK_SAMPLERS = ("maskgit", "ancestral", "halton")
@@ -94,7 +94,7 @@ def _per_sample(x: Tensor) -> Tensor:
 @register_model("diffusion", DiffusionConfig)
 class DiffusionTransformer(nn.Module):
     takes_steps = True  # the number of forward passes is the caller's choice
-    sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p")  # `sample`'s **options (see `_sampler`)
+    sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p", "sample_schedule")  # `sample`'s **options (see `_sampler`)
 
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
@@ -317,14 +317,15 @@ class DiffusionTransformer(nn.Module):
         samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
         callback(step_index, ids long [n h w]) is called after every step (still-masked positions
         hold mask_id = k), e.g. to record the trajectory. `options` choose and tune the sampler
-        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`: see `_sampler`); one it does not
-        know is a TypeError.
+        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`, `sample_schedule`: see `_sampler`); one
+        it does not know is a TypeError.
         """
         if steps is None or steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if not 0 <= temperature < math.inf:
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        run, top = self._sampler(temperature, **options)
+        run, top, sampling = self._sampler(temperature, **options)
+        grid = samplers.time_grid(self.schedule, steps, sampling)
         cfg = self.cfg
         labels = sample_labels(labels, n, cfg.num_classes, self.device)
         labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
@@ -339,7 +340,7 @@ class DiffusionTransformer(nn.Module):
             if callback is not None:
                 callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
 
-        x = run(n, steps, denoise, draw, generator, report)
+        x = run(n, grid, denoise, draw, generator, report)
         return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
 
     def _sampler(
@@ -351,9 +352,15 @@ class DiffusionTransformer(nn.Module):
         eta: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-    ) -> tuple[Callable[..., Tensor], dict[str, Any]]:
-        """The dispatch: (run(n, steps, denoise, draw, generator, report) -> ids long [n N], the
-        top-k/top-p filter of `draw`). A new sampler or option goes here.
+        sample_schedule: str | None = None,
+    ) -> tuple[Callable[..., Tensor], dict[str, Any], Schedule | None]:
+        """The dispatch: (run(n, grid, denoise, draw, generator, report) -> ids long [n N], the
+        top-k/top-p filter of `draw`, the sampling schedule). A new sampler or option goes here.
+
+        `sample_schedule` names the schedule the steps follow (vqdiff.schedules; None: the trained one,
+        cfg.schedule): how many tokens are still masked after each step. With another one than the
+        trained, the model is asked at the time where its own schedule has that mask ratio
+        (`samplers.time_grid`).
 
         top_k / top_p filter the x0 distribution before sampling. `sampler` chooses which masked
         tokens the `mask` corruption reveals at each step (MASK_SAMPLERS; the other corruptions
@@ -372,6 +379,7 @@ class DiffusionTransformer(nn.Module):
         if not 0 <= choice_temperature < math.inf:
             raise ValueError(f"choice_temperature must be finite and >= 0, got {choice_temperature}")
         top = {"top_k": top_k, "top_p": top_p}
+        sampling = get_schedule(sample_schedule) if sample_schedule else None  # raises ValueError naming the choices
         corruption = self.cfg.corruption
         if corruption == "mask" and sampler == "maskgit":
             run = functools.partial(samplers.maskgit, self, temperature=temperature, choice_temperature=choice_temperature)
@@ -383,4 +391,4 @@ class DiffusionTransformer(nn.Module):
             run = functools.partial(samplers.uniform, self)
         else:
             run = functools.partial(samplers.mask_and_replace, self, temperature=temperature, **top)
-        return run, top
+        return run, top, sampling

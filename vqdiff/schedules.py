@@ -12,7 +12,8 @@ cos(pi r / 2) = sin(pi t / 2), linear 1 - r = t, square 1 - r^2, cubic 1 - r^3. 
 
 Each function takes a float or a float tensor and returns the same kind; `dgamma` is the
 derivative d gamma / dt that the continuous-time ELBO weight gamma'(t) / gamma(t) needs (MDLM,
-Sahoo et al. 2024, eq. 10).
+Sahoo et al. 2024, eq. 10), and `inverse` the time at which gamma reaches a given ratio, so that a
+sampler can step a model along another schedule's ratios (`vqdiff.samplers.time_grid`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def _cos(x: T) -> T:
     return torch.cos(x) if isinstance(x, Tensor) else math.cos(x)
 
 
+def _asin(x: T) -> T:
+    return torch.asin(x) if isinstance(x, Tensor) else math.asin(x)
+
+
 def cosine(t: T) -> T:
     """gamma(t) = sin(pi t / 2): MaskGIT's cosine mask ratio cos(pi r / 2) with r = 1 - t."""
     return _sin(t * (math.pi / 2))
@@ -42,6 +47,10 @@ def cosine(t: T) -> T:
 
 def cosine_prime(t: T) -> T:
     return (math.pi / 2) * _cos(t * (math.pi / 2))
+
+
+def cosine_inverse(g: T) -> T:
+    return _asin(g) * (2 / math.pi)
 
 
 def linear(t: T) -> T:
@@ -53,6 +62,10 @@ def linear_prime(t: T) -> T:
     return t * 0.0 + 1.0
 
 
+def linear_inverse(g: T) -> T:
+    return g * 1.0
+
+
 def square(t: T) -> T:
     """gamma(t) = 1 - (1 - t)^2: MaskGIT's square mask ratio 1 - r^2."""
     return 1 - (1 - t) ** 2
@@ -60,6 +73,10 @@ def square(t: T) -> T:
 
 def square_prime(t: T) -> T:
     return 2 * (1 - t)
+
+
+def square_inverse(g: T) -> T:
+    return 1 - (1 - g) ** 0.5
 
 
 def cubic(t: T) -> T:
@@ -71,13 +88,19 @@ def cubic_prime(t: T) -> T:
     return 3 * (1 - t) ** 2
 
 
+def cubic_inverse(g: T) -> T:
+    return 1 - (1 - g) ** (1 / 3)
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """A named schedule: `gamma(t)` and its derivative `dgamma(t)`, float or tensor in, same out."""
+    """A named schedule: `gamma(t)`, its derivative `dgamma(t)` and its inverse `inverse(gamma)`,
+    float or tensor in, same out."""
 
     name: str
     gamma: Callable[[T], T]
     dgamma: Callable[[T], T]
+    inverse: Callable[[T], T]
 
     def __call__(self, t: T) -> T:
         return self.gamma(t)
@@ -86,10 +109,10 @@ class Schedule:
 SCHEDULES: dict[str, Schedule] = {
     s.name: s
     for s in (
-        Schedule("cosine", cosine, cosine_prime),
-        Schedule("linear", linear, linear_prime),
-        Schedule("square", square, square_prime),
-        Schedule("cubic", cubic, cubic_prime),
+        Schedule("cosine", cosine, cosine_prime, cosine_inverse),
+        Schedule("linear", linear, linear_prime, linear_inverse),
+        Schedule("square", square, square_prime, square_inverse),
+        Schedule("cubic", cubic, cubic_prime, cubic_inverse),
     )
 }
 
