@@ -63,7 +63,8 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             )  # fmt: skip
     curve = {
         "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "num_samples": m.n,
-        "temperature": temperature, "diffusion_steps": steps, "diffusion_sampler": sampler, "points": points,
+        "temperature": temperature, "diffusion_steps": steps, "diffusion_sampler": sampler,
+        "diffusion_sample_schedule": opts.sample_schedule or None, "points": points,
     }  # fmt: skip
     from recipes.report import plot_curve
 

@@ -184,8 +184,11 @@ def generate(
     steps = spec.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
     passes = model.forward_passes(steps)
     folder = out or run.samples_dir / spec.folder_name(passes)
+    spec_key = asdict(spec)
+    if spec.sample_schedule is None:  # the key of the folders written before sample schedules: they stay reusable
+        del spec_key["sample_schedule"]
     key = {
-        "spec": asdict(spec),
+        "spec": spec_key,
         "generator_hash": run.file_hash(weights),
         "tokenizer_hash": run.tokenizer_hash,
         "gif": gif,

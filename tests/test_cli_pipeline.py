@@ -219,6 +219,9 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     ids = {f: load_tensors(run / "samples" / f / "ids.safetensors")["ids"] for f in ("diffusion-t1-s3", "diffusion-t1-s3-schedlinear", "diffusion-t1-s3-schedcosine")}
     assert torch.equal(ids["diffusion-t1-s3"], ids["diffusion-t1-s3-schedcosine"])  # shapes trains on cosine
     assert not torch.equal(ids["diffusion-t1-s3"], ids["diffusion-t1-s3-schedlinear"])
+    # without a sample schedule the folder's key is the one written before the option existed (reused)
+    spec = lambda f: json.loads((run / "samples" / f / "sample.json").read_text())["key"]["spec"]  # noqa: E731
+    assert "sample_schedule" not in spec("diffusion-t1-s3") and spec("diffusion-t1-s3-schedlinear")["sample_schedule"] == "linear"
     one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sample-schedule", "exp"), "unknown sample schedule")
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
@@ -263,6 +266,7 @@ def test_learning_curves_from_kept_weights(run, cache, tmp_path):
     curve = json.loads((copy / "report" / "curve.json").read_text())
     assert {(p["generator"], p["step"]) for p in curve["points"]} == {("ar", 2), ("ar", 4), ("diffusion", 2), ("diffusion", 4), ("diffusion", 6)}
     assert all(p["fid"] >= 0 and 0 <= p["recall"] <= 1 for p in curve["points"])
+    assert curve["diffusion_sample_schedule"] is None  # shapes decodes on its trained schedule
     assert (copy / "report" / "learning_curve.png").stat().st_size > 0
     assert "learning_curve.png" in (copy / "report" / "report.md").read_text()
     # snapshots give other samples than the final weights: the curve is not one point repeated
