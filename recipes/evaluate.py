@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from recipes.recipe import EvaluateSection, Recipe
+from recipes.report import setting
 from recipes.run import GENERATORS, Run, StageError, check_generator, software_versions
 from recipes.sampling import MAX_SAMPLE_STEPS, Samples, SampleSpec, generate
 from vqdiff.checkpoint import read_config, read_json
@@ -165,18 +166,14 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
                 batch_size=opts.batch_size, sampler=sampler or "maskgit", eta=opts.eta if sampler == "ancestral" else 0.0,
                 **opts.truncation, **opts.diffusion_options(g),
             )  # fmt: skip
-            label = f"{g}" + (f" {sampler}" if sampler else "") + f" t={temperature:g}" + (f" s={steps}" if steps else "")
-            if g == "diffusion" and opts.sample_schedule:
-                label += f" on {opts.sample_schedule}"
+            chosen = {k: v for k, v in opts.diffusion_options(g).items() if v is not None}  # a sample schedule, if any
+            row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
+            label = setting(row)  # the report's name for this setting, also on the progress bars
             samples = generate(run, spec, on_batch=bar(f"sample {label}"))
             metrics = m.of_samples(samples, label)
             results.append(
                 {
-                    "generator": g,
-                    "sampler": sampler,
-                    "temperature": temperature,
-                    "steps": steps,
-                    **({"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}),
+                    **row,
                     "fid": metrics["fid"],
                     **{k: metrics.get(k) for k in ("kid", "kid_std", "precision", "recall", "isc")},
                     "images_per_second": samples.images_per_second,
