@@ -160,13 +160,14 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         # one sampler per setting, except the mask corruption, which compares its samplers
         samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
         steps_list = opts.steps if check_generator(g).takes_steps else (None,)
+        extra = opts.diffusion_options(g)  # a sample schedule for diffusion (None: the trained one)
+        chosen = {k: v for k, v in extra.items() if v is not None}  # what the report row names
         for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
             spec = SampleSpec(
                 generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
                 batch_size=opts.batch_size, sampler=sampler or "maskgit", eta=opts.eta if sampler == "ancestral" else 0.0,
-                **opts.truncation, **opts.diffusion_options(g),
+                **opts.truncation, **extra,
             )  # fmt: skip
-            chosen = {k: v for k, v in opts.diffusion_options(g).items() if v is not None}  # a sample schedule, if any
             row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
             label = setting(row)  # the report's name for this setting, also on the progress bars
             samples = generate(run, spec, on_batch=bar(f"sample {label}"))
