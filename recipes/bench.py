@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from evaluation import Classifier, ClassifierConfig, extract_features, get_extractor, inception_available
 from recipes.recipe import Recipe
 from recipes.run import check_generator, software_versions, sync
 from recipes.stages import generator_config
@@ -127,8 +128,6 @@ def bench_training(models: BenchModels, recipe: Recipe, device: torch.device, mi
 
 
 def bench_features(device: torch.device, channels: int, image_size: int, min_seconds=1.0) -> list[dict]:
-    from evaluation import Classifier, ClassifierConfig, inception_available
-
     rows = []
     clf = Classifier(ClassifierConfig(channels=channels, num_classes=10, image_size=image_size)).to(device).eval()
     for b in (16, 64, 256):
@@ -138,8 +137,6 @@ def bench_features(device: torch.device, channels: int, image_size: int, min_sec
         rows.append({"what": "features", "extractor": "classifier", "batch": b, "images_per_second": b / s})
     imgs = torch.randint(0, 256, (64, 3, image_size, image_size), dtype=torch.uint8)
     if inception_available():
-        from evaluation import extract_features, get_extractor
-
         ext = get_extractor("inception", dataset="mnist", device=device)
         extract_features(imgs[:ext.batch_size], ext)  # warm-up
         t0 = time.perf_counter()

@@ -1,46 +1,34 @@
-"""`vqdiff compress`, `vqdiff decompress` and `vqdiff bench compress`: the tokenizer and the
-next-token prior as an image codec (vqdiff.compress does the coding), measured against PNG, WebP
-and JPEG.
-
-This module imports `recipes.cli` inside functions only: `cli` registers these commands at its
-end, so a module-level import would be circular.
-"""
+"""The tokenizer and the next-token prior as an image codec (vqdiff.compress does the coding), and its
+benchmark against PNG, WebP and JPEG. The commands (`vqdiff compress`, `decompress`, `bench compress`)
+are in recipes.commands.codec."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Any, Callable
 
+import numpy as np
 import torch
-import typer
+from PIL import Image
 
-from recipes import stages
-from vqdiff.checkpoint import write_bytes
+from recipes.run import Run, StageError
 from vqdiff.compress import CompressError, Encoded, decompress_ids, encode_grid, read_header, weights_hash
 from vqdiff.data import from_uint8, to_uint8
 from vqdiff.pipeline import decode, encode
 
 SUFFIX = ".vqd"
-RunArg = Annotated[Path, typer.Argument(help="A run folder with a tokenizer and an ar generator, e.g. runs/mnist.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (created if missing).")]
-
-
-def register(app: typer.Typer) -> None:
-    app.command("compress")(compress)
-    app.command("decompress")(decompress)
 
 
 class Codec:
     """A run's tokenizer and AR model on the CPU in fp32 (what the coder needs), with their hashes."""
 
     def __init__(self, run: Path) -> None:
-        self.tokenizer = stages.Run(run).load_tokenizer("cpu").float()
-        self.ar = stages.Run(run).load_generator("ar", "cpu").float()
+        self.tokenizer = Run(run).load_tokenizer("cpu").float()
+        self.ar = Run(run).load_generator("ar", "cpu").float()
         self.tokenizer_hash = weights_hash(self.tokenizer)
         self.ar_hash = weights_hash(self.ar)
 
@@ -52,9 +40,9 @@ class Codec:
         if label is None:
             return
         if self.num_classes == 0:
-            raise stages.StageError("the run's ar generator is unconditional; drop --class")
+            raise StageError("the run's ar generator is unconditional; drop --class")
         if not 0 <= label < self.num_classes:
-            raise stages.StageError(f"--class must be in [0, {self.num_classes}), got {label}")
+            raise StageError(f"--class must be in [0, {self.num_classes}), got {label}")
 
     def encode_images(self, images_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """uint8 [b c H W] -> ids long [b h w] (vqdiff.pipeline.encode)."""
@@ -77,8 +65,6 @@ def png_bytes(image_uint8: torch.Tensor, **options: Any) -> bytes:
 
 def pil_image(image_uint8: torch.Tensor):
     """uint8 [c H W] -> a PIL image (L or RGB)."""
-    from PIL import Image
-
     arr = image_uint8.permute(1, 2, 0).numpy()
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
@@ -91,9 +77,6 @@ def pil_bytes(image_uint8: torch.Tensor, format: str, **options: Any) -> bytes:
 
 def pil_load(data: bytes, channels: int) -> torch.Tensor:
     """Encoded image bytes -> uint8 [c H W]."""
-    import numpy as np
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     t = torch.from_numpy(arr.copy())
@@ -103,78 +86,12 @@ def pil_load(data: bytes, channels: int) -> torch.Tensor:
 def _check_files(paths: list[Path], what: str) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise stages.StageError(f"no such {what}: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise StageError(f"no such {what}: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     stems: dict[str, Path] = {}
     for p in paths:
         if p.stem in stems:
-            raise stages.StageError(f"{stems[p.stem]} and {p} would both be written as {p.stem}; rename one")
+            raise StageError(f"{stems[p.stem]} and {p} would both be written as {p.stem}; rename one")
         stems[p.stem] = p
-
-
-# ------------------------------------------------------------------ commands
-
-
-def compress(
-    run: RunArg,
-    images: Annotated[list[Path], typer.Argument(help="Image files (png, jpg, ...); resized and centre-cropped to the run's size.")],
-    out: OutOpt,
-    class_: Annotated[
-        Optional[int], typer.Option("--class", help="Code under this class (conditional models). [default: the null class]")
-    ] = None,
-) -> None:
-    """Compress images into .vqd files (one per image): tokenizer ids range-coded under the AR prior."""
-    from recipes.cli import edge, out as stdout
-    from vqdiff.data import _load_file  # the folder dataset's loader: compress sees what training saw
-
-    with edge(), _codec_errors():
-        _check_files(images, "image")
-        codec = Codec(run)
-        codec.check_class(class_)
-        cfg = codec.tokenizer.cfg
-        pixels = torch.stack([_load_file(p, cfg.image_size, cfg.channels) for p in images])  # uint8 [b c H W]
-        ids = codec.encode_images(pixels)
-        total = overhead = 0
-        for path, grid in zip(images, ids):
-            data = codec.compress(grid, class_).data
-            write_bytes(out / f"{path.stem}{SUFFIX}", data)
-            total += len(data)
-            overhead += read_header(data).overhead
-        tokens = len(images) * ids.shape[1] * ids.shape[2]
-        stdout.print(
-            f"{len(images)} images -> {out}: {total / len(images):.1f} bytes per image "
-            f"({8 * (total - overhead) / tokens:.3f} bits per token + {overhead / len(images):.0f} bytes of header and checks)",
-            soft_wrap=True,
-        )
-
-
-def decompress(
-    files: Annotated[
-        list[Path], typer.Argument(help=f"{SUFFIX} files made by `vqdiff compress` (a run folder first is taken as --run).")
-    ],
-    out: OutOpt,
-    run: Annotated[
-        Optional[Path],
-        typer.Option("--run", help="The run that compressed them. [default: the folder under runs/ whose weights match]"),
-    ] = None,
-) -> None:
-    """Decompress .vqd files into PNGs, with the run whose tokenizer and AR weights made them."""
-    from recipes.cli import edge, out as stdout
-
-    with edge(), _codec_errors():
-        if run is None and files and files[0].is_dir():  # `decompress RUN FILES...` reads as well
-            run, files = files[0], files[1:]
-        if not files:
-            raise stages.StageError(f"no {SUFFIX} files given")
-        _check_files(files, "file")
-        codec = Codec(run) if run is not None else find_codec(files[0])
-        for path in files:
-            try:
-                ids, _ = codec.decompress(path.read_bytes())
-            except CompressError as e:
-                raise CompressError(f"{path}: {e}") from None
-            image = codec.decode_ids(ids[None])[0]
-            write_bytes(out / f"{path.stem}.png", png_bytes(image))
-        stdout.print(f"{len(files)} files -> {out}", soft_wrap=True)
 
 
 def find_codec(path: Path, root: Path = Path("runs")) -> Codec:
@@ -192,21 +109,10 @@ def find_codec(path: Path, root: Path = Path("runs")) -> Codec:
             continue
         if codec.tokenizer_hash == header.tokenizer_hash and codec.ar_hash == header.ar_hash:
             return codec
-    raise stages.StageError(
+    raise StageError(
         f"{path}: no run under {root}/ has the tokenizer and AR weights that made it "
         f"(looked at {len(candidates)}); name it with --run RUN"
     )
-
-
-@contextlib.contextmanager
-def _codec_errors() -> Iterator[None]:
-    """CompressError -> one red line and exit code 1, like the errors `cli.edge` knows."""
-    try:
-        yield
-    except CompressError as e:
-        from recipes.cli import fail
-
-        fail(str(e))
 
 
 # ------------------------------------------------------------------ benchmark
@@ -257,9 +163,9 @@ def _closest_quality(images: torch.Tensor, format: str, target: float, **options
 def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress `num` test images of RUN (1000 by default; 0 = all) and compare with PNG, WebP, JPEG."""
     say = progress or (lambda what: None)
-    recipe = stages.read_run_recipe(run)
+    recipe = Run(run).read_recipe()
     codec = Codec(run)
-    test = stages.Run(run, None, "cpu").load_split(recipe, "test")
+    test = Run(run, None, "cpu").load_split(recipe, "test")
     n = len(test) if num == 0 else min(num or 1000, len(test))
     if quick:
         n = min(n, 16)
@@ -343,51 +249,3 @@ def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, prog
         "torch_threads_for_coding": 1,
         "quick": quick,
     }
-
-
-def bench(run: Optional[Path], out_path: Optional[Path], num: Optional[int], quick: bool) -> None:
-    """`vqdiff bench compress RUN`: the table, and the JSON next to the other bench files."""
-    from rich.table import Table
-
-    from recipes.cli import console, edge, fail, out
-
-    with edge(), _codec_errors():
-        if run is None:
-            fail("bench compress needs a run folder: vqdiff bench compress RUN")
-        if num is not None and num < 0:
-            fail(f"--num must be >= 0 (0 = the whole test split), got {num}")
-        result = run_codec_bench(run, num, quick, progress=lambda what: console.print(f"bench: {what}..."))
-        path = out_path or Path("runs") / f"bench-compress-{run.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        t = Table(
-            title=f"vqdiff bench compress: {result['num_images']} test images of {run}, "
-            f"{result['grid'][0]}x{result['grid'][1]} grids of {result['codebook_size']} codes",
-            title_justify="left",
-        )
-        for col in ("codec", "setting", "bytes/image", "bits/token", "PSNR dB", "encode img/s", "decode img/s"):
-            t.add_column(col, justify="left" if col in ("codec", "setting") else "right")
-        for r in result["vqdiff"]:
-            t.add_row(
-                "vqdiff", r["conditioning"], f"{r['bytes_per_image']:.1f}", f"{r['bits_per_token']:.3f}",
-                f"{result['tokenizer_psnr']:.2f}", f"{r['encode_images_per_second']:.1f}", f"{r['decode_images_per_second']:.1f}",
-            )  # fmt: skip
-        for name, r, setting in (
-            ("PNG", result["png"], "optimize"),
-            ("WebP", result["webp"], f"quality {result['webp']['quality']}"),
-            ("JPEG", result["jpeg"], f"quality {result['jpeg']['quality']}"),
-        ):
-            psnr = "lossless" if r["psnr"] is None else f"{r['psnr']:.2f}"
-            t.add_row(name, setting, f"{r['bytes_per_image']:.1f}", "", psnr,
-                      f"{r['encode_images_per_second']:.1f}", f"{r['decode_images_per_second']:.1f}")  # fmt: skip
-        out.print(t)
-        for r in result["vqdiff"]:
-            out.print(
-                f"vqdiff, {r['conditioning']}: {r['bits_per_token']:.4f} real bits per token (payload; + {r['header_bytes']:.0f} "
-                f"bytes of header and checks per file) vs the model's {r['model_bits_per_token']:.4f} on the same grids: "
-                f"{100 * r['excess']:+.2f}% (ideal under the integer frequencies {r['ideal_bits_per_token']:.4f}, "
-                f"coder termination {r['termination_bytes_per_image']:.2f} bytes per file); "
-                f"round trip exact on {r['round_trip_exact']}/{result['num_images']}",
-                soft_wrap=True,
-            )
-        out.print(f"bench -> {path}", soft_wrap=True)

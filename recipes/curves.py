@@ -5,19 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from recipes.evaluate import EvalOptions, Measuring, bars_of
+from recipes.report import plot_curve
 from recipes.run import Run, StageError
 from recipes.sampling import SampleSpec, generate
 from vqdiff.checkpoint import write_json
 from vqdiff.distributed import is_main
+from vqdiff.train import HISTORY_DIR
 
 
 def snapshots(run_dir: Path, kind: str) -> list[tuple[int, float, Path]]:
     """(step, training seconds, path) of the weights kept every `keep_every` steps, by step."""
-    from safetensors import safe_open
-
-    from vqdiff.train import HISTORY_DIR
-
     out = []
     for path in sorted((Path(run_dir) / kind / HISTORY_DIR).glob("step-*.safetensors")):
         try:
@@ -47,14 +47,11 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     points = []
     for g, snaps in found.items():
         for step, seconds, path in snaps:
-            spec = SampleSpec(
-                generator=g, num=m.n, temperature=temperature, steps=steps if g == "diffusion" else 1, seed=opts.seed,
-                cfg=opts.cfg, batch_size=opts.batch_size, sampler=sampler if g == "diffusion" else "maskgit",
-                **opts.truncation, **opts.diffusion_options(g),
-            )  # fmt: skip
+            options = opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
+            spec = SampleSpec(generator=g, options=options, num=m.n, seed=opts.seed, batch_size=opts.batch_size)
             label = f"{g} step {step}"
             # the folder names of the first learning curves (AR: "-s0-"), so that their samples are reused
-            folder = run.samples_dir / "curve" / f"{spec.folder_name(spec.steps if g == 'diffusion' else 0)}-step{step}"
+            folder = run.samples_dir / "curve" / f"{spec.folder_name(steps if g == 'diffusion' else 0)}-step{step}"
             samples = generate(run, spec, out=folder, on_batch=bar(f"sample {label}"), snapshot=path)
             metrics = m.of_samples(samples, label)
             points.append(
@@ -64,10 +61,8 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     curve = {
         "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "num_samples": m.n,
         "temperature": temperature, "diffusion_steps": steps, "diffusion_sampler": sampler,
-        "diffusion_sample_schedule": opts.sample_schedule or None, "points": points,
+        "diffusion_sample_schedule": opts.sample_schedule, "points": points,
     }  # fmt: skip
-    from recipes.report import plot_curve
-
     if not is_main():  # under torchrun rank 0 writes
         return curve
     run.report_dir.mkdir(parents=True, exist_ok=True)

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from evaluation import ClassifierRecipe, compute_metrics, get_extractor
 from recipes.recipe import EvaluateSection, Recipe
-from recipes.report import setting
+from recipes.report import setting, write_report
 from recipes.run import GENERATORS, Run, StageError, check_generator, software_versions
-from recipes.sampling import MAX_SAMPLE_STEPS, Samples, SampleSpec, generate
+from recipes.sampling import Samples, SampleSpec, generate
 from vqdiff.checkpoint import read_config, read_json
 from vqdiff.data import from_uint8, to_uint8
-from vqdiff.diffusion import MASK_SAMPLERS
 from vqdiff.distributed import is_main
+from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.pipeline import decode, encode
-from vqdiff.schedules import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -27,21 +26,22 @@ class EvalOptions(EvaluateSection):
     comes from the diffusion section."""
 
     inception_weights: str | None = None
-    eta: float = 0.0  # ReMDM remasking for the ancestral sampler (diffusion.eta)
-    sample_schedule: str = ""  # the schedule the diffusion steps follow ("" = the trained one; diffusion.sample_schedule)
+    eta: float = DEFAULTS.eta  # ReMDM remasking for the ancestral sampler (diffusion.eta)
+    sample_schedule: str | None = DEFAULTS.sample_schedule  # the schedule the diffusion steps follow (diffusion.sample_schedule)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
         opts = recipe.build(cls, "evaluate")
         d = recipe["diffusion"]
         opts = dataclasses.replace(
-            opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]), sample_schedule=d.get("sample_schedule", "")
+            opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]), sample_schedule=d["sample_schedule"]
         )
         opts = dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
         opts.validate()
         return opts
 
     def validate(self) -> None:
+        """What SampleOptions does not check, then a SampleOptions for every setting (its one message)."""
         for g in self.generators:
             if g not in GENERATORS:
                 raise StageError(f"unknown generator {g!r}; choose from ar, diffusion")
@@ -49,35 +49,25 @@ class EvalOptions(EvaluateSection):
             raise StageError("no generators to evaluate")
         if self.num < 2:
             raise StageError(f"--num must be >= 2, got {self.num}")
-        if self.curve_steps < 1:
-            raise StageError(f"evaluate.curve_steps must be >= 1, got {self.curve_steps}")
-        if any(s < 1 for s in self.steps) or not self.steps:
-            raise StageError(f"--steps must be >= 1, got {list(self.steps)}")
-        if any(s > MAX_SAMPLE_STEPS for s in self.steps):
-            raise StageError(f"--steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {list(self.steps)}")
-        if any(not (t > 0 and math.isfinite(t)) for t in self.temperatures) or not self.temperatures:
-            raise StageError(f"--temperatures must be > 0 and finite, got {list(self.temperatures)}")
-        if not (self.cfg > 0 and math.isfinite(self.cfg)):
-            raise StageError(f"--cfg must be > 0 and finite (1 = no guidance), got {self.cfg}")
-        if self.top_k < 0:
-            raise StageError(f"--top-k must be >= 1 (or 0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise StageError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not self.samplers or any(s not in MASK_SAMPLERS for s in self.samplers):
-            raise StageError(f"--sampler must be from {', '.join(MASK_SAMPLERS)}, got {list(self.samplers)}")
-        if self.sample_schedule and self.sample_schedule not in SCHEDULES:
-            raise StageError(f"unknown sample schedule {self.sample_schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not (self.steps and self.temperatures and self.samplers):
+            raise StageError("--steps, --temperatures and --sampler each need at least one value")
         if self.extractor not in ("auto", "classifier", "inception"):
             raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
+        for steps in (*self.steps, self.curve_steps, self.gif_steps):
+            for temperature in self.temperatures:
+                for sampler in self.samplers:
+                    self.sample_options("diffusion", temperature=temperature, steps=steps, sampler=sampler)
 
-    def diffusion_options(self, generator: str) -> dict[str, Any]:
-        """What a SampleSpec takes from these options for `generator` beyond the shared ones."""
-        return {"sample_schedule": self.sample_schedule or None} if generator == "diffusion" else {}
-
-    @property
-    def truncation(self) -> dict[str, Any]:
-        """top_k / top_p for a SampleSpec: None where the recipe's 0 / 1 turns them off."""
-        return {"top_k": self.top_k or None, "top_p": self.top_p if self.top_p < 1 else None}
+    def sample_options(self, generator: str, *, temperature: float, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
+        """The SampleOptions of one setting: the shared options, and for diffusion its sampler (None:
+        the default, for corruptions with one sampler), eta for the ancestral one, the sample schedule."""
+        diffusion = generator == "diffusion"
+        sampler = (sampler or DEFAULTS.sampler) if diffusion else DEFAULTS.sampler
+        return SampleOptions(
+            temperature=temperature, steps=steps or DEFAULTS.steps, top_k=self.top_k, top_p=self.top_p, cfg=self.cfg,
+            sampler=sampler, eta=self.eta if diffusion and sampler == "ancestral" else DEFAULTS.eta,
+            sample_schedule=self.sample_schedule if diffusion else None,
+        )  # fmt: skip
 
 
 @dataclass
@@ -94,8 +84,6 @@ class Measuring:
 
     @classmethod
     def of(cls, run: Run, opts: EvalOptions, recipe: Recipe, bar) -> "Measuring":
-        from evaluation import ClassifierRecipe, get_extractor
-
         train_set, test_set = run.load_split(recipe, "train"), run.load_split(recipe, "test")
         extractor = get_extractor(
             opts.extractor, dataset=recipe.data.dataset, image_size=recipe.data.image_size, data_root=run.data_root,
@@ -112,8 +100,6 @@ class Measuring:
         return len(self.real)
 
     def metrics(self, images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
-        from evaluation import compute_metrics
-
         return compute_metrics(images_uint8, self.real, self.extractor, real_key=self.real_key, progress=self.bar(what))
 
     def of_samples(self, samples: Samples, label: str) -> dict[str, Any]:
@@ -160,14 +146,11 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         # one sampler per setting, except the mask corruption, which compares its samplers
         samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
         steps_list = opts.steps if check_generator(g).takes_steps else (None,)
-        extra = opts.diffusion_options(g)  # a sample schedule for diffusion (None: the trained one)
-        chosen = {k: v for k, v in extra.items() if v is not None}  # what the report row names
+        # what the report row names: a sample schedule for diffusion (None: the trained one)
+        chosen = {"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}
         for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
-            spec = SampleSpec(
-                generator=g, num=n, temperature=temperature, steps=steps or 1, seed=opts.seed, cfg=opts.cfg,
-                batch_size=opts.batch_size, sampler=sampler or "maskgit", eta=opts.eta if sampler == "ancestral" else 0.0,
-                **opts.truncation, **extra,
-            )  # fmt: skip
+            options = opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
+            spec = SampleSpec(generator=g, options=options, num=n, seed=opts.seed, batch_size=opts.batch_size)
             row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
             label = setting(row)  # the report's name for this setting, also on the progress bars
             samples = generate(run, spec, on_batch=bar(f"sample {label}"))
@@ -184,10 +167,9 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             )
     gif = None
     if "diffusion" in opts.generators:
-        spec = SampleSpec(
-            generator="diffusion", num=16, temperature=opts.temperatures[0], steps=opts.gif_steps, seed=opts.seed, cfg=opts.cfg,
-            sampler=opts.samplers[0] if diffusion_kind == "mask" else "maskgit", **opts.truncation, **opts.diffusion_options("diffusion"),
-        )  # fmt: skip
+        sampler = opts.samplers[0] if diffusion_kind == "mask" else None
+        options = opts.sample_options("diffusion", temperature=opts.temperatures[0], steps=opts.gif_steps, sampler=sampler)
+        spec = SampleSpec(generator="diffusion", options=options, num=16, seed=opts.seed)
         gif_samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
         gif = str((gif_samples.folder / "trajectory.gif").relative_to(run.run_dir))
     tok_metrics = read_json(run.metrics_path("tokenizer")) if run.metrics_path("tokenizer").exists() else {}
@@ -222,8 +204,8 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         },
         "bits_per_token": bits,
         "cfg": opts.cfg,
-        "top_k": opts.truncation["top_k"],
-        "top_p": opts.truncation["top_p"],
+        "top_k": opts.top_k,
+        "top_p": opts.top_p,
         "device": str(run.torch_device),
         # bit-for-bit reproduction holds for one torch build on one kind of machine; say which
         "software": software_versions(),
@@ -232,8 +214,6 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     }
     if (run.report_dir / "curve.json").exists():
         report["learning_curve"] = read_json(run.report_dir / "curve.json")
-    from recipes.report import write_report
-
     if is_main():  # under torchrun every rank measured its share; rank 0 writes
         write_report(report, run.report_dir)
     return report

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vqdiff.checkpoint import ConfigError, config_class, config_defaults, config_from_dict
+from vqdiff.data import DATASETS
+from vqdiff.options import DEFAULTS, OptionError, SampleOptions
 from vqdiff.train import TrainConfig
 
 RECIPE_DIR = Path(__file__).parent
@@ -38,8 +40,6 @@ class DataSection:
     seed: int = 0  # for `shapes`
 
     def __post_init__(self) -> None:
-        from vqdiff.data import DATASETS
-
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         if self.image_size < 1:
@@ -58,10 +58,10 @@ class EvaluateSection:
     generators: tuple[str, ...] = ("ar", "diffusion")
     num: int = 1000  # samples per generator and setting
     steps: tuple[int, ...] = (4, 8, 16)  # diffusion sampling steps (AR takes one pass per token)
-    temperatures: tuple[float, ...] = (1.0,)
-    cfg: float = 1.0  # classifier-free guidance scale for class-conditional generators (1 = none)
-    top_k: int = 0  # sample from the k most likely tokens, both generators (0 = off)
-    top_p: float = 1.0  # nucleus sampling, both generators (1 = off)
+    temperatures: tuple[float, ...] = (DEFAULTS.temperature,)  # 0 = argmax
+    cfg: float = DEFAULTS.cfg  # classifier-free guidance scale for class-conditional generators (1 = none)
+    top_k: int | None = DEFAULTS.top_k  # sample from the k most likely tokens, both generators (leave out = off)
+    top_p: float | None = DEFAULTS.top_p  # nucleus sampling, both generators (leave out = off)
     extractor: str = "auto"  # auto | classifier | inception
     batch_size: int = 100  # sampling batch size
     seed: int = 0
@@ -83,11 +83,11 @@ class GeneratorExtras:
 class DiffusionExtras:
     """Sampling defaults of the diffusion section (not part of the model: a run can sample either way)."""
 
-    sampler: str = "maskgit"  # maskgit | ancestral | halton (mask corruption; see vqdiff.diffusion)
-    eta: float = 0.0  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
-    # the schedule the sampler's steps follow, a name in vqdiff.schedules ("" = diffusion.schedule, the
-    # trained one): how many tokens are still masked after each step (see vqdiff.samplers.time_grid)
-    sample_schedule: str = ""
+    sampler: str = DEFAULTS.sampler  # maskgit | ancestral | halton (mask corruption; see vqdiff.samplers)
+    eta: float = DEFAULTS.eta  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
+    # the schedule the sampler's steps follow, a name in vqdiff.schedules (leave out = diffusion.schedule,
+    # the trained one): how many tokens are still masked after each step (see vqdiff.samplers.time_grid)
+    sample_schedule: str | None = DEFAULTS.sample_schedule
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,6 @@ SCHEMAS: dict[str, tuple[type, ...]] = {
     "diffusion": (DiffusionExtras, GeneratorExtras, TrainConfig),  # + DiffusionConfig
     "evaluate": (EvaluateSection,),
 }
-# kept for code that read the defaults as dicts
-DATA_DEFAULTS: dict[str, Any] = config_defaults(DataSection)
-EVALUATE_DEFAULTS: dict[str, Any] = config_defaults(EvaluateSection)
-GENERATOR_EXTRAS: dict[str, Any] = config_defaults(GeneratorExtras)
-DIFFUSION_EXTRAS: dict[str, Any] = config_defaults(DiffusionExtras)
 # filled in from the tokenizer and the dataset, not from the recipe (the recipe may state them; they are checked)
 DERIVED = {"tokenizer": ("channels", "image_size"), "ar": ("codebook_size", "grid_h", "grid_w", "num_classes")}
 DERIVED["diffusion"] = DERIVED["ar"]
@@ -188,7 +183,8 @@ class Recipe:
         lines = [f"name = {_toml_value(self.name)}", ""]
         for section in SECTIONS:
             lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in self.sections[section].items()]
+            # TOML has no None: an option that is off (None) is left out, as a recipe file leaves it out
+            lines += [f"{k} = {_toml_value(v)}" for k, v in self.sections[section].items() if v is not None]
             lines.append("")
         return "\n".join(lines)
 
@@ -292,8 +288,7 @@ def validate(recipe: Recipe) -> None:
     recipe.build(EvaluateSection, "evaluate")
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)
-    d = recipe["diffusion"]
-    check_samplers(d["sampler"], recipe["evaluate"]["samplers"], d["eta"], d.get("sample_schedule", ""))
+    check_sampling(recipe)
     d, tok = recipe["data"], recipe["tokenizer"]
     # derived fields are only known once the data is loaded and the tokenizer trained; stand-ins that
     # are valid whenever the real values are (the real ones are checked against a stated value later)
@@ -310,17 +305,17 @@ def validate(recipe: Recipe) -> None:
         recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
 
 
-def check_samplers(sampler: str, samplers: list[str], eta: float, sample_schedule: str = "") -> None:
-    from vqdiff.diffusion import MASK_SAMPLERS
-    from vqdiff.schedules import SCHEDULES
-
-    for s in [sampler, *samplers]:
-        if s not in MASK_SAMPLERS:
-            raise RecipeError(f"unknown diffusion sampler {s!r}; choose from {', '.join(MASK_SAMPLERS)}")
-    if not 0 <= eta <= 1:
-        raise RecipeError(f"diffusion.eta = {eta}: must be in [0, 1]")
-    if sample_schedule and sample_schedule not in SCHEDULES:
-        raise RecipeError(f"diffusion.sample_schedule = {sample_schedule!r}: choose from {', '.join(SCHEDULES)} (or \"\" for diffusion.schedule)")
+def check_sampling(recipe: Recipe) -> None:
+    """The sampling keys of [diffusion] and [evaluate], checked by SampleOptions (one message for each)."""
+    d, e = recipe["diffusion"], recipe["evaluate"]
+    try:
+        for sampler in [d["sampler"], *e["samplers"]]:
+            SampleOptions(sampler=sampler, eta=d["eta"] if sampler == "ancestral" else DEFAULTS.eta, sample_schedule=d["sample_schedule"])
+        for temperature in e["temperatures"]:
+            SampleOptions(temperature=temperature, cfg=e["cfg"], top_k=e["top_k"], top_p=e["top_p"])
+        SampleOptions(eta=d["eta"], sampler="ancestral")
+    except OptionError as err:
+        raise RecipeError(f"[diffusion] or [evaluate]: {err}") from None
 
 
 def _same_type(default: Any, value: Any) -> bool:

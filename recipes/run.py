@@ -14,11 +14,13 @@ beside it: `Run.fresh(path, key)` reads one, `Run.cached(path, key, compute)` co
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torchvision
 
 from recipes.recipe import Recipe, load_recipe
 from vqdiff.checkpoint import (
@@ -33,8 +35,9 @@ from vqdiff.checkpoint import (
     read_json,
     write_json,
 )
-from vqdiff.data import ImageSet, load_dataset
-from vqdiff.distributed import is_main, local_device
+from vqdiff.data import ImageSet, load_dataset, save_tokens
+from vqdiff.distributed import barrier, is_main, local_device
+from vqdiff.pipeline import encode
 
 GENERATORS = ("ar", "diffusion")
 
@@ -46,10 +49,6 @@ class StageError(Exception):
 def software_versions() -> dict[str, str]:
     """The builds that produced a result: the same seed reproduces bit for bit only under the same
     torch (and the same kind of machine), so reports and metrics record them."""
-    import platform
-
-    import torchvision
-
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
 
 
@@ -219,9 +218,6 @@ class Run:
             )
 
 
-Context = Run  # the name the stages and the CLI used before the run folder was one object
-
-
 def check_generator(kind: str) -> type:
     """The model class of generator `kind`; a StageError names the choices."""
     if kind not in GENERATORS:
@@ -229,14 +225,41 @@ def check_generator(kind: str) -> type:
     return model_class(kind)
 
 
-# the functions of a run folder by its path, as the CLI and scripts called them before `Run`
-def write_recipe(recipe: Recipe, run_dir: Path) -> None:
-    Run(run_dir).write_recipe(recipe)
+# ------------------------------------------------------------------ the token cache
 
 
-def read_run_recipe(run_dir: Path) -> Recipe:
-    return Run(run_dir).read_recipe()
+def tokens_current(run: Run) -> bool:
+    """RUN/tokens/ holds both splits, encoded by the tokenizer that is there now."""
+    if not run.weights("tokenizer").exists():
+        return False
+    meta = run.fresh(run.tokens_meta_path, {"tokenizer_hash": run.tokenizer_hash})
+    return meta is not None and all(run.tokens_file(s).exists() for s in ("train", "test"))
 
 
-def tokenizer_meta(run_dir: Path) -> dict[str, Any]:
-    return Run(run_dir).tokenizer_meta()
+def encode_dataset(run: Run, on_batch=None) -> dict[str, Any]:
+    """Write the token grids of the train and test splits, with labels, to RUN/tokens/."""
+    recipe = run.read_recipe()
+    model = run.load_tokenizer()
+    meta: dict[str, Any] = {
+        "tokenizer_hash": run.tokenizer_hash,
+        "codebook_size": model.codebook_size,
+        "grid": list(model.grid),
+        "dataset": recipe.data.dataset,
+    }
+    for split in ("train", "test"):
+        data = run.load_split(recipe, split)
+        ids = encode(model, data, 512, on_batch)
+        save_tokens(run.tokens_file(split), ids, data.labels, model.codebook_size)
+        meta[f"num_{split}"] = len(ids)
+        meta["num_classes"] = data.num_classes
+    meta["key"] = {"tokenizer_hash": meta["tokenizer_hash"]}  # what `tokens_current` checks
+    write_json(run.tokens_meta_path, meta)  # last: its presence means the tokens are complete
+    return meta
+
+
+def ensure_tokens(run: Run, on_batch=None) -> dict[str, Any]:
+    """RUN/tokens/, encoded now when missing or stale; under torchrun rank 0 encodes, the others wait."""
+    if is_main() and not tokens_current(run):
+        encode_dataset(run, on_batch)
+    barrier()
+    return read_json(run.tokens_meta_path)

@@ -7,7 +7,6 @@ same inputs is reused; any other content is replaced, never added to.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,130 +15,105 @@ from typing import Any
 import torch
 
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
-from recipes.run import GENERATORS, Run, StageError, sync
+from recipes.run import GENERATORS, Run, StageError, ensure_tokens, sync
 from vqdiff.checkpoint import load_tensors, write_json
 from vqdiff.data import load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
-from vqdiff.diffusion import DEFAULT_CHOICE_TEMPERATURE, MASK_SAMPLERS
+from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.pipeline import decode, draw_labels, sample_images
-from vqdiff.schedules import SCHEDULES
 
 GIF_SAMPLES = 16  # the trajectory GIF shows the first 16 samples of the first batch
 
 
 @dataclass(frozen=True)
 class SampleSpec:
+    """One `vqdiff sample` call: the generator, its SampleOptions, and what only the CLI chooses."""
+
     generator: str
+    options: SampleOptions = DEFAULTS
     num: int = 64
-    temperature: float = 1.0
-    steps: int = 8  # diffusion forward passes; AR takes one per token
     seed: int = 0
-    top_k: int | None = None
-    top_p: float | None = None
     class_: int | None = None  # None: random classes for a conditional model
-    cfg: float = 1.0
     prefix_rows: int = 0
     batch_size: int = 64
     use_cache: bool = True
-    choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE  # diffusion, mask corruption (MaskGIT)
-    sampler: str = "maskgit"  # diffusion, mask corruption: maskgit | ancestral | halton
-    eta: float = 0.0  # diffusion, ancestral sampler: ReMDM remasking
-    sample_schedule: str | None = None  # diffusion: the schedule the steps follow (None: the trained one)
 
     def validate(self) -> None:
+        """What SampleOptions does not check (it checked itself when it was built)."""
         if self.generator not in GENERATORS:
             raise StageError(f"unknown generator {self.generator!r}; choose ar or diffusion")
-        check_sampling_values(self)
-        if not self.temperature > 0:
-            raise StageError(f"temperature must be > 0, got {self.temperature}")
-        if self.steps < 1:
-            raise StageError(f"steps must be >= 1, got {self.steps}")
         if self.num < 1:
             raise StageError(f"num must be >= 1, got {self.num}")
         if self.batch_size < 1:
             raise StageError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.top_k is not None and self.top_k < 1:
-            raise StageError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise StageError(f"top-p must be in (0, 1], got {self.top_p}")
-        if not self.cfg > 0:
-            raise StageError(f"cfg must be > 0 (1 = no guidance), got {self.cfg}")
-        if self.choice_temperature < 0:
-            raise StageError(f"choice temperature must be >= 0, got {self.choice_temperature}")
         if self.prefix_rows < 0:
             raise StageError(f"prefix rows must be >= 0, got {self.prefix_rows}")
         if self.generator == "diffusion" and self.prefix_rows:
             raise StageError("--prefix-rows is for the ar generator")
-        if self.sampler not in MASK_SAMPLERS:
-            raise StageError(f"unknown sampler {self.sampler!r}; choose from {', '.join(MASK_SAMPLERS)}")
-        if not 0 <= self.eta <= 1:
-            raise StageError(f"eta must be in [0, 1], got {self.eta}")
-        if self.eta and self.sampler != "ancestral":
-            raise StageError("--eta (remasking) is for the ancestral sampler")
-        if self.sample_schedule is not None and self.sample_schedule not in SCHEDULES:
-            raise StageError(f"unknown sample schedule {self.sample_schedule!r}; choose from {', '.join(SCHEDULES)}")
 
-    def options(self, takes: tuple[str, ...]) -> dict[str, Any]:
-        """The sampling options among `takes` (a generator's `sample_options`) that differ from their
-        defaults; the others have no meaning for that generator and are left out, as they always were."""
-        defaults = SampleSpec(self.generator)
-        names = ("top_k", "top_p", "use_cache", "choice_temperature", "sampler", "eta", "sample_schedule")
-        return {k: getattr(self, k) for k in names if k in takes and getattr(self, k) != getattr(defaults, k)}
+    def model_options(self, takes: tuple[str, ...]) -> dict[str, Any]:
+        """The options among `takes` (a generator's `sample_options`) that differ from their
+        defaults; the others have no meaning for that generator and are left out."""
+        out = self.options.changed(tuple(k for k in takes if hasattr(self.options, k)))
+        if "use_cache" in takes and not self.use_cache:
+            out["use_cache"] = False
+        return out
+
+    def key(self) -> dict[str, Any]:
+        """The inputs as sample.json records them (flat, as before SampleOptions)."""
+        key = {"generator": self.generator, **asdict(self.options), **{k: v for k, v in asdict(self).items() if k not in ("generator", "options")}}
+        if self.options.sample_schedule is None:  # the key of the folders written before sample schedules
+            del key["sample_schedule"]
+        return key
 
     def folder_name(self, forward_passes: int) -> str:
-        name = f"{self.generator}-t{self.temperature:g}-s{forward_passes}"
+        o = self.options
+        name = f"{self.generator}-t{o.temperature:g}-s{forward_passes}"
         extras = []
-        if self.top_k is not None:
-            extras.append(f"k{self.top_k}")
-        if self.top_p is not None:
-            extras.append(f"p{self.top_p:g}")
+        if o.top_k is not None:
+            extras.append(f"k{o.top_k}")
+        if o.top_p is not None:
+            extras.append(f"p{o.top_p:g}")
         if self.class_ is not None:
             extras.append(f"c{self.class_}")
-        if self.cfg != 1.0:
-            extras.append(f"g{self.cfg:g}")
+        if o.cfg != DEFAULTS.cfg:
+            extras.append(f"g{o.cfg:g}")
         if self.prefix_rows:
             extras.append(f"r{self.prefix_rows}")
         if not self.use_cache:
             extras.append("nocache")
-        if self.generator == "diffusion" and self.sampler != "maskgit":
-            extras.append(self.sampler)  # maskgit keeps the names of the folders written before samplers
-        if self.generator == "diffusion" and self.eta:
-            extras.append(f"eta{self.eta:g}")
-        if self.generator == "diffusion" and self.sample_schedule is not None:
-            extras.append(f"sched{self.sample_schedule}")
-        if self.generator == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != DEFAULT_CHOICE_TEMPERATURE:
-            extras.append(f"ct{self.choice_temperature:g}")
+        if self.generator == "diffusion":
+            extras += _diffusion_extras(o)
         return "-".join([name, *extras])
 
 
-def recipe_sampler(
-    run_dir: Path, sampler: str | None, eta: float | None, sample_schedule: str | None = None
-) -> tuple[str, float, str | None]:
-    """--sampler, --eta and --sample-schedule, each defaulting to the run's recipe (diffusion.sampler,
-    diffusion.eta, diffusion.sample_schedule); a sample schedule "" is None, the trained one."""
-    recipe_path = Run(run_dir).recipe_path
-    section = Run(run_dir).read_recipe()["diffusion"] if recipe_path.exists() else {}
-    sampler = sampler if sampler is not None else section.get("sampler", "maskgit")
-    if eta is None:
-        eta = section.get("eta", 0.0) if sampler == "ancestral" else 0.0
-    if sample_schedule is None:
-        sample_schedule = section.get("sample_schedule", "")
-    return sampler, eta, sample_schedule or None
+def _diffusion_extras(o: SampleOptions) -> list[str]:
+    extras = []
+    if o.sampler != DEFAULTS.sampler:
+        extras.append(o.sampler)  # the default sampler keeps the names of the folders written before samplers
+    if o.eta:
+        extras.append(f"eta{o.eta:g}")
+    if o.sample_schedule is not None:
+        extras.append(f"sched{o.sample_schedule}")
+    if o.sampler == DEFAULTS.sampler and o.choice_temperature != DEFAULTS.choice_temperature:
+        extras.append(f"ct{o.choice_temperature:g}")
+    return extras
 
 
-# one forward pass per step: the cost is linear in steps (--steps 100000 on 2 images ran for minutes)
-MAX_SAMPLE_STEPS = 1024
-
-
-def check_sampling_values(spec: "SampleSpec") -> None:
-    """Refuse inf and nan (they passed the > 0 checks and gave degenerate images with exit code 0),
-    and steps beyond MAX_SAMPLE_STEPS."""
-    for name in ("temperature", "cfg", "choice_temperature", "top_p"):
-        v = getattr(spec, name)
-        if v is not None and not math.isfinite(v):
-            raise StageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
-    if spec.steps > MAX_SAMPLE_STEPS:
-        raise StageError(f"steps must be <= {MAX_SAMPLE_STEPS} (one forward pass each), got {spec.steps}")
+def recipe_options(run: Run, generator: str, **given: Any) -> SampleOptions:
+    """SampleOptions from the CLI's `given` values (None = not given); for diffusion the others come
+    from the run's recipe (diffusion.sampler, diffusion.eta, diffusion.sample_schedule); the rest are
+    the defaults. The diffusion options have no meaning for the next-token generator: they stay default."""
+    DIFFUSION_ONLY = ("sampler", "eta", "sample_schedule", "choice_temperature")
+    given = {k: v for k, v in given.items() if v is not None and (generator == "diffusion" or k not in DIFFUSION_ONLY)}
+    if generator != "diffusion":
+        return SampleOptions(**given)
+    section = run.read_recipe()["diffusion"] if run.recipe_path.exists() else {}
+    sampler = given.get("sampler", section.get("sampler", DEFAULTS.sampler))
+    from_recipe = {"sampler": sampler, "sample_schedule": section.get("sample_schedule")}
+    if sampler == "ancestral":
+        from_recipe["eta"] = section.get("eta", DEFAULTS.eta)
+    return SampleOptions(**{**from_recipe, **given})
 
 
 @dataclass
@@ -181,14 +155,11 @@ def generate(
             raise StageError(f"--class must be in [0, {cfg.num_classes}), got {spec.class_}")
     if spec.prefix_rows >= cfg.grid_h:
         raise StageError(f"--prefix-rows must be < the grid height {cfg.grid_h}, got {spec.prefix_rows}")
-    steps = spec.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
+    steps = spec.options.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
     passes = model.forward_passes(steps)
     folder = out or run.samples_dir / spec.folder_name(passes)
-    spec_key = asdict(spec)
-    if spec.sample_schedule is None:  # the key of the folders written before sample schedules: they stay reusable
-        del spec_key["sample_schedule"]
     key = {
-        "spec": spec_key,
+        "spec": spec.key(),
         "generator_hash": run.file_hash(weights),
         "tokenizer_hash": run.tokenizer_hash,
         "gif": gif,
@@ -198,10 +169,8 @@ def generate(
         ids, _ = load_tokens(folder / "ids.safetensors")
         return Samples(ids, decode(tokenizer, ids), old["seconds"], old["forward_passes"], folder, key)
 
-    options = spec.options(model.sample_options)
+    options = spec.model_options(model.sample_options)
     if spec.prefix_rows:
-        from recipes.stages import ensure_tokens
-
         ensure_tokens(run)
         test_ids, _ = load_tokens(run.tokens_file("test"))
         if len(test_ids) < spec.num:
@@ -228,7 +197,7 @@ def generate(
     sync(device)
     t0 = time.perf_counter()
     ids, images = sample_images(
-        model, tokenizer, spec.num, steps=steps, temperature=spec.temperature, labels=labels, cfg_scale=spec.cfg,
+        model, tokenizer, spec.num, steps=steps, temperature=spec.options.temperature, labels=labels, cfg_scale=spec.options.cfg,
         seed=spec.seed, batch_size=spec.batch_size, callback=record if gif else None, on_batch=on_batch, **options,
     )  # fmt: skip
     sync(device)

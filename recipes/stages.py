@@ -1,48 +1,22 @@
-"""The stages of a run that train and encode, as plain functions over a `Run`; the CLI is a thin shell over these.
-
-The run folder itself is `recipes.run`, sampling `recipes.sampling`, the evaluation
-`recipes.evaluate` (and its learning curves `recipes.curves`) and the image files `recipes.images`; their names are re-exported here, where
-the CLI and scripts have always found them.
-"""
+"""The training stages of a run, as plain functions over a `Run`: the tokenizer, then the generators
+on the run's token cache (`recipes.run.ensure_tokens`). The CLI's `train` and `run` commands call these."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from recipes.curves import learning_curve, snapshots
-from recipes.evaluate import EvalOptions, evaluate
-from recipes.images import save_grid, save_pngs, save_trajectory_gif
+from recipes.images import save_grid
 from recipes.recipe import Recipe
-from recipes.run import (
-    GENERATORS,
-    Context,
-    Run,
-    StageError,
-    check_generator,
-    default_run_dir,
-    read_run_recipe,
-    software_versions,
-    sync,
-    tokenizer_meta,
-    write_recipe,
-)
-from recipes.sampling import MAX_SAMPLE_STEPS, SampleSpec, Samples, check_sampling_values, generate, recipe_sampler
-from vqdiff.checkpoint import file_digest, is_complete, model_class, read_config, read_json, save_model, write_json
-from vqdiff.data import ImageSet, load_tokens, save_tokens
+from recipes.run import Run, StageError, check_generator, ensure_tokens, software_versions
+from vqdiff.checkpoint import is_complete, model_class, read_config, read_json, save_model, write_json
+from vqdiff.data import ImageSet, load_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.pipeline import decode, encode, measure_tokenizer
+from vqdiff.pretrained import DiffusersTokenizer
 from vqdiff.train import TensorSource, autocast_dtype, is_trained, seeded, train
-
-__all__ = [
-    "GENERATORS", "MAX_SAMPLE_STEPS", "Context", "check_sampling_values", "tokens_current", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",
-    "default_run_dir", "encode_dataset", "ensure_tokens", "evaluate", "generate", "generator_config", "learning_curve", "snapshots",
-    "read_run_recipe", "recipe_sampler", "save_grid", "save_pngs", "save_trajectory_gif", "sync", "tokenizer_meta",
-    "train_generator", "train_tokenizer", "write_recipe",
-]  # fmt: skip
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -63,8 +37,6 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
         train_set = run.load_split(recipe, "train")
         t0 = time.perf_counter()
         if pretrained:
-            from vqdiff.pretrained import DiffusersTokenizer
-
             try:
                 model = DiffusersTokenizer.from_pretrained(
                     extras["pretrained"], channels=train_set.channels, image_size=train_set.image_size
@@ -100,46 +72,6 @@ def save_reconstructions(model: torch.nn.Module, test_set: ImageSet, path, n: in
     """Originals (top row) above their reconstructions (bottom row)."""
     x = test_set.batch(torch.arange(min(n, len(test_set))))["images"]
     save_grid(torch.cat([x, decode(model, encode(model, x))]), path, nrow=len(x))
-
-
-# ------------------------------------------------------------------ tokens
-
-
-def tokens_current(run: Run | Path) -> bool:
-    """RUN/tokens/ holds both splits, encoded by the tokenizer that is there now."""
-    run = run if isinstance(run, Run) else Run(run)
-    if not run.weights("tokenizer").exists():
-        return False
-    meta = run.fresh(run.tokens_meta_path, {"tokenizer_hash": run.tokenizer_hash})
-    return meta is not None and all(run.tokens_file(s).exists() for s in ("train", "test"))
-
-
-def encode_dataset(run: Run, on_batch=None) -> dict[str, Any]:
-    """Write the token grids of the train and test splits, with labels, to RUN/tokens/."""
-    recipe = run.read_recipe()
-    model = run.load_tokenizer()
-    meta: dict[str, Any] = {
-        "tokenizer_hash": run.tokenizer_hash,
-        "codebook_size": model.codebook_size,
-        "grid": list(model.grid),
-        "dataset": recipe.data.dataset,
-    }
-    for split in ("train", "test"):
-        data = run.load_split(recipe, split)
-        ids = encode(model, data, 512, on_batch)
-        save_tokens(run.tokens_file(split), ids, data.labels, model.codebook_size)
-        meta[f"num_{split}"] = len(ids)
-        meta["num_classes"] = data.num_classes
-    meta["key"] = {"tokenizer_hash": meta["tokenizer_hash"]}  # what `tokens_current` checks
-    write_json(run.tokens_meta_path, meta)  # last: its presence means the tokens are complete
-    return meta
-
-
-def ensure_tokens(run: Run, on_batch=None) -> dict[str, Any]:
-    if is_main() and not tokens_current(run):  # under torchrun: rank 0 encodes, the others wait
-        encode_dataset(run, on_batch)
-    barrier()
-    return read_json(run.tokens_meta_path)
 
 
 # ------------------------------------------------------------------ generators
@@ -213,22 +145,3 @@ def test_bits_per_token(model: Any, run: Run, max_grids: int, batch_size: int = 
         "num_grids": len(ids),
         "conditional": model.cfg.num_classes > 0,
     }
-
-
-# ------------------------------------------------------------------ the names scripts used before `Run`
-
-
-def load_tokenizer(run_dir: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    return Run(run_dir).load_tokenizer(device)
-
-
-def load_generator(run_dir: Path, kind: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    return Run(run_dir).load_generator(kind, device)
-
-
-def load_split(recipe: Recipe, split: str, run: Run) -> ImageSet:
-    return run.load_split(recipe, split)
-
-
-generator_class = check_generator
-file_hash = file_digest

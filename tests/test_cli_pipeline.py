@@ -8,6 +8,7 @@ import torch
 from helpers import TINY, invoke, ok, one_line_error, sets
 
 from recipes import stages
+from recipes.curves import snapshots
 from vqdiff.checkpoint import load_tensors
 
 @pytest.fixture(scope="module")
@@ -111,17 +112,16 @@ def test_sample_ar_options(run):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--temperature", "0"], "temperature must be > 0"),
-        (["--temperature", "-1"], "temperature must be > 0"),
-        (["--steps", "0"], "steps must be >= 1"),
+        (["--temperature", "-1"], "temperature must be finite and >= 0 (0 = argmax), got -1.0"),
+        (["--steps", "0"], "steps must be in [1, 1024]"),
         (["--generator", "gan"], "unknown generator"),
         (["--class", "7"], "--class must be in [0, 3)"),
-        (["--cfg", "inf"], "--cfg must be a finite number"),
-        (["--temperature", "inf"], "--temperature must be a finite number"),
-        (["--choice-temperature", "nan"], "--choice-temperature must be a finite number"),
-        (["--steps", "100000"], "steps must be <= 1024"),
+        (["--cfg", "inf"], "cfg must be finite and > 0"),
+        (["--temperature", "inf"], "temperature must be finite and >= 0"),
+        (["--choice-temperature", "nan"], "choice temperature must be finite and >= 0"),
+        (["--steps", "100000"], "steps must be in [1, 1024]"),
         (["--device", "foo"], "--device 'foo'"),
-        (["-g", "ar", "--top-p", "nan"], "--top-p must be a finite number"),
+        (["-g", "ar", "--top-p", "nan"], "top-p must be in (0, 1]"),
     ],
 )
 def test_sample_bad_input(run, args, needle):
@@ -211,7 +211,7 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sampler", "halton"))
     assert (run / "samples" / "diffusion-t1-s3-halton" / "grid.png").exists()
     one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "greedy"), "unknown sampler")
-    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "maskgit", "--eta", 0.5), "--eta")
+    one_line_error(invoke("sample", run, "-g", "diffusion", "-n", 2, "--sampler", "maskgit", "--eta", 0.5), "eta (remasking) is for the ancestral sampler")
     # --sample-schedule: its own folder; naming the trained schedule gives the trained schedule's ids
     ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sample-schedule", "linear"))
     ok(invoke("sample", run, "-g", "diffusion", "-n", 4, "-s", 3, "--sample-schedule", "cosine"))
@@ -231,7 +231,7 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     assert settings == {("ar", None, None)} | {("diffusion", s, n) for s in ("maskgit", "ancestral") for n in (2, 4)}
     md = (copy / "report" / "report.md").read_text()
     assert "Best diffusion setting: diffusion" in md
-    one_line_error(invoke("evaluate", copy, "--sampler", "greedy"), "--sampler must be from")
+    one_line_error(invoke("evaluate", copy, "--sampler", "greedy"), "unknown sampler 'greedy'")
     # top-k / top-p reach both generators' samples, and the report says which were used
     ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--sampler", "ancestral", "--top-k", 5, "--top-p", 0.9, "--extractor", "classifier"))
     report = json.loads((copy / "report" / "report.json").read_text())
@@ -240,8 +240,8 @@ def test_sample_and_evaluate_with_samplers(run, cache, tmp_path):
     assert "top-k 5; top-p 0.9" in (copy / "report" / "report.md").read_text()
     assert report["software"]["torch"] == torch.__version__
     assert f"torch {torch.__version__}" in (copy / "report" / "report.md").read_text()
-    one_line_error(invoke("evaluate", copy, "--top-p", 0), "--top-p must be in (0, 1]")
-    one_line_error(invoke("evaluate", copy, "--top-k", -1), "--top-k must be >= 1")
+    one_line_error(invoke("evaluate", copy, "--top-p", 0), "top-p must be in (0, 1]")
+    one_line_error(invoke("evaluate", copy, "--top-k", -1), "top-k must be >= 1")
     ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--generators", "diffusion", "--sample-schedule", "linear", "--extractor", "classifier"))
     report = json.loads((copy / "report" / "report.json").read_text())
     assert [(r["sample_schedule"], r["samples"]) for r in report["results"]] == [("linear", "samples/diffusion-t1-s2-schedlinear")]
@@ -256,9 +256,9 @@ def test_learning_curves_from_kept_weights(run, cache, tmp_path):
     for g in ("ar", "diffusion"):  # retrain both, keeping the weights every 2 steps
         shutil.rmtree(copy / g)
         ok(invoke("train", g, "shapes", "--run-dir", copy, *sets(TINY), "--set", f"{g}.keep_every=2"))
-    kept = stages.snapshots(copy, "diffusion")
+    kept = snapshots(copy, "diffusion")
     assert [s for s, _, _ in kept] == [2, 4, 6] and all(sec > 0 for _, sec, _ in kept)
-    assert [s for s, _, _ in stages.snapshots(copy, "ar")] == [2, 4]
+    assert [s for s, _, _ in snapshots(copy, "ar")] == [2, 4]
     # the last kept weights are the final weights
     final = load_tensors(copy / "diffusion" / "model.safetensors")
     assert all(torch.equal(final[k], v) for k, v in load_tensors(kept[-1][2]).items())
@@ -275,17 +275,17 @@ def test_learning_curves_from_kept_weights(run, cache, tmp_path):
 
 
 def test_recipe_sampler_keys_are_checked(tmp_path):
-    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sampler=greedy"), "unknown diffusion sampler")
-    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "evaluate.samplers=['x']"), "unknown diffusion sampler")
-    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sample_schedule=exp"), "diffusion.sample_schedule")
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sampler=greedy"), "unknown sampler 'greedy'")
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "evaluate.samplers=['x']"), "unknown sampler 'x'")
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", tmp_path / "x", "--set", "diffusion.sample_schedule=exp"), "unknown sample schedule 'exp'")
 
 
 def test_evaluate_bad_input(run):
-    one_line_error(invoke("evaluate", run, "--temperatures", "0"), "temperatures must be > 0")
+    one_line_error(invoke("evaluate", run, "--temperatures", "-1"), "temperature must be finite and >= 0 (0 = argmax), got -1.0")
     one_line_error(invoke("evaluate", run, "--generators", "gan"), "unknown generator")
     one_line_error(invoke("evaluate", run, "--extractor", "vgg"), "unknown extractor")
-    one_line_error(invoke("evaluate", run, "--steps", "5000"), "--steps must be <= 1024")
-    one_line_error(invoke("evaluate", run, "--temperatures", "inf"), "--temperatures must be > 0 and finite")
+    one_line_error(invoke("evaluate", run, "--steps", "5000"), "steps must be in [1, 1024]")
+    one_line_error(invoke("evaluate", run, "--temperatures", "inf"), "temperature must be finite and >= 0")
 
 
 def test_run_resumes_after_interruption(tmp_path, cache, monkeypatch):

@@ -209,7 +209,7 @@ def pngs(run, tmp_path_factory):
 
 
 def test_cli_round_trip_gives_the_tokenizer_reconstruction(run, pngs, tmp_path, monkeypatch):
-    from recipes import stages
+    from recipes.run import Run
     from recipes.codec import pil_load
     from vqdiff.data import from_uint8, to_uint8
 
@@ -232,7 +232,7 @@ def test_cli_round_trip_gives_the_tokenizer_reconstruction(run, pngs, tmp_path, 
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(p.name for p in (tmp_path / "png").iterdir())
         for p in (tmp_path / name).iterdir():
             assert p.read_bytes() == (tmp_path / "png" / p.name).read_bytes()
-    tokenizer = stages.load_tokenizer(run)
+    tokenizer = Run(run).load_tokenizer("cpu")
     expected = to_uint8(tokenizer.decode(tokenizer.encode(from_uint8(images))))
     for i, f in enumerate(files):
         got = pil_load((tmp_path / "png" / f"{f.stem}.png").read_bytes(), channels=3)

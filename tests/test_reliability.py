@@ -16,6 +16,7 @@ import torch
 from helpers import TINY_TOKENIZER, invoke, one_line_error, sets
 
 from recipes import stages
+from recipes.run import Run
 from recipes.lock import LOCK_FILE, RunFolderError, run_lock
 from recipes.recipe import load_recipe
 from vqdiff.checkpoint import STATE_FILE, CheckpointError, load_train_state
@@ -131,7 +132,7 @@ def test_concurrent_write_recipe_and_stale_temp_files(tmp_path):
     def write() -> None:
         try:
             for _ in range(30):
-                stages.write_recipe(recipe, tmp_path)
+                Run(tmp_path).write_recipe(recipe)
         except Exception as e:  # the shared `recipe.toml.tmp` raised FileNotFoundError here
             errors.append(e)
 
@@ -158,7 +159,7 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     from vqdiff.checkpoint import write_json
 
     write_json(tmp_path / "a.json", {"x": 1})
-    stages.write_recipe(load_recipe("shapes"), tmp_path)
+    Run(tmp_path).write_recipe(load_recipe("shapes"))
     plain = tmp_path / "plain.txt"
     plain.write_text("x")  # what open() gives under this process's umask
     expected = plain.stat().st_mode & 0o777

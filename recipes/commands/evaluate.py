@@ -1,0 +1,98 @@
+"""`vqdiff evaluate`: sample every setting, measure FID/KID/precision/recall, write RUN/report/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from recipes.commands.common import (
+    DataRootOpt, DeviceOpt, ExtractorOpt, InceptionOpt, RunArg, SampleScheduleOpt, open_run, progress_log, writer_lock,
+)  # fmt: skip
+from recipes.console import batch_logger, edge, fail, out, progress_bars
+from recipes.curves import learning_curve
+from recipes.evaluate import EvalOptions, evaluate as evaluate_run
+from recipes.report import results_table
+from recipes.run import Run
+
+
+def csv(value: Optional[str], cast, what: str):
+    if value is None:
+        return None
+    try:
+        return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        fail(f"{what}: expected a comma-separated list, got {value!r}")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    out.print(results_table(report))
+    if report.get("reference"):
+        out.print(f"reference set: {report['reference']}", soft_wrap=True)
+    if report.get("isc_omitted"):
+        out.print(report["isc_omitted"], soft_wrap=True)
+    out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
+
+
+def evaluate_and_print(run: Run, opts: EvalOptions, checkpoints: bool = False) -> dict[str, Any]:
+    with progress_bars(log_path=progress_log(run)) as p:
+        if checkpoints:  # first, so that the report shows the learning curves
+            learning_curve(run, opts, bars=lambda d: batch_logger(p, d))
+        report = evaluate_run(run, opts, bars=lambda d: batch_logger(p, d))
+    print_report(report)
+    return report
+
+
+def evaluate(
+    run: RunArg,
+    generators: Annotated[Optional[str], typer.Option("--generators", help="Comma list: ar,diffusion.")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="Samples per generator and setting.")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="Diffusion steps, comma list, e.g. 4,8,16.")] = None,
+    temperatures: Annotated[Optional[str], typer.Option("--temperatures", help="Comma list, e.g. 0.8,1.0 (0 = argmax).")] = None,
+    extractor: ExtractorOpt = None,
+    inception_weights: InceptionOpt = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for conditional generators.")] = None,
+    sampler: Annotated[
+        Optional[str],
+        typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
+    ] = None,
+    eta: Annotated[Optional[float], typer.Option("--eta", help="ReMDM remasking for the ancestral sampler, in [0, 1].")] = None,
+    sample_schedule: SampleScheduleOpt = None,
+    top_k: Annotated[
+        Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens, both generators. [default: the recipe's, off]")
+    ] = None,
+    top_p: Annotated[
+        Optional[float], typer.Option("--top-p", help="Nucleus sampling, both generators. [default: the recipe's, off]")
+    ] = None,
+    checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoints",
+            help="Also measure the weights kept every keep_every steps: FID against training steps and time "
+            "for both generators (report/curve.json, learning_curve.png).",
+        ),
+    ] = False,
+    data_root: DataRootOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Sample each generator and setting, compute FID/KID/precision/recall, write RUN/report/."""
+    with edge():
+        r = open_run(run, data_root, device)  # under torchrun: sampling and feature extraction shared by the ranks
+        opts = EvalOptions.from_recipe(
+            r.read_recipe(),
+            generators=csv(generators, str, "--generators"),
+            num=num,
+            steps=csv(steps, int, "--steps"),
+            temperatures=csv(temperatures, float, "--temperatures"),
+            extractor=extractor,
+            inception_weights=inception_weights,
+            cfg=cfg,
+            samplers=csv(sampler, str, "--sampler"),
+            eta=eta,
+            sample_schedule=sample_schedule,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        with writer_lock(run, create=False):
+            evaluate_and_print(r, opts, checkpoints)

@@ -1,0 +1,81 @@
+"""`SampleOptions`: the one home of every sampling default and of its check.
+
+The CLI (`vqdiff sample`, `vqdiff evaluate`), the recipes and the library build one of these, so a
+default is written once and a bad value is refused with the same one-line message everywhere.
+
+- `temperature` >= 0 and finite; 0 is argmax (greedy) for both generators.
+- `steps`: diffusion forward passes, 1 to MAX_STEPS; the next-token generator takes one per token.
+- `top_k`, `top_p`, `sample_schedule`: None is off (in a recipe TOML, which has no None: leave the key out).
+- `cfg`: classifier-free guidance scale, > 0; 1 is no guidance.
+- `sampler`, `eta`, `choice_temperature`: how the `mask` corruption reveals tokens (vqdiff.samplers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vqdiff.schedules import SCHEDULES
+
+MASK_SAMPLERS = ("maskgit", "ancestral", "halton")  # the first is the default
+# one forward pass per step: the cost is linear in steps (--steps 100000 on 2 images ran for minutes)
+MAX_STEPS = 1024
+
+
+class OptionError(ValueError):
+    """A sampling option out of its range; the message is one line."""
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    temperature: float = 1.0  # >= 0; 0 = argmax
+    steps: int = 8  # diffusion forward passes
+    top_k: int | None = None  # keep the k most likely ids (None = off)
+    top_p: float | None = None  # nucleus sampling (None = off)
+    cfg: float = 1.0  # classifier-free guidance scale (1 = none)
+    sampler: str = MASK_SAMPLERS[0]  # mask corruption: maskgit | ancestral | halton
+    eta: float = 0.0  # ancestral sampler: ReMDM remasking in [0, 1] (0 = plain MDLM)
+    choice_temperature: float = 4.5  # maskgit: Gumbel noise on the confidences (MaskGIT's 4.5)
+    sample_schedule: str | None = None  # the schedule the steps follow (None = the trained one)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def replace(self, **changes: Any) -> "SampleOptions":
+        return dataclasses.replace(self, **changes)
+
+    def changed(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The options among `names` that differ from their defaults, as keyword arguments."""
+        return {k: getattr(self, k) for k in names if getattr(self, k) != getattr(DEFAULTS, k)}
+
+
+def _finite(name: str, value: float, low: float, *, strict: bool = False, extra: str = "") -> None:
+    ok = math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        raise OptionError(f"{name} must be finite and {'>' if strict else '>='} {low:g}{extra}, got {value}")
+
+
+def check(o: SampleOptions) -> None:
+    """Refuse an option out of range with one line that names it."""
+    _finite("temperature", o.temperature, 0, extra=" (0 = argmax)")
+    if not 1 <= o.steps <= MAX_STEPS:
+        raise OptionError(f"steps must be in [1, {MAX_STEPS}] (one forward pass each), got {o.steps}")
+    if o.top_k is not None and o.top_k < 1:
+        raise OptionError(f"top-k must be >= 1 (leave it out for no top-k), got {o.top_k}")
+    if o.top_p is not None and not (math.isfinite(o.top_p) and 0 < o.top_p <= 1):
+        raise OptionError(f"top-p must be in (0, 1] (leave it out for no nucleus), got {o.top_p}")
+    _finite("cfg", o.cfg, 0, strict=True, extra=" (1 = no guidance)")
+    if o.sampler not in MASK_SAMPLERS:
+        raise OptionError(f"unknown sampler {o.sampler!r}; choose from {', '.join(MASK_SAMPLERS)}")
+    if not 0 <= o.eta <= 1:
+        raise OptionError(f"eta must be in [0, 1], got {o.eta}")
+    if o.eta and o.sampler != "ancestral":
+        raise OptionError("eta (remasking) is for the ancestral sampler")
+    _finite("choice temperature", o.choice_temperature, 0)
+    if o.sample_schedule is not None and o.sample_schedule not in SCHEDULES:
+        raise OptionError(f"unknown sample schedule {o.sample_schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+DEFAULTS = SampleOptions()
