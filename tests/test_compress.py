@@ -280,5 +280,9 @@ def test_bench_compress_quick(run, tmp_path):
         assert r["bytes_per_image"] == pytest.approx(r["payload_bytes_per_image"] + r["header_bytes"])
         assert r["bits_per_token"] > 0 and r["model_bits_per_token"] > 0
     assert 1 <= report["jpeg"]["quality"] <= 100 and report["png"]["psnr"] is None
-    one_line_error(invoke("bench", "compress"), "needs a run folder")
-    one_line_error(invoke("bench", "quickstart", run), "bench compress RUN")
+    # a real sub-command: Typer's usage errors (exit 2) name what is missing or extra
+    missing = invoke("bench", "compress")
+    assert missing.exit_code == 2 and "Missing argument 'RUN'" in missing.output
+    extra = invoke("bench", "quickstart", run)
+    assert extra.exit_code == 2 and "unexpected extra argument" in extra.output
+    assert "compress" in invoke("bench", "--help").output
