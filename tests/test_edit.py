@@ -89,3 +89,50 @@ def test_partial_grid_is_checked():
         model.sample(2, steps=2, keep=torch.zeros(2, H, W, dtype=torch.bool))
     with pytest.raises(ValueError, match="must be"):
         model.sample(2, steps=2, known=torch.zeros(2, H, 3, dtype=torch.long), keep=torch.zeros(2, H, 3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- the next-token generator
+
+
+def ar_model():
+    from vqdiff.ar import ARConfig, ARTransformer
+
+    torch.manual_seed(0)
+    return ARTransformer(ARConfig(codebook_size=K, grid_h=H, grid_w=W, dim=32, depth=1, heads=2)).eval()
+
+
+def test_ar_keeps_a_raster_prefix_of_any_length():
+    model = ar_model()
+    n = 3
+    known = torch.randint(0, K, (n, H, W), generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(n, H * W, dtype=torch.bool)
+    for b, r in enumerate((0, 6, 13)):  # nothing, a row and a half, all but three cells
+        keep[b, :r] = True
+    keep = keep.view(n, H, W)
+    ids = model.sample(n, known=known, keep=keep, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ids[keep], known[keep])
+    # whole rows kept: the same ids as the row prefix
+    rows = torch.zeros(n, H, W, dtype=torch.bool)
+    rows[:, :2] = True
+    a = model.sample(n, known=known, keep=rows, generator=torch.Generator().manual_seed(1))
+    b = model.sample(n, prefix=known[:, :2], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    # nothing kept: the unconstrained sampler
+    c = model.sample(n, known=known, keep=torch.zeros(n, H, W, dtype=torch.bool), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(c, model.sample(n, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("region", ["centre", "top", "left"])
+def test_ar_refuses_a_region_that_is_not_a_suffix(region):
+    model = ar_model()
+    keep = torch.ones(1, H, W, dtype=torch.bool)
+    if region == "centre":
+        keep[:, 1:3, 1:3] = False
+    elif region == "top":
+        keep[:, :2] = False
+    else:
+        keep[:, :, :2] = False
+    with pytest.raises(ValueError) as e:
+        model.sample(1, known=torch.zeros(1, H, W, dtype=torch.long), keep=keep)
+    message = str(e.value)
+    assert "\n" not in message and "suffix in raster order" in message and "diffusion" in message
