@@ -136,3 +136,49 @@ def test_ar_refuses_a_region_that_is_not_a_suffix(region):
         model.sample(1, known=torch.zeros(1, H, W, dtype=torch.long), keep=keep)
     message = str(e.value)
     assert "\n" not in message and "suffix in raster order" in message and "diffusion" in message
+
+
+# ---------------------------------------------------------------- pixels to tokens, edit_images
+
+
+def test_a_region_maps_to_exactly_the_tokens_it_covers():
+    from vqdiff.pipeline import token_keep
+
+    keep = torch.ones(2, 16, 16, dtype=torch.bool)
+    keep[0, 4:8, 8:12] = False  # exactly token (1, 2) of a 4x4 grid of 4x4 patches
+    keep[1, 3:9, 0:1] = False  # touches tokens (0, 0), (1, 0), (2, 0): any pixel edits the token
+    tokens = token_keep(keep, (4, 4))
+    expected = torch.ones(2, 4, 4, dtype=torch.bool)
+    expected[0, 1, 2] = False
+    expected[1, 0:3, 0] = False
+    assert torch.equal(tokens, expected)
+    # the regenerated tokens cover the edited pixels, and nothing else but their patches
+    pixels = (~tokens).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert not (~keep & ~pixels).any()
+
+
+@pytest.fixture(scope="module")
+def models():
+    from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
+
+    torch.manual_seed(0)
+    tok = VQTokenizer(TokenizerConfig(channels=1, image_size=16, width=8, max_width=16, codebook_size=K, codebook_dim=4)).eval()
+    return tok, diffusion("mask", num_classes=3)
+
+
+def test_edit_images_keeps_the_kept_tokens_and_pixels(models):
+    from vqdiff.pipeline import edit_images, encode
+
+    tok, model = models
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    keep = torch.ones(3, 16, 16, dtype=torch.bool)
+    keep[:, 4:12, 4:12] = False  # the centre 2x2 tokens
+    ids, out = edit_images(model, tok, images, keep, steps=3, seed=1, labels=2)
+    assert ids.shape == (3, 4, 4) and out.shape == images.shape
+    known = encode(tok, images)
+    assert torch.equal(ids[:, 0], known[:, 0]) and torch.equal(ids[:, :, 3], known[:, :, 3])
+    again, _ = edit_images(model, tok, images, keep, steps=3, seed=1, labels=2)
+    assert torch.equal(ids, again)  # the same seed, the same edit
+    _, pasted = edit_images(model, tok, images, keep, steps=3, seed=1, labels=2, paste_back=True)
+    assert torch.equal(pasted[:, 0][keep], images[:, 0][keep])
+    assert torch.equal(pasted[:, 0][~keep], out[:, 0][~keep])
