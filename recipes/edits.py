@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
+from recipes.evaluate import Measuring, bars_of
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.run import Run, StageError
 from vqdiff.checkpoint import write_json
 from vqdiff.data import from_uint8, save_tokens, to_uint8
+from vqdiff.distributed import is_main
 from vqdiff.pipeline import decode, edit_images, encode, token_keep
 from vqdiff.tokenizer import psnr
 
@@ -221,8 +223,6 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
     """The edit tasks for every generator of `opts` (recipes.evaluate.EvalOptions): one diffusion
     setting (the first sampler and temperature, the most steps of --steps), the ar generator at
     the first temperature. Writes RUN/report/edits.json and edits.md; returns the report."""
-    from recipes.evaluate import Measuring, bars_of
-
     bar = bars_of(bars)
     recipe = run.read_recipe()
     models = {g: run.load_generator(g) for g in opts.generators}  # fail now, not after the extractor
@@ -250,8 +250,6 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
             )
             rows.append({**row, "settings": settings})
     report = {"run": str(run.run_dir), "num": n, "reference": f"{recipe.data.dataset} test split, first {n} images", "results": rows}
-    from vqdiff.distributed import is_main
-
     if is_main():
         write_json(run.report_dir / "edits.json", report)
         (run.report_dir / "edits.md").write_text(edits_markdown(report))

@@ -13,9 +13,15 @@ import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
-from recipes.errors import console, edge, out  # noqa: F401  (moving to recipes.console)
+from recipes import edits
+from recipes.checks import check_device
+from recipes.errors import console, edge, out  # moving to recipes.console
+from recipes.lock import run_lock
+from recipes.run import Run, StageError
+from recipes.sampling import SampleSpec, recipe_sampler
 
 
 def edit(
@@ -52,14 +58,6 @@ def edit(
     """Regenerate part of each image and keep the rest: inpainting (--region, --mask), outpainting
     (--outpaint), class edits (--class)."""
     with edge():
-        import torch
-
-        from recipes import edits
-        from recipes.checks import check_device
-        from recipes.lock import run_lock
-        from recipes.run import Run, StageError
-        from recipes.sampling import SampleSpec, recipe_sampler
-
         if sum(x is not None for x in (region, mask, outpaint)) != 1:
             raise StageError("give exactly one of --region, --mask and --outpaint")
         if outpaint_size is not None and outpaint is None:
