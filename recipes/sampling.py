@@ -54,7 +54,7 @@ class SampleSpec:
     def model_options(self, takes: tuple[str, ...]) -> dict[str, Any]:
         """The options among `takes` (a generator's `sample_options`) that differ from their
         defaults; the others have no meaning for that generator and are left out."""
-        out = self.options.changed(tuple(k for k in takes if hasattr(self.options, k)))
+        out = self.options.changed(takes)
         if "use_cache" in takes and not self.use_cache:
             out["use_cache"] = False
         return out

@@ -142,7 +142,7 @@ def test_folder_decodes_once_into_a_cache_keyed_by_the_files(tmp_path, monkeypat
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded a file although the cache holds it")
 
-    monkeypatch.setattr(data, "_load_file", no_decoding)
+    monkeypatch.setattr(data, "load_image", no_decoding)
     again = load_dataset("folder", "train", image_size=8, path=root)
     assert torch.equal(first.uint8, again.uint8) and torch.equal(first.labels, again.labels)
     # another image in the folder: another file list, so the cache is not reused

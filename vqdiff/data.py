@@ -71,7 +71,7 @@ class ImageSet:
         """uint8 [b c h w] for the given indices."""
         if self.uint8 is not None:
             return self.uint8[indices]
-        return torch.stack([_load_file(self.files[i], self.image_size, self.channels) for i in indices.tolist()])
+        return torch.stack([load_image(self.files[i], self.image_size, self.channels) for i in indices.tolist()])
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"images": from_uint8(self.images_uint8(indices)), "labels": self.labels[indices]}
@@ -282,7 +282,7 @@ def _decoded_cache(root: Path, files: list[Path], size: int, channels: int) -> t
         # torchvision 0.29 deprecates its decoders in favour of torchcodec, which is not a dependency
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
         for i, f in enumerate(files):
-            images[i] = _load_file(f, size, channels)
+            images[i] = load_image(f, size, channels)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, {"images": images}, metadata={"root": str(root), "num": str(len(files))})
     return images
@@ -311,7 +311,7 @@ def _decode(path: Path, channels: int | None = None) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
 
 
-def _load_file(path: Path, size: int, channels: int) -> torch.Tensor:
+def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
     """uint8 [c size size]: resize the short side to `size` (bicubic, antialiased), centre-crop."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF

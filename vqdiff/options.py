@@ -47,8 +47,9 @@ class SampleOptions:
         return dataclasses.replace(self, **changes)
 
     def changed(self, names: tuple[str, ...]) -> dict[str, Any]:
-        """The options among `names` that differ from their defaults, as keyword arguments."""
-        return {k: getattr(self, k) for k in names if getattr(self, k) != getattr(DEFAULTS, k)}
+        """The options among `names` (a generator's `sample_options`; names that are no option here are
+        skipped) that differ from their defaults, as keyword arguments."""
+        return {k: getattr(self, k) for k in names if hasattr(DEFAULTS, k) and getattr(self, k) != getattr(DEFAULTS, k)}
 
 
 def _finite(name: str, value: float, low: float, *, strict: bool = False, extra: str = "") -> None:

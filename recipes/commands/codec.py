@@ -17,7 +17,7 @@ from recipes.console import out as stdout  # `out` is the commands' output folde
 from recipes.run import StageError
 from vqdiff.checkpoint import write_bytes
 from vqdiff.compress import CompressError, read_header
-from vqdiff.data import _load_file  # the folder dataset's loader: compress sees what training saw
+from vqdiff.data import load_image  # the folder dataset's loader: compress sees what training saw
 
 RunArg = Annotated[Path, typer.Argument(help="A run folder with a tokenizer and an ar generator, e.g. runs/mnist.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (created if missing).")]
@@ -37,7 +37,7 @@ def compress(
         codec = Codec(run)
         codec.check_class(class_)
         cfg = codec.tokenizer.cfg
-        pixels = torch.stack([_load_file(p, cfg.image_size, cfg.channels) for p in images])  # uint8 [b c H W]
+        pixels = torch.stack([load_image(p, cfg.image_size, cfg.channels) for p in images])  # uint8 [b c H W]
         ids = codec.encode_images(pixels)
         total = overhead = 0
         for path, grid in zip(images, ids):

@@ -12,6 +12,7 @@ from recipes.commands.common import (
 )  # fmt: skip
 from recipes.console import batch_logger, edge, fail, out, progress_bars
 from recipes.curves import learning_curve
+from recipes.edits import edits_markdown, evaluate_edits
 from recipes.evaluate import EvalOptions, evaluate as evaluate_run
 from recipes.report import results_table
 from recipes.run import Run
@@ -73,6 +74,14 @@ def evaluate(
             "for both generators (report/curve.json, learning_curve.png).",
         ),
     ] = False,
+    edits: Annotated[
+        bool,
+        typer.Option(
+            "--edits",
+            help="Measure edits instead of sampling: inpainting (centre, bottom) and outpainting (border) of the first "
+            "--num test images; FID, PSNR of the kept area, kept-token exactness (report/edits.json, edits.md).",
+        ),
+    ] = False,
     data_root: DataRootOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -95,4 +104,9 @@ def evaluate(
             top_p=top_p,
         )
         with writer_lock(run, create=False):
+            if edits:
+                with progress_bars(log_path=progress_log(r)) as p:
+                    report = evaluate_edits(r, opts, bars=lambda d: batch_logger(p, d))
+                out.print(edits_markdown(report), soft_wrap=True)
+                return
             evaluate_and_print(r, opts, checkpoints)
