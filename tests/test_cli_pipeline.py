@@ -116,7 +116,7 @@ def test_sample_ar_options(run):
         (["--steps", "0"], "steps must be in [1, 1024]"),
         (["--generator", "gan"], "unknown generator"),
         (["--class", "7"], "--class must be in [0, 3)"),
-        (["--cfg", "inf"], "cfg must be finite and > 0"),
+        (["--cfg", "inf"], "cfg must be finite and >= 0"),
         (["--temperature", "inf"], "temperature must be finite and >= 0"),
         (["--choice-temperature", "nan"], "choice temperature must be finite and >= 0"),
         (["--steps", "100000"], "steps must be in [1, 1024]"),

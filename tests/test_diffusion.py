@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vqdiff.samplers as samplers
 from vqdiff.checkpoint import load_model, save_model
-from vqdiff.diffusion import CORRUPTIONS, MASK_SAMPLERS, DiffusionConfig, DiffusionTransformer, halton_order
+from vqdiff.diffusion import CORRUPTIONS, DiffusionConfig, DiffusionTransformer, halton_order
+from vqdiff.options import MASK_SAMPLERS
 from vqdiff.schedules import get_schedule
 from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
 
@@ -315,7 +317,7 @@ def test_sample_schedule_sets_how_many_stay_masked_and_the_models_time(sampler):
     trained, _ = trajectory_of(model, n, steps, sampler=sampler)
     named, _ = trajectory_of(model, n, steps, sampler=sampler, sample_schedule="linear")
     assert torch.equal(trained, named)
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="unknown sample schedule"):
         model.sample(2, steps=2, sampler=sampler, sample_schedule="exp")
 
 
@@ -410,9 +412,25 @@ def test_diffusion_top_k_one_is_argmax(sampler, monkeypatch):
 
 def test_bad_sampler_options_are_refused():
     model = make("mask")
-    with pytest.raises(ValueError, match="sampler must be one of"):
+    with pytest.raises(ValueError, match="unknown sampler 'greedy'"):
         model.sample(2, steps=2, sampler="greedy")
     with pytest.raises(ValueError, match="eta"):
         model.sample(2, steps=2, sampler="ancestral", eta=2.0)
     with pytest.raises(ValueError, match="temperature"):
         model.sample(2, steps=2, temperature=math.inf)
+
+
+def test_the_samplers_tables_name_the_options_samplers():
+    assert tuple(samplers.MASK_SAMPLERS) == MASK_SAMPLERS
+    assert set(samplers.CORRUPTION_SAMPLERS) | {"mask"} == set(CORRUPTIONS)
+
+
+def test_temperature_zero_is_argmax_for_every_sampler(monkeypatch):
+    """One rule in every layer: temperature 0 is argmax (greedy), not an error."""
+    logits = torch.randn(N, K, generator=gen(3))
+    for corruption in CORRUPTIONS:
+        model = make(corruption)
+        fixed(model, monkeypatch, logits)
+        for sampler in MASK_SAMPLERS if corruption == "mask" else (MASK_SAMPLERS[0],):
+            out = model.sample(4, steps=N, sampler=sampler, temperature=0, generator=gen(0)).flatten(1)
+            assert torch.equal(out, logits.argmax(-1).expand(4, N)), (corruption, sampler)

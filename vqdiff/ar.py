@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqdiff.checkpoint import register_model
+from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.nn import (
     KVCache,
     Transformer,
@@ -85,9 +86,9 @@ class ARTransformer(nn.Module):
         n: int,
         *,
         steps: int | None = None,
-        temperature: float = 1.0,
+        temperature: float = DEFAULTS.temperature,
         labels: Tensor | int | None = None,
-        cfg_scale: float = 1.0,
+        cfg_scale: float = DEFAULTS.cfg,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
         top_k: int | None = None,
@@ -112,6 +113,7 @@ class ARTransformer(nn.Module):
         prefix in raster order, of any length (`suffix_start`); a ValueError says so otherwise.
         """
         self.forward_passes(steps)
+        SampleOptions(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg_scale)  # the one check of each option
         cfg = self.cfg
         h, w, num = cfg.grid_h, cfg.grid_w, cfg.grid_h * cfg.grid_w
         device = self.device

@@ -55,11 +55,10 @@ from vqdiff.nn import (
     train_labels,
 )
 from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
+from vqdiff.options import DEFAULTS, OptionError, SampleOptions
 from vqdiff.schedules import Schedule, get_schedule
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
-MASK_SAMPLERS = ("maskgit", "ancestral", "halton")
-DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences
 
 
 @dataclass(frozen=True)
@@ -304,9 +303,9 @@ class DiffusionTransformer(nn.Module):
         n: int,
         *,
         steps: int,
-        temperature: float = 1.0,
+        temperature: float = DEFAULTS.temperature,
         labels: Tensor | int | None = None,
-        cfg_scale: float = 1.0,
+        cfg_scale: float = DEFAULTS.cfg,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
         known: Tensor | None = None,
@@ -319,19 +318,19 @@ class DiffusionTransformer(nn.Module):
         samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
         callback(step_index, ids long [n h w]) is called after every step (still-masked positions
         hold mask_id = k), e.g. to record the trajectory. `options` choose and tune the sampler
-        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`, `sample_schedule`: see `_sampler`); one
-        it does not know is a TypeError.
+        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`, `sample_schedule`: see `_sampler`); all
+        of them are checked by vqdiff.options.SampleOptions (an OptionError, a ValueError), and one it does
+        not know is a TypeError.
 
         known: long [n h w] in [0, k) and keep: bool [n h w], a partial grid (inpainting,
         outpainting, class edits): the kept positions keep their known ids, exactly, for every
         sampler and corruption, and only the others are sampled (see `vqdiff.samplers`). Without
         them (or with an all-False keep) the same generator gives the same ids as before.
         """
-        if steps is None or steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if not 0 <= temperature < math.inf:
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        run, top, sampling = self._sampler(temperature, **options)
+        if steps is None:
+            raise OptionError("the diffusion generator needs steps (its number of forward passes)")
+        opts = SampleOptions(steps=steps, temperature=temperature, cfg=cfg_scale, **options)
+        run, sampling = self._sampler(opts)
         grid = samplers.time_grid(self.schedule, steps, sampling)
         cfg = self.cfg
         labels = sample_labels(labels, n, cfg.num_classes, self.device)
@@ -341,7 +340,7 @@ class DiffusionTransformer(nn.Module):
             return self._denoise(x, labels, guided, cfg_scale, t)
 
         def draw(logits: Tensor) -> Tensor:
-            return sample_logits(logits, temperature=temperature, **top, generator=generator)
+            return sample_logits(logits, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator)
 
         def report(i: int, x: Tensor) -> None:
             if callback is not None:
@@ -369,19 +368,9 @@ class DiffusionTransformer(nn.Module):
         # the free positions' known ids are never read; 0 there keeps them in range
         return {"known": flat(known.masked_fill(~keep, 0)), "keep": flat(keep)}
 
-    def _sampler(
-        self,
-        temperature: float,
-        *,
-        sampler: str = "maskgit",
-        choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
-        eta: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        sample_schedule: str | None = None,
-    ) -> tuple[Callable[..., Tensor], dict[str, Any], Schedule | None]:
+    def _sampler(self, opts: SampleOptions) -> tuple[Callable[..., Tensor], Schedule | None]:
         """The dispatch: (run(n, grid, denoise, draw, generator, report) -> ids long [n N], the
-        top-k/top-p filter of `draw`, the sampling schedule). A new sampler or option goes here.
+        sampling schedule). A new sampler goes in vqdiff.samplers' tables.
 
         `sample_schedule` names the schedule the steps follow (vqdiff.schedules; None: the trained one,
         cfg.schedule): how many tokens are still masked after each step. With another one than the
@@ -389,32 +378,16 @@ class DiffusionTransformer(nn.Module):
         (`samplers.time_grid`).
 
         top_k / top_p filter the x0 distribution before sampling. `sampler` chooses which masked
-        tokens the `mask` corruption reveals at each step (MASK_SAMPLERS; the other corruptions
-        have one sampler each and ignore it):
+        tokens the `mask` corruption reveals at each step (samplers.MASK_SAMPLERS; the other
+        corruptions have one sampler each and ignore it):
         - `maskgit`: the most confident ones, with Gumbel noise of scale `choice_temperature`
-          (MaskGIT's 4.5) on the confidences; implicitly low-temperature, greedier with more steps;
+          on the confidences; implicitly low-temperature, greedier with more steps;
         - `ancestral`: each masked token with prob (gamma(t) - gamma(s)) / gamma(t) (MDLM), an
           unbiased sampler of the model; `eta` > 0 remasks decoded tokens (ReMDM-cap);
         - `halton`: the tokens next in a Halton low-discrepancy order over the grid, rolled
           randomly per sample, as many per step as the schedule says (Halton-MaskGIT).
         """
-        if sampler not in MASK_SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(MASK_SAMPLERS)}, got {sampler!r}")
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if not 0 <= choice_temperature < math.inf:
-            raise ValueError(f"choice_temperature must be finite and >= 0, got {choice_temperature}")
-        top = {"top_k": top_k, "top_p": top_p}
-        sampling = get_schedule(sample_schedule) if sample_schedule else None  # raises ValueError naming the choices
         corruption = self.cfg.corruption
-        if corruption == "mask" and sampler == "maskgit":
-            run = functools.partial(samplers.maskgit, self, temperature=temperature, choice_temperature=choice_temperature)
-        elif corruption == "mask" and sampler == "ancestral":
-            run = functools.partial(samplers.ancestral, self, eta=eta)
-        elif corruption == "mask":
-            run = functools.partial(samplers.halton, self)
-        elif corruption == "uniform":
-            run = functools.partial(samplers.uniform, self)
-        else:
-            run = functools.partial(samplers.mask_and_replace, self, temperature=temperature, **top)
-        return run, top, sampling
+        run = samplers.MASK_SAMPLERS[opts.sampler] if corruption == "mask" else samplers.CORRUPTION_SAMPLERS[corruption]
+        sampling = get_schedule(opts.sample_schedule) if opts.sample_schedule else None
+        return functools.partial(run, self, opts=opts), sampling

@@ -6,7 +6,7 @@ default is written once and a bad value is refused with the same one-line messag
 - `temperature` >= 0 and finite; 0 is argmax (greedy) for both generators.
 - `steps`: diffusion forward passes, 1 to MAX_STEPS; the next-token generator takes one per token.
 - `top_k`, `top_p`, `sample_schedule`: None is off (in a recipe TOML, which has no None: leave the key out).
-- `cfg`: classifier-free guidance scale, > 0; 1 is no guidance.
+- `cfg`: classifier-free guidance scale, >= 0; 1 is no guidance, 0 the unconditional model.
 - `sampler`, `eta`, `choice_temperature`: how the `mask` corruption reveals tokens (vqdiff.samplers).
 """
 
@@ -52,29 +52,28 @@ class SampleOptions:
         return {k: getattr(self, k) for k in names if hasattr(DEFAULTS, k) and getattr(self, k) != getattr(DEFAULTS, k)}
 
 
-def _finite(name: str, value: float, low: float, *, strict: bool = False, extra: str = "") -> None:
-    ok = math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        raise OptionError(f"{name} must be finite and {'>' if strict else '>='} {low:g}{extra}, got {value}")
+def _finite(name: str, value: float, extra: str = "") -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise OptionError(f"{name} must be finite and >= 0{extra}, got {value}")
 
 
 def check(o: SampleOptions) -> None:
     """Refuse an option out of range with one line that names it."""
-    _finite("temperature", o.temperature, 0, extra=" (0 = argmax)")
+    _finite("temperature", o.temperature, " (0 = argmax)")
     if not 1 <= o.steps <= MAX_STEPS:
         raise OptionError(f"steps must be in [1, {MAX_STEPS}] (one forward pass each), got {o.steps}")
     if o.top_k is not None and o.top_k < 1:
         raise OptionError(f"top-k must be >= 1 (leave it out for no top-k), got {o.top_k}")
     if o.top_p is not None and not (math.isfinite(o.top_p) and 0 < o.top_p <= 1):
         raise OptionError(f"top-p must be in (0, 1] (leave it out for no nucleus), got {o.top_p}")
-    _finite("cfg", o.cfg, 0, strict=True, extra=" (1 = no guidance)")
+    _finite("cfg", o.cfg, " (1 = no guidance, 0 = the unconditional model)")
     if o.sampler not in MASK_SAMPLERS:
         raise OptionError(f"unknown sampler {o.sampler!r}; choose from {', '.join(MASK_SAMPLERS)}")
     if not 0 <= o.eta <= 1:
         raise OptionError(f"eta must be in [0, 1], got {o.eta}")
     if o.eta and o.sampler != "ancestral":
         raise OptionError("eta (remasking) is for the ancestral sampler")
-    _finite("choice temperature", o.choice_temperature, 0)
+    _finite("choice temperature", o.choice_temperature)
     if o.sample_schedule is not None and o.sample_schedule not in SCHEDULES:
         raise OptionError(f"unknown sample schedule {o.sample_schedule!r}; choose from {', '.join(SCHEDULES)}")
 

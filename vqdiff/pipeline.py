@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from vqdiff.data import ImageSet
 from vqdiff.distributed import gather_batches, my_batches
+from vqdiff.options import DEFAULTS
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import psnr
 
@@ -56,9 +57,9 @@ def sample_ids(
     n: int,
     *,
     steps: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = DEFAULTS.temperature,
     labels: Tensor | int | None = None,
-    cfg_scale: float = 1.0,
+    cfg_scale: float = DEFAULTS.cfg,
     seed: int = 0,
     batch_size: int = 64,
     callback: Callback | None = None,
@@ -173,9 +174,9 @@ def sample_images(
     n: int,
     *,
     steps: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = DEFAULTS.temperature,
     labels: Tensor | int | None = None,
-    cfg_scale: float = 1.0,
+    cfg_scale: float = DEFAULTS.cfg,
     seed: int = 0,
     batch_size: int = 64,
     callback: Callback | None = None,
@@ -228,9 +229,9 @@ def edit_images(
     keep: Tensor,
     *,
     steps: int | None = None,
-    temperature: float = 1.0,
+    temperature: float = DEFAULTS.temperature,
     labels: Tensor | int | None = None,
-    cfg_scale: float = 1.0,
+    cfg_scale: float = DEFAULTS.cfg,
     seed: int = 0,
     paste_back: bool = False,
     callback: Callback | None = None,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vqdiff.nn import filter_logits, gumbel, rand, randint, sample_logits
+from vqdiff.options import SampleOptions
 from vqdiff.schedules import Schedule
 
 
@@ -120,7 +121,7 @@ def free_count(keep: Tensor) -> Tensor:
 
 
 def maskgit(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *, temperature: float, choice_temperature: float,
+    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
@@ -136,7 +137,7 @@ def maskgit(
         masked = x == model.mask_id
         x0 = draw(logits)  # [n N]
         confidence = logits.double().log_softmax(-1).gather(-1, x0[..., None])[..., 0]
-        noise_scale = choice_temperature * temperature * (1 - (i + 1) / steps)
+        noise_scale = opts.choice_temperature * opts.temperature * (1 - (i + 1) / steps)
         if noise_scale > 0:
             confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
         confidence = confidence.masked_fill(~masked, float("inf"))
@@ -155,7 +156,7 @@ def maskgit(
 
 
 def ancestral(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *, eta: float = 0.0,
+    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """MDLM ancestral sampling (Sahoo et al. 2024, eq. 7): from t to s < t each masked token
@@ -168,6 +169,7 @@ def ancestral(
     with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); eta = 0 is MDLM exactly. The cap
     keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask.
     Kept positions of a partial grid are never remasked."""
+    eta = opts.eta
     x = clamp_kept(all_masked(model, n), known, keep)
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
@@ -190,7 +192,7 @@ def ancestral(
 
 
 def halton(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """Halton-MaskGIT (Besnier et al., ICLR 2025): reveal positions in a Halton
@@ -227,7 +229,7 @@ def halton(
 
 
 def uniform(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
@@ -256,7 +258,7 @@ def uniform(
 
 
 def mask_and_replace(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *, temperature: float, top_k=None, top_p=None,
+    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
@@ -269,13 +271,19 @@ def mask_and_replace(
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
         logits = denoise(x, t)
-        if temperature == 0:
+        if opts.temperature == 0:
             p0 = F.one_hot(logits.argmax(-1), k).double()
         else:
-            p0 = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
+            p0 = filter_logits(logits.double() / opts.temperature, opts.top_k, opts.top_p).softmax(-1)
         tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
         x_t = x if keep is None else x.masked_fill(keep, model.mask_id)
         probs = model.posterior(x_t, p0, tt, ss)  # [n N k+1]
         x = clamp_kept(sample_logits(probs.log(), generator=generator), known, keep)
         report(i, x)
     return x
+
+
+# the samplers of the mask corruption, by the name SampleOptions.sampler gives (the functions' own names)
+MASK_SAMPLERS = {f.__name__: f for f in (maskgit, ancestral, halton)}
+# the one sampler of each other corruption
+CORRUPTION_SAMPLERS = {"uniform": uniform, "mask-and-replace": mask_and_replace}
