@@ -335,3 +335,22 @@ def test_evaluate_inception_offline_is_one_line(run, tmp_path, monkeypatch):
     one_line_error(
         invoke("evaluate", run, "--extractor", "inception", "--inception-weights", tmp_path / "nope.pth"), "nope.pth"
     )
+
+
+def test_temperature_zero_is_argmax_and_one_message_in_every_layer(run):
+    import re
+
+    from recipes.run import Run
+    from vqdiff.options import OptionError
+
+    # two samples of one class at temperature 0: the argmax path, so the same grid twice
+    ok(invoke("sample", run, "-g", "ar", "-n", 2, "--temperature", 0, "--class", 1))
+    ids = load_tensors(run / "samples" / "ar-t0-s64-c1" / "ids.safetensors")["ids"]
+    assert torch.equal(ids[0], ids[1])
+    message = "temperature must be finite and >= 0 (0 = argmax), got -1.0"
+    one_line_error(invoke("sample", run, "-g", "ar", "-n", 2, "--temperature", -1), message)
+    one_line_error(invoke("evaluate", run, "--temperatures", -1), message)
+    one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", run.parent / "x", "--set", "evaluate.temperatures=[-1.0]"), message)
+    for kind in ("ar", "diffusion"):
+        with pytest.raises(OptionError, match=re.escape(message)):
+            Run(run).load_generator(kind, "cpu").sample(2, steps=None if kind == "ar" else 2, temperature=-1.0)
