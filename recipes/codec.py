@@ -160,6 +160,44 @@ def _closest_quality(images: torch.Tensor, format: str, target: float, **options
     return tried[best()]
 
 
+def _code_grids(codec: Codec, ids: torch.Tensor, cond: torch.Tensor | None, tok_encode: float, tok_decode: float) -> dict[str, Any]:
+    """Compress and decompress every grid of `ids` (one at a time) under the labels `cond` (None: the
+    null class): sizes, bits per token against the model's, the coder's excess, round trips, speeds."""
+    ar, (n, h, w) = codec.ar, ids.shape
+    tokens = n * h * w
+    t0 = time.perf_counter()
+    encoded = [codec.compress(ids[i], None if cond is None else int(cond[i])) for i in range(n)]
+    encode_s = time.perf_counter() - t0
+    files = [e.data for e in encoded]
+    t0 = time.perf_counter()
+    back = [codec.decompress(f)[0] for f in files]
+    decode_s = time.perf_counter() - t0
+    label_arg = cond if cond is not None else torch.full((n,), ar.cfg.num_classes)  # the null class row
+    model_bits = 0.0
+    for s in range(0, n, 250):
+        info = ar.bits_per_token({"ids": ids[s : s + 250], "labels": label_arg[s : s + 250]})
+        model_bits += info["bits_per_token"] * len(ids[s : s + 250]) * h * w
+    total = sum(map(len, files))
+    overhead = sum(read_header(f).overhead for f in files)
+    payload_bits = 8 * (total - overhead)
+    return {
+        "bytes_per_image": total / n,
+        "payload_bytes_per_image": (total - overhead) / n,
+        "header_bytes": overhead / n,  # header and checks
+        "bits_per_token": payload_bits / tokens,
+        "model_bits_per_token": model_bits / tokens,
+        # under the integer frequencies, before the coder's termination: the per-token cost
+        # of quantising; the rest of the excess is per file (under a byte of termination)
+        "ideal_bits_per_token": sum(e.ideal_bits for e in encoded) / tokens,
+        "excess": payload_bits / model_bits - 1,
+        "termination_bytes_per_image": (payload_bits - sum(e.ideal_bits for e in encoded)) / 8 / n,
+        "round_trip_exact": sum(bool(torch.equal(a, b)) for a, b in zip(back, ids)),
+        # the tokenizer's share is batched; the coding is one grid at a time
+        "encode_images_per_second": n / (tok_encode + encode_s),
+        "decode_images_per_second": n / (decode_s + tok_decode),
+    }
+
+
 def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compress `num` test images of RUN (1000 by default; 0 = all) and compare with PNG, WebP, JPEG."""
     say = progress or (lambda what: None)
@@ -181,50 +219,14 @@ def run_codec_bench(run: Path, num: int | None = None, quick: bool = False, prog
     tok_decode = time.perf_counter() - t0
     psnr = psnr_uint8(recon, images)
     h, w = ids.shape[1:]
-    tokens = n * h * w
 
     ar = codec.ar
-    null = ar.cfg.num_classes  # the null class row of an unconditional or conditional model
     settings = [("class", labels)] if ar.cfg.num_classes > 0 else []
     settings.append(("null class", None))
     rows = []
     for name, cond in settings:
         say(f"vqdiff, {name}: encode and decode {n} grids one token at a time")
-        t0 = time.perf_counter()
-        encoded = [codec.compress(ids[i], None if cond is None else int(cond[i])) for i in range(n)]
-        encode_s = time.perf_counter() - t0
-        files = [e.data for e in encoded]
-        t0 = time.perf_counter()
-        back = [codec.decompress(f)[0] for f in files]
-        decode_s = time.perf_counter() - t0
-        exact = sum(bool(torch.equal(a, b)) for a, b in zip(back, ids))
-        label_arg = cond if cond is not None else torch.full((n,), null)
-        model_bits = 0.0
-        for s in range(0, n, 250):
-            info = ar.bits_per_token({"ids": ids[s : s + 250], "labels": label_arg[s : s + 250]})
-            model_bits += info["bits_per_token"] * len(ids[s : s + 250]) * h * w
-        total = sum(map(len, files))
-        overhead = sum(read_header(f).overhead for f in files)
-        payload_bits = 8 * (total - overhead)
-        rows.append(
-            {
-                "conditioning": name,
-                "bytes_per_image": total / n,
-                "payload_bytes_per_image": (total - overhead) / n,
-                "header_bytes": overhead / n,  # header and checks
-                "bits_per_token": payload_bits / tokens,
-                "model_bits_per_token": model_bits / tokens,
-                # under the integer frequencies, before the coder's termination: the per-token cost
-                # of quantising; the rest of the excess is per file (under a byte of termination)
-                "ideal_bits_per_token": sum(e.ideal_bits for e in encoded) / tokens,
-                "excess": payload_bits / model_bits - 1,
-                "termination_bytes_per_image": (payload_bits - sum(e.ideal_bits for e in encoded)) / 8 / n,
-                "round_trip_exact": exact,
-                # the tokenizer's share is batched; the coding is one grid at a time
-                "encode_images_per_second": n / (tok_encode + encode_s),
-                "decode_images_per_second": n / (decode_s + tok_decode),
-            }
-        )
+        rows.append({"conditioning": name, **_code_grids(codec, ids, cond, tok_encode, tok_decode)})
 
     say("PNG, WebP and JPEG at the quality closest to the tokenizer's PSNR")
     png = _pil_codec(images, "PNG", optimize=True)

@@ -113,47 +113,40 @@ def bars_of(bars):
     return lambda description: bars(description) if bars is not None else None
 
 
-def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
-    """Sample every (generator, sampler, temperature, steps), measure FID/KID/PR against the test
-    split, write the report.
+def _context(run: Run, opts: EvalOptions, m: Measuring) -> dict[str, Any]:
+    """rFID (the tokenizer's reconstructions of the real images) and the floor FID (n train images
+    against the same real images), cached in RUN/report/context.json."""
 
-    `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
-    Re-runs reuse samples and metrics whose inputs have not changed.
-    """
-    bar = bars_of(bars)
-    recipe = run.read_recipe()
-    dataset = recipe.data.dataset
-    for g in opts.generators:
-        run.load_generator(g)  # fail now, not after the extractor is trained
-    m = Measuring.of(run, opts, recipe, bar)
-    n, extractor = m.n, m.extractor
-    reference_name = f"{dataset} ({recipe.data.path})" if recipe.data.path else dataset
-
-    def context() -> dict[str, Any]:
+    def compute() -> dict[str, Any]:
         tokenizer = run.load_tokenizer()
         recon = to_uint8(decode(tokenizer, encode(tokenizer, from_uint8(m.real))))
-        train_idx = torch.randperm(len(m.train_set), generator=torch.Generator().manual_seed(opts.seed))[:n]
+        train_idx = torch.randperm(len(m.train_set), generator=torch.Generator().manual_seed(opts.seed))[: m.n]
         return {"rfid": m.metrics(recon, "rFID")["fid"], "floor_fid": m.metrics(m.train_set.images_uint8(train_idx), "floor")["fid"]}
 
-    context_key = {"tokenizer": run.tokenizer_hash, "extractor": [extractor.name, extractor.hash], "n": n, "real": m.real_key}
-    ctx = run.cached(run.report_dir / "context.json", context_key, context)
+    key = {"tokenizer": run.tokenizer_hash, "extractor": [m.extractor.name, m.extractor.hash], "n": m.n, "real": m.real_key}
+    return run.cached(run.report_dir / "context.json", key, compute)
 
-    results: list[dict[str, Any]] = []
-    diffusion_kind = None
-    if "diffusion" in opts.generators:
-        diffusion_kind = read_config(run.model_dir("diffusion"), "diffusion")[1].corruption
+
+def _settings(run: Run, opts: EvalOptions, g: str, diffusion_kind: str | None):
+    """(report row, SampleOptions) of every setting of generator `g`."""
+    # one sampler per setting, except the mask corruption, which compares its samplers
+    samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
+    steps_list = opts.steps if check_generator(g).takes_steps else (None,)
+    # what the report row names: a sample schedule for diffusion (None: the trained one)
+    chosen = {"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}
+    for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
+        row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
+        yield row, opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
+
+
+def _measure_settings(run: Run, opts: EvalOptions, m: Measuring, diffusion_kind: str | None) -> list[dict[str, Any]]:
+    """Sample every setting of every generator and measure it: the report's rows."""
+    results = []
     for g in opts.generators:
-        # one sampler per setting, except the mask corruption, which compares its samplers
-        samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
-        steps_list = opts.steps if check_generator(g).takes_steps else (None,)
-        # what the report row names: a sample schedule for diffusion (None: the trained one)
-        chosen = {"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}
-        for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
-            options = opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
-            spec = SampleSpec(generator=g, options=options, num=n, seed=opts.seed, batch_size=opts.batch_size)
-            row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
+        for row, options in _settings(run, opts, g, diffusion_kind):
+            spec = SampleSpec(generator=g, options=options, num=m.n, seed=opts.seed, batch_size=opts.batch_size)
             label = setting(row)  # the report's name for this setting, also on the progress bars
-            samples = generate(run, spec, on_batch=bar(f"sample {label}"))
+            samples = generate(run, spec, on_batch=m.bar(f"sample {label}"))
             metrics = m.of_samples(samples, label)
             results.append(
                 {
@@ -165,19 +158,50 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
                     "samples": str(samples.folder.relative_to(run.run_dir)),
                 }
             )
-    gif = None
-    if "diffusion" in opts.generators:
-        sampler = opts.samplers[0] if diffusion_kind == "mask" else None
-        options = opts.sample_options("diffusion", temperature=opts.temperatures[0], steps=opts.gif_steps, sampler=sampler)
-        spec = SampleSpec(generator="diffusion", options=options, num=16, seed=opts.seed)
-        gif_samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
-        gif = str((gif_samples.folder / "trajectory.gif").relative_to(run.run_dir))
-    tok_metrics = read_json(run.metrics_path("tokenizer")) if run.metrics_path("tokenizer").exists() else {}
+    return results
+
+
+def _trajectory_gif(run: Run, opts: EvalOptions, diffusion_kind: str | None) -> str | None:
+    """The report's GIF of the diffusion at work (16 samples, gif_steps steps), relative to RUN."""
+    if "diffusion" not in opts.generators:
+        return None
+    sampler = opts.samplers[0] if diffusion_kind == "mask" else None
+    options = opts.sample_options("diffusion", temperature=opts.temperatures[0], steps=opts.gif_steps, sampler=sampler)
+    spec = SampleSpec(generator="diffusion", options=options, num=16, seed=opts.seed)
+    samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
+    return str((samples.folder / "trajectory.gif").relative_to(run.run_dir))
+
+
+def _model_metrics(run: Run, opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tokenizer metrics, bits per token of each generator) from their metrics.json."""
+    tok = read_json(run.metrics_path("tokenizer")) if run.metrics_path("tokenizer").exists() else {}
     bits = {}
     for g in opts.generators:
         if run.metrics_path(g).exists():
             mj = read_json(run.metrics_path(g))
             bits[g] = {"bits_per_token": mj.get("bits_per_token"), "kind": mj.get("kind")}
+    return tok, bits
+
+
+def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
+    """Sample every (generator, sampler, temperature, steps), measure FID/KID/PR against the test
+    split, write the report.
+
+    `bars(description)` returns an on_batch(done, total) progress callback (from the CLI), or None.
+    Re-runs reuse samples and metrics whose inputs have not changed.
+    """
+    recipe = run.read_recipe()
+    dataset = recipe.data.dataset
+    for g in opts.generators:
+        run.load_generator(g)  # fail now, not after the extractor is trained
+    m = Measuring.of(run, opts, recipe, bars_of(bars))
+    n, extractor = m.n, m.extractor
+    reference_name = f"{dataset} ({recipe.data.path})" if recipe.data.path else dataset
+    ctx = _context(run, opts, m)
+    diffusion_kind = read_config(run.model_dir("diffusion"), "diffusion")[1].corruption if "diffusion" in opts.generators else None
+    results = _measure_settings(run, opts, m, diffusion_kind)
+    gif = _trajectory_gif(run, opts, diffusion_kind)
+    tok_metrics, bits = _model_metrics(run, opts)
     report = {
         "run": str(run.run_dir),
         "recipe": recipe.name,
@@ -188,20 +212,10 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "num_samples": n,
         "reference": f"{reference_name} test split, first {n} of {len(m.test_set)} images",
         # FID depends on the reference set and its size as much as on the samples: state both
-        "reference_set": {
-            "dataset": dataset,
-            "path": recipe.data.path or None,
-            "split": "test",
-            "size": n,
-            "split_size": len(m.test_set),
-        },
+        "reference_set": {"dataset": dataset, "path": recipe.data.path or None, "split": "test", "size": n, "split_size": len(m.test_set)},
         "isc_omitted": extractor.info.get("isc_omitted"),
         "floor_fid": ctx["floor_fid"],
-        "tokenizer": {
-            "rfid": ctx["rfid"],
-            "psnr": tok_metrics.get("psnr"),
-            "codebook_usage": tok_metrics.get("codebook_usage"),
-        },
+        "tokenizer": {"rfid": ctx["rfid"], "psnr": tok_metrics.get("psnr"), "codebook_usage": tok_metrics.get("codebook_usage")},
         "bits_per_token": bits,
         "cfg": opts.cfg,
         "top_k": opts.top_k,

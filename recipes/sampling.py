@@ -148,13 +148,7 @@ def generate(
         weights = snapshot
     tokenizer = run.load_tokenizer(device)
     cfg = model.cfg
-    if spec.class_ is not None:
-        if cfg.num_classes == 0:
-            raise StageError(f"the {spec.generator} generator is unconditional; --class needs conditional = true")
-        if not 0 <= spec.class_ < cfg.num_classes:
-            raise StageError(f"--class must be in [0, {cfg.num_classes}), got {spec.class_}")
-    if spec.prefix_rows >= cfg.grid_h:
-        raise StageError(f"--prefix-rows must be < the grid height {cfg.grid_h}, got {spec.prefix_rows}")
+    _check_fits(spec, cfg)
     steps = spec.options.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
     passes = model.forward_passes(steps)
     folder = out or run.samples_dir / spec.folder_name(passes)
@@ -171,11 +165,7 @@ def generate(
 
     options = spec.model_options(model.sample_options)
     if spec.prefix_rows:
-        ensure_tokens(run)
-        test_ids, _ = load_tokens(run.tokens_file("test"))
-        if len(test_ids) < spec.num:
-            raise StageError(f"--prefix-rows takes prefixes from {len(test_ids)} test grids; ask for at most that many")
-        options["prefix"] = test_ids[: spec.num, : spec.prefix_rows]
+        options["prefix"] = _prefixes(run, spec)
     if spec.class_ is not None:
         labels = torch.full((spec.num,), spec.class_, dtype=torch.long)
     else:
@@ -206,19 +196,46 @@ def generate(
         barrier()
         return Samples(ids, images, seconds, passes, folder, key)
 
-    save_pngs(images, folder)
-    save_grid(images[:64], folder / "grid.png", nrow=8)
+    samples = Samples(ids, images, seconds, passes, folder, key)
+    _write(samples, labels, tokenizer, frames, cfg.codebook_size, device)
+    barrier()
+    return samples
+
+
+def _check_fits(spec: SampleSpec, cfg: Any) -> None:
+    """Refuse a class or a prefix the generator's config cannot take."""
+    if spec.class_ is not None:
+        if cfg.num_classes == 0:
+            raise StageError(f"the {spec.generator} generator is unconditional; --class needs conditional = true")
+        if not 0 <= spec.class_ < cfg.num_classes:
+            raise StageError(f"--class must be in [0, {cfg.num_classes}), got {spec.class_}")
+    if spec.prefix_rows >= cfg.grid_h:
+        raise StageError(f"--prefix-rows must be < the grid height {cfg.grid_h}, got {spec.prefix_rows}")
+
+
+def _prefixes(run: Run, spec: SampleSpec) -> torch.Tensor:
+    """The first `prefix_rows` token rows of the first `num` test grids (RUN/tokens, written when missing)."""
+    ensure_tokens(run)
+    test_ids, _ = load_tokens(run.tokens_file("test"))
+    if len(test_ids) < spec.num:
+        raise StageError(f"--prefix-rows takes prefixes from {len(test_ids)} test grids; ask for at most that many")
+    return test_ids[: spec.num, : spec.prefix_rows]
+
+
+def _write(samples: Samples, labels, tokenizer, frames: list[torch.Tensor], codebook_size: int, device) -> None:
+    """The folder's files; sample.json last: its presence means the folder is complete."""
+    folder, ids = samples.folder, samples.ids
+    save_pngs(samples.images, folder)
+    save_grid(samples.images[:64], folder / "grid.png", nrow=8)
     if frames:
         save_trajectory_gif(tokenizer, frames, folder / "trajectory.gif")
-    save_tokens(folder / "ids.safetensors", ids, labels if labels is not None else torch.zeros(len(ids)), cfg.codebook_size)
+    save_tokens(folder / "ids.safetensors", ids, labels if labels is not None else torch.zeros(len(ids)), codebook_size)
     record_json = {
-        "key": key,
-        "seconds": seconds,
-        "images_per_second": len(ids) / max(seconds, 1e-9),
-        "forward_passes": passes,
+        "key": samples.key,
+        "seconds": samples.seconds,
+        "images_per_second": samples.images_per_second,
+        "forward_passes": samples.forward_passes,
         "device": str(device),
-        "num": spec.num,  # the PNGs beside it: 000000.png to {num - 1:06d}.png
+        "num": len(ids),  # the PNGs beside it: 000000.png to {num - 1:06d}.png
     }
-    write_json(folder / "sample.json", record_json)  # last: its presence means the folder is complete
-    barrier()
-    return Samples(ids, images, seconds, passes, folder, key)
+    write_json(folder / "sample.json", record_json)
