@@ -64,12 +64,15 @@ def sample_ids(
     batch_size: int = 64,
     callback: Callback | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    random_classes: bool = True,
     **options: Any,
 ) -> Tensor:
-    """n token grids: long [n h w] in [0, k), on the CPU. See `sample_images` for the arguments."""
+    """n token grids: long [n h w] in [0, k), on the CPU. See `sample_images` for the arguments;
+    random_classes=False samples with the null class where labels is None. Per-sample tensors among
+    the options ([n ...]: an AR prefix, a partial grid's known and keep) are split like the labels."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-    if labels is None:
+    if labels is None and random_classes:
         labels = draw_labels(generator.cfg.num_classes, n, seed)
     elif isinstance(labels, int):
         labels = torch.full((n,), labels, dtype=torch.long)
@@ -77,7 +80,6 @@ def sample_ids(
     num_batches = -(-n // batch_size)
     for j in my_batches(num_batches):  # all of them in one process; this rank's share under torchrun
         start, stop = j * batch_size, min((j + 1) * batch_size, n)
-        # per-sample tensors ([n ...]: an AR prefix) are split like the labels
         batch_options = {k: v[start:stop] if isinstance(v, Tensor) and len(v) == n else v for k, v in options.items()}
         report = (lambda i, x, start=start: callback(start, i, x)) if callback is not None else None
         ids = generator.sample(
@@ -259,21 +261,12 @@ def edit_images(
     if images.dim() != 4 or keep.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"keep must be bool [n H W] for images [n c H W], got {list(keep.shape)} for {list(images.shape)}")
     n = len(images)
-    if isinstance(labels, int):
-        labels = torch.full((n,), labels, dtype=torch.long)
     known = encode(tokenizer, images, batch_size)  # [n h w]
     kept = token_keep(keep.cpu(), tuple(known.shape[1:]))
-    out = []
-    for j, start in enumerate(range(0, n, batch_size)):
-        stop = min(start + batch_size, n)
-        report = (lambda i, x, start=start: callback(start, i, x)) if callback is not None else None
-        ids = generator.sample(
-            stop - start, steps=steps, temperature=temperature, labels=labels[start:stop] if labels is not None else None,
-            cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(batch_seed(seed, j)), callback=report,
-            known=known[start:stop], keep=kept[start:stop], **options,
-        )  # fmt: skip
-        out.append(ids.cpu())
-    ids = torch.cat(out)
+    ids = sample_ids(
+        generator, n, steps=steps, temperature=temperature, labels=labels, cfg_scale=cfg_scale, seed=seed,
+        batch_size=batch_size, callback=callback, random_classes=False, known=known, keep=kept, **options,
+    )  # fmt: skip
     edited = decode(tokenizer, ids)
     if paste_back:
         edited = torch.where(keep.cpu()[:, None], images.cpu().float(), edited)

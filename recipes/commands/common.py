@@ -33,6 +33,17 @@ SampleScheduleOpt = Annotated[
         "masked after each step). [default: the recipe's diffusion.sample_schedule, else the trained schedule]",
     ),
 ]
+TemperatureOpt = Annotated[
+    Optional[float], typer.Option("--temperature", "-t", help="Sampling temperature, >= 0 (0 = argmax). [default: 1]")
+]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes, 1 to 1024 (AR ignores it). [default: 8]")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = none). [default: 1]")]
+SamplerOpt = Annotated[
+    Optional[str],
+    typer.Option("--sampler", help="Diffusion (mask): maskgit | ancestral | halton. [default: the recipe's diffusion.sampler]"),
+]
+GifOpt = Annotated[bool, typer.Option("--gif", help="Diffusion: write trajectory.gif, the grid after every step.")]
 RunArg = Annotated[Path, typer.Argument(help="A run folder, e.g. runs/quickstart.")]
 ExtractorOpt = Annotated[
     Optional[str], typer.Option("--extractor", help="classifier | inception | auto. [default: the recipe's, auto]")

@@ -17,7 +17,7 @@ import torch
 import typer
 
 from recipes import edits
-from recipes.commands.common import DeviceOpt, RunArg, open_run
+from recipes.commands.common import CfgOpt, DeviceOpt, GifOpt, RunArg, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run
 from recipes.console import console, edge, out
 from recipes.lock import run_lock
 from recipes.run import Run, StageError
@@ -83,19 +83,16 @@ def edit(
     ] = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Regenerate under this class (conditional models): a class edit.")] = None,
     generator: Annotated[str, typer.Option("--generator", "-g", help="diffusion (any region) or ar (a raster-order suffix).")] = "diffusion",
-    steps: Annotated[Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes (AR ignores it). [default: 8]")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Sampling temperature, >= 0 (0 = argmax). [default: 1]")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same edit.")] = 0,
-    sampler: Annotated[
-        Optional[str],
-        typer.Option("--sampler", help="Diffusion (mask): maskgit | ancestral | halton. [default: the recipe's diffusion.sampler]"),
-    ] = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = none). [default: 1]")] = None,
+    steps: StepsOpt = None,
+    temperature: TemperatureOpt = None,
+    seed: SeedOpt = 0,
+    sampler: SamplerOpt = None,
+    cfg: CfgOpt = None,
     paste_back: Annotated[
         bool, typer.Option("--paste-back/--no-paste-back", help="Copy the kept pixels of the input over the output.")
     ] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder. [default: RUN/edits/GEN-WHAT]")] = None,
-    gif: Annotated[bool, typer.Option("--gif", help="Write trajectory.gif, the grid after every step.")] = False,
+    gif: GifOpt = False,
     device: DeviceOpt = None,
 ) -> None:
     """Regenerate part of each image and keep the rest: inpainting (--region, --mask), outpainting

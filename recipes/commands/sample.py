@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from recipes.commands.common import DeviceOpt, RunArg, SampleScheduleOpt, open_run, progress_log, writer_lock
+from recipes.commands.common import (
+    CfgOpt, DeviceOpt, GifOpt, RunArg, SampleScheduleOpt, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run, progress_log,
+    writer_lock,
+)  # fmt: skip
 from recipes.console import batch_logger, console, edge, fail, out, progress_bars
 from recipes.run import Run, tokens_current
 from recipes.sampling import SampleSpec, generate, recipe_options
@@ -22,27 +25,22 @@ def sample(
     run: RunArg,
     generator: Annotated[str, typer.Option("--generator", "-g", help="ar or diffusion.")] = "diffusion",
     num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 64,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Sampling temperature, >= 0 (0 = argmax). [default: 1]")] = None,
-    steps: Annotated[
-        Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes, 1 to 1024 (AR ignores it). [default: 8]")
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
+    temperature: TemperatureOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (both generators).")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling (both generators).")] = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Class to generate (conditional models).")] = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = none). [default: 1]")] = None,
+    cfg: CfgOpt = None,
     prefix_rows: Annotated[int, typer.Option("--prefix-rows", help="AR: keep the first R token rows of test images.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder. [default: RUN/samples/GEN-tT-sS]")] = None,
-    gif: Annotated[bool, typer.Option("--gif", help="Diffusion: write trajectory.gif, the grid after every step.")] = False,
+    gif: GifOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per sampling batch.")] = 64,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="AR: recompute every step without the KV cache.")] = False,
     choice_temperature: Annotated[
         Optional[float], typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences. [default: MaskGIT's 4.5]")
     ] = None,
-    sampler: Annotated[
-        Optional[str],
-        typer.Option("--sampler", help="Diffusion (mask): maskgit | ancestral | halton. [default: the recipe's diffusion.sampler]"),
-    ] = None,
+    sampler: SamplerOpt = None,
     eta: Annotated[
         Optional[float], typer.Option("--eta", help="Diffusion, ancestral sampler: ReMDM remasking in [0, 1]. [default: the recipe's]")
     ] = None,
