@@ -387,7 +387,7 @@ def test_float64_gumbel_samples_rare_ids_at_their_rate():
     # float32 uniforms sit on a 2^-24 grid, which caps the Gumbel tail near 16.6 and never samples
     # an id that far below the best: too rare to count here, so check the noise itself (its
     # uniforms are off the float32 grid) and that a 1e-4 id is still drawn at its rate
-    from vqdiff.nn import gumbel, sample_logits
+    from vqdiff.sampling_ops import gumbel, sample_logits
 
     g = gumbel((100_000,), device="cpu", generator=gen(0))
     assert g.dtype == torch.float64

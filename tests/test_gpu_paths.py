@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqdiff.data import make_shapes
-from vqdiff.nn import rand, randint
+from vqdiff.sampling_ops import rand, randint
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import TrainConfig, enable_tf32, make_optimizer, seeded, train
 

@@ -23,21 +23,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqdiff.checkpoint import register_model
-from vqdiff.nn import (
-    KVCache,
-    Transformer,
-    cfg_mix,
-    TrunkConfig,
-    guidance_labels,
-    sample_labels,
-    sample_logits,
-    train_labels,
-)
+from vqdiff.sampling_ops import cfg_mix, guidance_labels, sample_labels, sample_logits, train_labels
+from vqdiff.trunk import KVCache, Transformer, TrunkConfig
 
 
 @dataclass(frozen=True)
 class ARConfig(TrunkConfig):
-    """The next-token generator: the shared trunk fields (vqdiff.nn.TrunkConfig), nothing more."""
+    """The next-token generator: the shared trunk fields (vqdiff.trunk.TrunkConfig), nothing more."""
 
 
 @register_model("ar", ARConfig)

@@ -43,19 +43,10 @@ from torch import Tensor, nn
 from vqdiff import samplers
 from vqdiff.checkpoint import register_model
 from vqdiff.distributed import batch_positions, batch_ratio
-from vqdiff.nn import (
-    Transformer,
-    cfg_mix,
-    TrunkConfig,
-    guidance_labels,
-    rand,
-    randint,
-    sample_labels,
-    sample_logits,
-    train_labels,
-)
+from vqdiff.sampling_ops import cfg_mix, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
 from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
 from vqdiff.schedules import Schedule, get_schedule
+from vqdiff.trunk import Transformer, TrunkConfig
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
 MASK_SAMPLERS = ("maskgit", "ancestral", "halton")
@@ -64,7 +55,7 @@ DEFAULT_CHOICE_TEMPERATURE = 4.5  # MaskGIT's Gumbel scale on the confidences
 
 @dataclass(frozen=True)
 class DiffusionConfig(TrunkConfig):
-    """The shared trunk fields (vqdiff.nn.TrunkConfig; mask_id = codebook_size) plus the corruption."""
+    """The shared trunk fields (vqdiff.trunk.TrunkConfig; mask_id = codebook_size) plus the corruption."""
 
     corruption: str = "mask"  # mask | uniform | mask-and-replace
     schedule: str = "cosine"  # a name in vqdiff.schedules.SCHEDULES
