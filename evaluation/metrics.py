@@ -29,7 +29,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from evaluation.common import EvaluationError, Progress, resolve_cache_dir, sha256_tensor
 from evaluation.extractors import Extractor, inception_offline_message
-from vqdiff import distributed
+import vqdiff.distributed as distributed
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to n for small sets
 KID_SUBSETS = 100

@@ -28,13 +28,13 @@ from vqdiff.checkpoint import (
     file_digest,
     load_model,
     load_tensors,
-    model_class,
     read_config,
     read_json,
     write_json,
 )
 from vqdiff.data import ImageSet, load_dataset
 from vqdiff.distributed import is_main, local_device
+from vqdiff.registry import model_class
 
 GENERATORS = ("ar", "diffusion")
 

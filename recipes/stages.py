@@ -31,11 +31,13 @@ from recipes.run import (
     write_recipe,
 )
 from recipes.sampling import MAX_SAMPLE_STEPS, SampleSpec, Samples, check_sampling_values, generate, recipe_sampler
-from vqdiff.checkpoint import file_digest, is_complete, model_class, read_config, read_json, save_model, write_json
+from vqdiff.checkpoint import file_digest, is_complete, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.pipeline import decode, encode, measure_tokenizer
-from vqdiff.train import TensorSource, autocast_dtype, is_trained, seeded, train
+from vqdiff.registry import model_class
+from vqdiff.steps import TensorSource
+from vqdiff.train import autocast_dtype, is_trained, seeded, train
 
 __all__ = [
     "GENERATORS", "MAX_SAMPLE_STEPS", "Context", "check_sampling_values", "tokens_current", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from vqdiff.checkpoint import load_model, save_model
-from vqdiff.diffusion import CORRUPTIONS, MASK_SAMPLERS, DiffusionConfig, DiffusionTransformer, halton_order
+from vqdiff.diffusion import CORRUPTIONS, MASK_SAMPLERS, DiffusionConfig, DiffusionTransformer
+from vqdiff.samplers import halton_order
 from vqdiff.schedules import get_schedule
-from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
+from vqdiff.steps import TensorSource
+from vqdiff.train import TRAIN_KEYS, TrainConfig, train
 
 K, H, W = 16, 4, 4
 N = H * W

@@ -40,11 +40,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqdiff import samplers
-from vqdiff.checkpoint import register_model
+import vqdiff.samplers as samplers
 from vqdiff.distributed import batch_positions, batch_ratio
 from vqdiff.sampling_ops import cfg_mix, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
-from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
 from vqdiff.schedules import Schedule, get_schedule
 from vqdiff.trunk import Transformer, TrunkConfig
 
@@ -82,8 +80,8 @@ def _per_sample(x: Tensor) -> Tensor:
     return rearrange(x, "b -> b 1 1")
 
 
-@register_model("diffusion", DiffusionConfig)
 class DiffusionTransformer(nn.Module):
+    kind = "diffusion"  # its name in vqdiff.registry and in config.json
     takes_steps = True  # the number of forward passes is the caller's choice
     sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p", "sample_schedule")  # `sample`'s **options (see `_sampler`)
 

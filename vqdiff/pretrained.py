@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqdiff.checkpoint import register_model
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,9 @@ class DiffusersTokenizerConfig:
         return (side, side)
 
 
-@register_model("diffusers", DiffusersTokenizerConfig)
 class DiffusersTokenizer(nn.Module):
+    kind = "diffusers"  # its name in vqdiff.registry and in config.json
+
     def __init__(self, cfg: DiffusersTokenizerConfig) -> None:
         from diffusers import VQModel
 

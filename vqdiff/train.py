@@ -1,6 +1,6 @@
 """One training loop for the tokenizer and both generators.
 
-A model plugs in by owning `cfg` (a frozen dataclass), `kind` (from `register_model`) and
+A model plugs in by owning `cfg` (a frozen dataclass), `kind` (its name in `vqdiff.registry`) and
 `loss(batch) -> (loss, logs)`. The loop owns the optimiser (AdamW), warmup + cosine LR,
 gradient clipping, autocast, an optional EMA of the weights, atomic checkpoints and resume.
 
@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vqdiff import distributed as dist_
+import vqdiff.distributed as dist_
 from vqdiff.checkpoint import (
     CheckpointError,
     config_to_dict,
@@ -45,13 +45,7 @@ from vqdiff.checkpoint import (
     unwrap,
 )
 from vqdiff.schedules import warmup_cosine
-from vqdiff.steps import (  # re-exported: callers import them from here
-    BatchSource,
-    TensorSource,  # noqa: F401
-    TrainingInterrupted,
-    _DeferSignals,
-    batch_indices,
-)
+from vqdiff.steps import BatchSource, TrainingInterrupted, _DeferSignals, batch_indices
 
 HISTORY_DIR = "history"  # OUT/history/step-NNNNNNN.safetensors, written every `keep_every` steps
 
