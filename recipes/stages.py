@@ -35,9 +35,10 @@ from vqdiff.checkpoint import file_digest, is_complete, read_config, read_json, 
 from vqdiff.data import ImageSet, load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.pipeline import decode, encode, measure_tokenizer
+from vqdiff.precision import autocast_dtype
 from vqdiff.registry import model_class
 from vqdiff.steps import TensorSource
-from vqdiff.train import autocast_dtype, is_trained, seeded, train
+from vqdiff.train import is_trained, seeded, train
 
 __all__ = [
     "GENERATORS", "MAX_SAMPLE_STEPS", "Context", "check_sampling_values", "tokens_current", "EvalOptions", "Run", "SampleSpec", "Samples", "StageError", "check_generator",

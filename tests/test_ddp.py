@@ -16,8 +16,8 @@ from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.checkpoint import load_model
 from vqdiff.data import make_shapes
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
-from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.steps import TensorSource
+from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import TrainConfig, seeded, train
 
 STEPS = 4

@@ -19,7 +19,7 @@ Grey datasets go through an RGB VQModel by repeating the channel on the way in a
 three on the way out.
 
 Other diffusers utilities were weighed against the code they would replace, and left out:
-- `training_utils.EMAModel`: it averages parameters only; our weight EMA (`train._ema_update`)
+- `training_utils.EMAModel`: it averages parameters only; our weight EMA (`steps.ema_update`)
   also carries buffers (the quantizer's EMA codebook statistics), which a tokenizer needs.
 - `optimization.get_cosine_schedule_with_warmup`: a stateful LambdaLR that decays to zero; ours is
   a pure function of the step with a floor (`schedules.warmup_cosine`), which resume relies on.
