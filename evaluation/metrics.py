@@ -18,18 +18,20 @@ from them through torch-fidelity's own feature cache, then sends the numbers to 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.utils import create_feature_extractor
 
 from evaluation.common import EvaluationError, Progress, resolve_cache_dir, sha256_tensor
 from evaluation.extractors import Extractor, inception_offline_message
-from vqdiff import distributed
+import vqdiff.distributed as distributed
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to n for small sets
 KID_SUBSETS = 100
@@ -109,6 +111,18 @@ def _fidelity_error(e: Exception, extractor: Extractor) -> EvaluationError:
     return EvaluationError(f"evaluation failed: {first}")
 
 
+class _ImageCount:
+    """`on_batch(b)` for the loaders: counts the images through the extractor for `progress(done, total)`."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.done, self.total, self.progress = 0, total, progress
+
+    def __call__(self, b: int) -> None:
+        self.done += b
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
 def compute_metrics(
     fake: torch.Tensor,
     real: torch.Tensor,
@@ -140,7 +154,6 @@ def compute_metrics(
     if isc and not extractor.has_logits:
         raise EvaluationError(f"the {extractor.name} extractor has no class logits, so no Inception Score")
     n_fake, n_real = len(fake), len(real)
-    n_min = min(n_fake, n_real)
 
     cache_root = resolve_cache_dir(cache_dir) / "fidelity"
     real_name = reference_cache_name(real, real_key, extractor) if real_key else None
@@ -149,23 +162,11 @@ def compute_metrics(
     )
 
     total = n_fake + (0 if real_cached else n_real)
-    done = 0
-
-    def on_batch(b: int) -> None:
-        nonlocal done
-        done += b
-        if progress is not None:
-            progress(min(done, total), total)
-
-    kid_subset_size = min(KID_SUBSET_SIZE, n_min)
-    # subsets drawn without replacement from sets no larger than the subset are all the same set
-    kid_subsets = 1 if n_fake == n_real == kid_subset_size else KID_SUBSETS
-    prc_neighborhood = min(PRC_NEIGHBORHOOD, n_min - 1)
-    isc_splits = max(1, min(ISC_SPLITS, n_fake // 100))
-
+    on_batch = _ImageCount(total, progress)
+    sizes = _small_set_sizes(n_fake, n_real)
+    bs = batch_size or extractor.batch_size
     if distributed.is_distributed():
         # every rank extracts a share of the features; rank 0 turns them into the numbers
-        bs = batch_size or extractor.batch_size
         layers = _feature_layers(extractor, isc)
         fake_features = sharded_features(fake, extractor, layers, bs, on_batch)
         real_features = None if real_cached else sharded_features(real, extractor, layers, bs, on_batch)
@@ -177,11 +178,8 @@ def compute_metrics(
         kid=kid,
         prc=prc,
         isc=isc,
-        batch_size=batch_size or extractor.batch_size,
-        kid_subset_size=kid_subset_size,
-        kid_subsets=kid_subsets,
-        prc_neighborhood=prc_neighborhood,
-        isc_splits=isc_splits,
+        batch_size=bs,
+        **sizes,
         cache=real_name is not None,
         cache_root=str(cache_root),
         input2_cache_name=real_name,
@@ -199,7 +197,27 @@ def compute_metrics(
             raise _fidelity_error(e, extractor) from None
     if progress is not None:
         progress(total, total)
+    return _summary(m, extractor, sizes, kid=kid, prc=prc, isc=isc, num_fake=n_fake, num_real=n_real, real_cached=real_cached)
 
+
+def _small_set_sizes(n_fake: int, n_real: int) -> dict[str, int]:
+    """torch-fidelity's KID subset size and subsets, PR neighbourhood and IS splits, lowered to fit small sets."""
+    n_min = min(n_fake, n_real)
+    kid_subset_size = min(KID_SUBSET_SIZE, n_min)
+    # subsets drawn without replacement from sets no larger than the subset are all the same set
+    kid_subsets = 1 if n_fake == n_real == kid_subset_size else KID_SUBSETS
+    return {
+        "kid_subset_size": kid_subset_size,
+        "kid_subsets": kid_subsets,
+        "prc_neighborhood": min(PRC_NEIGHBORHOOD, n_min - 1),
+        "isc_splits": max(1, min(ISC_SPLITS, n_fake // 100)),
+    }
+
+
+def _summary(
+    m: dict[str, Any], extractor: Extractor, sizes: dict[str, int], *, kid: bool, prc: bool, isc: bool, **counts: Any
+) -> dict[str, Any]:
+    """`compute_metrics`' answer from torch-fidelity's: the metrics asked for, then what they were computed with."""
     out: dict[str, Any] = {"fid": m[torch_fidelity.KEY_METRIC_FID]}
     if kid:
         out["kid"] = m[torch_fidelity.KEY_METRIC_KID_MEAN]
@@ -210,19 +228,13 @@ def compute_metrics(
     if isc:
         out["isc"] = m[torch_fidelity.KEY_METRIC_ISC_MEAN]
         out["isc_std"] = m[torch_fidelity.KEY_METRIC_ISC_STD]
-    out.update(
-        extractor=extractor.name,
-        extractor_hash=extractor.hash,
-        num_fake=n_fake,
-        num_real=n_real,
-        real_cached=real_cached,
-    )
+    out.update(extractor=extractor.name, extractor_hash=extractor.hash, **counts)  # num_fake, num_real, real_cached
     if kid:
-        out["kid_subset_size"] = kid_subset_size
+        out["kid_subset_size"] = sizes["kid_subset_size"]
     if prc:
-        out["prc_neighborhood"] = prc_neighborhood
+        out["prc_neighborhood"] = sizes["prc_neighborhood"]
     if isc:
-        out["isc_splits"] = isc_splits
+        out["isc_splits"] = sizes["isc_splits"]
     return out
 
 
@@ -267,9 +279,6 @@ def _metrics_from_features(
 ) -> dict[str, Any]:
     """torch-fidelity's metrics from gathered features: rank 0 writes them where torch-fidelity's
     cache looks (so it extracts nothing), computes, and sends the numbers to every rank."""
-    import os
-    import torch.distributed as dist
-
     result: list[Any] = [None]
     if distributed.is_main():
         cache_root.mkdir(parents=True, exist_ok=True)

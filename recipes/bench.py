@@ -16,8 +16,9 @@ from evaluation import Classifier, ClassifierConfig, extract_features, get_extra
 from recipes.recipe import Recipe
 from recipes.run import check_generator, software_versions, sync
 from recipes.stages import generator_config
+from vqdiff.precision import autocast_dtype
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import autocast_dtype, make_optimizer
+from vqdiff.train import make_optimizer
 
 
 def timeit(fn: Callable[[], Any], device: torch.device, min_seconds: float = 1.0, max_reps: int = 50) -> float:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vqdiff.checkpoint import ConfigError, config_class, config_defaults, config_from_dict
+from vqdiff.checkpoint import ConfigError, config_defaults, config_from_dict
 from vqdiff.data import DATASETS
 from vqdiff.options import DEFAULTS, OptionError, SampleOptions
+from vqdiff.registry import config_class
 from vqdiff.train import TrainConfig
 
 RECIPE_DIR = Path(__file__).parent

@@ -30,7 +30,6 @@ from vqdiff.checkpoint import (
     file_digest,
     load_model,
     load_tensors,
-    model_class,
     read_config,
     read_json,
     write_json,
@@ -38,6 +37,7 @@ from vqdiff.checkpoint import (
 from vqdiff.data import ImageSet, load_dataset, save_tokens
 from vqdiff.distributed import barrier, is_main, local_device
 from vqdiff.pipeline import encode
+from vqdiff.registry import model_class
 
 GENERATORS = ("ar", "diffusion")
 

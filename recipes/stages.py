@@ -11,12 +11,15 @@ import torch
 from recipes.images import save_grid
 from recipes.recipe import Recipe
 from recipes.run import Run, StageError, check_generator, ensure_tokens, software_versions
-from vqdiff.checkpoint import is_complete, model_class, read_config, read_json, save_model, write_json
+from vqdiff.checkpoint import is_complete, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.pipeline import decode, encode, measure_tokenizer
+from vqdiff.precision import autocast_dtype
 from vqdiff.pretrained import DiffusersTokenizer
-from vqdiff.train import TensorSource, autocast_dtype, is_trained, seeded, train
+from vqdiff.registry import model_class
+from vqdiff.steps import TensorSource
+from vqdiff.train import is_trained, seeded, train
 
 
 # ------------------------------------------------------------------ tokenizer

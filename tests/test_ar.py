@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.checkpoint import load_model, save_model
-from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
+from vqdiff.steps import TensorSource
+from vqdiff.train import TRAIN_KEYS, TrainConfig, train
 
 K, H, W = 16, 4, 4
 

@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 import vqdiff.samplers as samplers
 from vqdiff.checkpoint import load_model, save_model
-from vqdiff.diffusion import CORRUPTIONS, DiffusionConfig, DiffusionTransformer, halton_order
+from vqdiff.diffusion import CORRUPTIONS, DiffusionConfig, DiffusionTransformer
 from vqdiff.options import MASK_SAMPLERS
+from vqdiff.samplers import halton_order
 from vqdiff.schedules import get_schedule
-from vqdiff.train import TRAIN_KEYS, TensorSource, TrainConfig, train
+from vqdiff.steps import TensorSource
+from vqdiff.train import TRAIN_KEYS, TrainConfig, train
 
 K, H, W = 16, 4, 4
 N = H * W
@@ -389,7 +391,7 @@ def test_float64_gumbel_samples_rare_ids_at_their_rate():
     # float32 uniforms sit on a 2^-24 grid, which caps the Gumbel tail near 16.6 and never samples
     # an id that far below the best: too rare to count here, so check the noise itself (its
     # uniforms are off the float32 grid) and that a 1e-4 id is still drawn at its rate
-    from vqdiff.nn import gumbel, sample_logits
+    from vqdiff.sampling_ops import gumbel, sample_logits
 
     g = gumbel((100_000,), device="cpu", generator=gen(0))
     assert g.dtype == torch.float64

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from vqdiff.data import make_shapes
-from vqdiff.nn import rand, randint
+from vqdiff.precision import enable_tf32
+from vqdiff.sampling_ops import rand, randint
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import TrainConfig, enable_tf32, make_optimizer, seeded, train
+from vqdiff.train import TrainConfig, make_optimizer, seeded, train
 
 
 def test_tf32_is_switched_on_for_cuda_only():
@@ -53,24 +54,24 @@ def test_noise_follows_the_generator_not_the_model_device():
 def test_fast_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, tmp_path):
     import warnings
 
-    from vqdiff import train as train_mod
+    import vqdiff.precision as precision_mod
 
     cpu = torch.device("cpu")
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         # the probe against an independent reading: the kernel's CPU flags
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-        assert train_mod.native_bf16(cpu) == ("amx_bf16" in flags or "avx512_bf16" in flags)
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
-    assert train_mod.autocast_dtype("fast", cpu) is None
-    assert train_mod.autocast_dtype("bf16", cpu) is torch.bfloat16  # an explicit bf16 is honoured
-    assert train_mod.autocast_dtype("auto", cpu) is None
+        assert precision_mod.native_bf16(cpu) == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
+    assert precision_mod.autocast_dtype("fast", cpu) is None
+    assert precision_mod.autocast_dtype("bf16", cpu) is torch.bfloat16  # an explicit bf16 is honoured
+    assert precision_mod.autocast_dtype("auto", cpu) is None
     with seeded(0):
         tok = VQTokenizer(TokenizerConfig(channels=3, image_size=16, width=8, max_width=16, codebook_size=16, codebook_dim=4))
     with pytest.warns(UserWarning, match="precision = fast"):
         train(tok, make_shapes(16, 16), TrainConfig(steps=1, batch_size=8, warmup_steps=0, precision="bf16"), tmp_path, device="cpu")
-    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
-    assert train_mod.autocast_dtype("fast", cpu) is torch.bfloat16
-    assert train_mod.autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: True)
+    assert precision_mod.autocast_dtype("fast", cpu) is torch.bfloat16
+    assert precision_mod.autocast_dtype("auto", cpu) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(tok, make_shapes(16, 16), TrainConfig(steps=2, batch_size=8, warmup_steps=0, precision="bf16"), tmp_path / "b", device="cpu")

@@ -92,7 +92,7 @@ def test_encode_decode_and_partial_grids():
 
 
 def test_noise_comes_from_a_cpu_generator_whatever_the_model_device(monkeypatch):
-    """The CPU-generator design of vqdiff.nn: the same seed gives the same noise on any device."""
+    """The CPU-generator design of vqdiff.sampling_ops: the same seed gives the same noise on any device."""
     gen, seen = generator("diffusion"), []
 
     def spy(n, **kw):

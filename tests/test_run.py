@@ -7,7 +7,8 @@ import pytest
 from recipes.recipe import EvaluateSection, load_recipe
 from recipes.run import Run
 from vqdiff.ar import ARConfig, ARTransformer
-from vqdiff.checkpoint import ConfigError, CheckpointError, config_class, config_from_dict, model_class
+from vqdiff.checkpoint import ConfigError, CheckpointError, config_from_dict
+from vqdiff.registry import config_class, model_class
 
 
 def test_cached_computes_once_per_key(tmp_path):

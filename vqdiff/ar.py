@@ -22,27 +22,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqdiff.checkpoint import register_model
 from vqdiff.options import DEFAULTS, SampleOptions
-from vqdiff.nn import (
-    KVCache,
-    Transformer,
-    cfg_mix,
-    TrunkConfig,
-    guidance_labels,
-    sample_labels,
-    sample_logits,
-    train_labels,
-)
+from vqdiff.sampling_ops import cfg_mix, guidance_labels, sample_labels, sample_logits, train_labels
+from vqdiff.trunk import KVCache, Transformer, TrunkConfig
 
 
 @dataclass(frozen=True)
 class ARConfig(TrunkConfig):
-    """The next-token generator: the shared trunk fields (vqdiff.nn.TrunkConfig), nothing more."""
+    """The next-token generator: the shared trunk fields (vqdiff.trunk.TrunkConfig), nothing more."""
 
 
-@register_model("ar", ARConfig)
 class ARTransformer(nn.Module):
+    kind = "ar"  # its name in vqdiff.registry and in config.json
     takes_steps = False  # one forward pass per token: no step count to sweep
     sample_options = ("top_k", "top_p", "prefix", "use_cache")  # what `sample` takes besides the shared arguments
 

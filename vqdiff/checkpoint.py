@@ -1,10 +1,11 @@
 """Save and load models as a folder: `config.json` + `model.safetensors` (+ `train_state.pt`).
 
 `config.json` carries `kind`, `format_version` and the model's dataclass config, so a folder is
-enough to rebuild the model (nanoGPT's lesson). Weights come from the plain module (never a
-compiled or DDP-wrapped one: nanoGPT issue #325) and are loaded with `strict=True` (taming's
-`strict=False` silently dropped weights). Every write goes to a temp file and is `os.replace`d,
-so a kill never leaves half a checkpoint behind.
+enough to rebuild the model (nanoGPT's lesson): `load_model(folder)` looks the kind up in
+`vqdiff.registry`. Weights come from the plain module (never a compiled or DDP-wrapped one:
+nanoGPT issue #325) and are loaded with `strict=True` (taming's `strict=False` silently dropped
+weights). Every write goes to a temp file and is `os.replace`d, so a kill never leaves half a
+checkpoint behind.
 """
 
 from __future__ import annotations
@@ -25,59 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vqdiff.errors import CheckpointError
+from vqdiff.registry import MODELS, config_class, model_class
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder that is missing, corrupt or does not fit the model; the message is one line."""
-
-
-# kind -> (config dataclass, model class)
-_REGISTRY: dict[str, tuple[type, type]] = {}
-
-
-def register_model(kind: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator: `@register_model("ar", ARConfig)` makes `load_model` able to rebuild it."""
-
-    def wrap(model_cls: type) -> type:
-        _REGISTRY[kind] = (config_cls, model_cls)
-        model_cls.kind = kind
-        return model_cls
-
-    return wrap
-
-
-def _ensure_registry() -> None:
-    # the models register themselves on import; import them lazily to avoid cycles
-    import importlib
-
-    for mod in ("vqdiff.tokenizer", "vqdiff.ar", "vqdiff.diffusion", "vqdiff.pretrained"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a module not written yet is not an error here
-            if e.name != mod:
-                raise
-
-
-def model_class(kind: str) -> type:
-    """The model class registered as `kind` ("tokenizer", "ar", "diffusion", "diffusers"); a
-    CheckpointError names the choices."""
-    return _registered(kind)[1]
-
-
-def config_class(kind: str) -> type:
-    """The config dataclass of the model registered as `kind`."""
-    return _registered(kind)[0]
-
-
-def _registered(kind: str) -> tuple[type, type]:
-    _ensure_registry()
-    if kind not in _REGISTRY:
-        raise CheckpointError(f"unknown model kind {kind!r}; choose from {', '.join(_REGISTRY)}")
-    return _REGISTRY[kind]
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -229,7 +184,6 @@ def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | Non
 
 def read_config(folder: str | Path, kind: str | None = None) -> tuple[str, Any]:
     """(kind, config dataclass) from a checkpoint folder's `config.json`."""
-    _ensure_registry()
     folder = Path(folder)
     meta = read_json(folder / CONFIG_FILE)
     if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
@@ -241,7 +195,7 @@ def read_config(folder: str | Path, kind: str | None = None) -> tuple[str, Any]:
     found = meta["kind"]
     if kind is not None and found != kind:
         raise CheckpointError(f"{folder} holds a {found!r} checkpoint, not {kind!r}")
-    if found not in _REGISTRY:
+    if found not in MODELS:
         raise CheckpointError(f"{folder}: unknown model kind {found!r}")
     try:
         return found, config_from_dict(config_class(found), meta["config"])
@@ -304,5 +258,3 @@ def load_train_state(folder: str | Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is not a training state ({type(state).__name__}); delete it to restart")
     return state
 
-
-_atomic_write = atomic_write  # the name before it was public

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vqdiff.trunk import KVCache
+
 MAGIC = b"VQD"
 VERSION = 1
 FREQ_BITS = 20  # integer frequencies sum to 2^20; constriction's range coder works at 2^24
@@ -128,8 +130,6 @@ class _Prior:
     """The AR model's next-token frequencies for one grid, cell by cell, through the KV cache."""
 
     def __init__(self, ar: nn.Module, label: int | None) -> None:
-        from vqdiff.nn import KVCache
-
         self.ar = ar
         self.cache = KVCache(ar.trunk.seq_len)
         self.labels = None if label is None else torch.tensor([label])  # None: the null class

@@ -40,30 +40,19 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqdiff import samplers
-from vqdiff.checkpoint import register_model
+import vqdiff.samplers as samplers
 from vqdiff.distributed import batch_positions, batch_ratio
-from vqdiff.nn import (
-    Transformer,
-    cfg_mix,
-    TrunkConfig,
-    guidance_labels,
-    rand,
-    randint,
-    sample_labels,
-    sample_logits,
-    train_labels,
-)
-from vqdiff.samplers import halton_order  # noqa: F401  (its home before the samplers had a module)
 from vqdiff.options import DEFAULTS, OptionError, SampleOptions
+from vqdiff.sampling_ops import cfg_mix, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
 from vqdiff.schedules import Schedule, get_schedule
+from vqdiff.trunk import Transformer, TrunkConfig
 
 CORRUPTIONS = ("mask", "uniform", "mask-and-replace")
 
 
 @dataclass(frozen=True)
 class DiffusionConfig(TrunkConfig):
-    """The shared trunk fields (vqdiff.nn.TrunkConfig; mask_id = codebook_size) plus the corruption."""
+    """The shared trunk fields (vqdiff.trunk.TrunkConfig; mask_id = codebook_size) plus the corruption."""
 
     corruption: str = "mask"  # mask | uniform | mask-and-replace
     schedule: str = "cosine"  # a name in vqdiff.schedules.SCHEDULES
@@ -90,8 +79,8 @@ def _per_sample(x: Tensor) -> Tensor:
     return rearrange(x, "b -> b 1 1")
 
 
-@register_model("diffusion", DiffusionConfig)
 class DiffusionTransformer(nn.Module):
+    kind = "diffusion"  # its name in vqdiff.registry and in config.json
     takes_steps = True  # the number of forward passes is the caller's choice
     sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p", "sample_schedule")  # `sample`'s **options (see `_sampler`)
 

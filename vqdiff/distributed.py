@@ -6,7 +6,7 @@ The rules that make N ranks compute what 1 process computes:
   (a function of seed and s), and takes its contiguous slice `shard_range(b, rank, world)`.
 - Randomness inside a loss (diffusion times and masks, class dropout) is drawn for the whole
   global batch on every rank, from the same re-seeded global RNG, and sliced: `batch_shard()` tells
-  `vqdiff.nn.rand`/`randint` which rows are this rank's. Sample i then gets the same noise
+  `vqdiff.sampling_ops.rand`/`randint` which rows are this rank's. Sample i then gets the same noise
   whatever the number of ranks.
 - A loss is a mean over the rank's slice; the training loop weights it by slice / global batch,
   and a ratio over the whole batch (e.g. a mean over masked positions) takes its denominator from

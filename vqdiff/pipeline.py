@@ -13,7 +13,7 @@ the settings and returns tensors; writing PNGs is the caller's business (`recipe
 Determinism (the rule, so that a sharded run can reproduce it): the noise of batch j (samples
 [j * batch_size, (j + 1) * batch_size)) comes from a CPU `torch.Generator` seeded with
 `batch_seed(seed, j)` alone, and the labels of all n samples from `torch.Generator().manual_seed(seed)`.
-A CPU generator gives the same numbers whatever the model's device (the helpers in `vqdiff.nn`
+A CPU generator gives the same numbers whatever the model's device (the helpers in `vqdiff.sampling_ops`
 draw on the generator's device and move), so the same (seed, batch_size) gives the same ids on a
 CPU and a GPU up to kernel rounding, and a DDP rank that takes whole batches j gets the same
 images as one process. Changing `batch_size` changes the images.

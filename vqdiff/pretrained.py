@@ -19,7 +19,7 @@ Grey datasets go through an RGB VQModel by repeating the channel on the way in a
 three on the way out.
 
 Other diffusers utilities were weighed against the code they would replace, and left out:
-- `training_utils.EMAModel`: it averages parameters only; our weight EMA (`train._ema_update`)
+- `training_utils.EMAModel`: it averages parameters only; our weight EMA (`steps.ema_update`)
   also carries buffers (the quantizer's EMA codebook statistics), which a tokenizer needs.
 - `optimization.get_cosine_schedule_with_warmup`: a stateful LambdaLR that decays to zero; ours is
   a pure function of the step with a floor (`schedules.warmup_cosine`), which resume relies on.
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqdiff.checkpoint import register_model
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,9 @@ class DiffusersTokenizerConfig:
         return (side, side)
 
 
-@register_model("diffusers", DiffusersTokenizerConfig)
 class DiffusersTokenizer(nn.Module):
+    kind = "diffusers"  # its name in vqdiff.registry and in config.json
+
     def __init__(self, cfg: DiffusersTokenizerConfig) -> None:
         from diffusers import VQModel
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqdiff.nn import filter_logits, gumbel, rand, randint, sample_logits
 from vqdiff.options import SampleOptions
+from vqdiff.sampling_ops import filter_logits, gumbel, rand, randint, sample_logits
 from vqdiff.schedules import Schedule
 
 

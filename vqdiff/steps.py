@@ -1,15 +1,20 @@
 """The step-level pieces of the training loop: which examples make the batch of a step (a pure
-function of (seed, step)), and signals deferred to the end of a step. `vqdiff.train` uses them."""
+function of (seed, step)), signals deferred to the end of a step, the weight EMA, the loss as a
+module for DDP, and the log's bookkeeping. `vqdiff.train` uses them."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
+from torch import nn
+
+import vqdiff.distributed as dist_
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -86,3 +91,49 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
         take = min(batch_size - len(out), n - offset)
         out.extend(_epoch_perm(n, seed, epoch)[offset : offset + take].tolist())
     return torch.tensor(out, dtype=torch.long)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Move `ema` toward `model` by 1 - decay; buffers that are not floats (counters) are copied."""
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(p, 1 - decay)
+        else:
+            e.copy_(p)
+
+
+class LossModule(nn.Module):
+    """`model.loss` as a forward, for DistributedDataParallel: DDP prepares its gradient all-reduce
+    in forward, and a loop that called `model.loss` directly would skip it."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return self.loss_fn(batch)
+
+
+def global_logs(logs: dict[str, float], weight: float, device: torch.device) -> dict[str, float]:
+    """Every rank's logs, weighted by its share of the global batch: exact for means over the batch
+    (the losses), an average of the ranks' values for the rest (e.g. PSNR)."""
+    keys = sorted(logs)
+    values = torch.tensor([float(logs[k]) * weight for k in keys], dtype=torch.float64, device=device)
+    dist_.all_reduce_sum(values)
+    return dict(zip(keys, values.tolist()))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so a resumed log reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    path.write_text("".join(k + "\n" for k in keep))

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqdiff.checkpoint import register_model
 from vqdiff.quantize import VectorQuantizer
 
 # ---------------------------------------------------------------- building blocks
@@ -146,8 +145,9 @@ class TokenizerConfig:
         return (side, side)
 
 
-@register_model("tokenizer", TokenizerConfig)
 class VQTokenizer(nn.Module):
+    kind = "tokenizer"  # its name in vqdiff.registry and in config.json
+
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg

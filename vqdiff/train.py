@@ -1,6 +1,6 @@
 """One training loop for the tokenizer and both generators.
 
-A model plugs in by owning `cfg` (a frozen dataclass), `kind` (from `register_model`) and
+A model plugs in by owning `cfg` (a frozen dataclass), `kind` (its name in `vqdiff.registry`) and
 `loss(batch) -> (loss, logs)`. The loop owns the optimiser (AdamW), warmup + cosine LR,
 gradient clipping, autocast, an optional EMA of the weights, atomic checkpoints and resume.
 
@@ -14,6 +14,11 @@ contiguous slice of the same global batch, draws the loss's noise for the global
 the 1-process gradient. The losses, the learning-rate schedule and the checkpoints do not depend
 on the number of ranks, and a run can resume with another number. Rank 0 alone writes
 checkpoints and logs; every rank reads `train_state.pt` to resume.
+
+Reads top to bottom: `TrainConfig` and the small pure helpers, then `train` (setup, loop, save),
+then its phases in the order it calls them: `_start` (and `_resume`), `_loss_function`, `_loop`,
+and what one pass of the loop does (`_stop_if_signalled`, `_step`, `_log_entry`). The precision
+choice lives in `vqdiff.precision`, the step-level pieces (batches, signals, EMA) in `vqdiff.steps`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vqdiff import distributed as dist_
+import vqdiff.distributed as dist_
 from vqdiff.checkpoint import (
     CheckpointError,
     config_to_dict,
@@ -44,19 +49,21 @@ from vqdiff.checkpoint import (
     save_train_state,
     unwrap,
 )
+from vqdiff.precision import PRECISIONS, autocast_dtype, bf16_emulated, enable_tf32
 from vqdiff.schedules import warmup_cosine
-from vqdiff.steps import (  # re-exported: callers import them from here
+from vqdiff.steps import (
     BatchSource,
-    TensorSource,  # noqa: F401
+    LossModule,
     TrainingInterrupted,
     _DeferSignals,
     batch_indices,
+    ema_update,
+    global_logs,
+    truncate_log,
 )
 
 HISTORY_DIR = "history"  # OUT/history/step-NNNNNNN.safetensors, written every `keep_every` steps
 
-
-PRECISIONS = ("auto", "fast", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -130,58 +137,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, steps=cfg.steps, warmup=cfg.warmup_steps, peak=cfg.lr, floor_ratio=cfg.min_lr_ratio)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware. A CPU without AMX-BF16 or AVX512-BF16
-    (or Arm's BF16 extension) emulates them: bf16 autocast there trains 3-4x slower than fp32
-    (measured on a 2-core AVX-512 CPU without them, docs/benchmarks.md)."""
-    if device.type == "cuda":
-        try:  # newer torch counts emulated bf16 (pre-Ampere) unless told not to
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:
-            return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    caps = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.9
-    if caps is not None:
-        found = caps()
-        return any(found.get(k, False) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
-    return any(  # older torch: the private probes it has
-        getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    )
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
-    if (
-        precision == "bf16"
-        or (precision == "auto" and device.type == "cuda")
-        or (precision == "fast" and native_bf16(device))
-    ):
-        return torch.bfloat16
-    return None
-
-
-def enable_tf32(device: torch.device) -> None:
-    """TF32 matmuls and convolutions on CUDA: about 8x the fp32 matmul rate on Ampere and later, with
-    a 10-bit mantissa that training does not notice (bf16 autocast covers most matmuls anyway)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-class _LossModule(nn.Module):
-    """`model.loss` as a forward, for DistributedDataParallel: DDP prepares its gradient all-reduce
-    in forward, and a loop that called `model.loss` directly would skip it."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return self.loss_fn(batch)
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     # decay matrices and convolutions only; never norms, biases or embeddings' padding (nanoGPT)
     decay, no_decay = [], []
@@ -195,15 +150,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
     )
-
-
-@torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.lerp_(p, 1 - decay)
-        else:
-            e.copy_(p)
 
 
 @dataclass
@@ -234,7 +180,79 @@ def train(
     `stop_after` ends the call early after that many steps in total (used to test resume).
     Returns the trained model (the EMA copy when `cfg.ema > 0`) in eval mode.
     """
-    out_dir = Path(out_dir)
+    run = _start(model, cfg, Path(out_dir), device)  # setup: device, optimiser, EMA, resume
+    loss_fn = _loss_function(run)
+    last_end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    logs = _loop(run, data, loss_fn, last_end, on_log)
+    if run.step > run.saved:
+        run.checkpoint(run.step)  # stop_after: keep what was done
+    dist_.barrier()  # the other ranks go on to read what rank 0 wrote
+    return TrainResult(model=run.final.eval(), step=run.step, resumed_from=run.resumed_from, logs=logs)
+
+
+@dataclass
+class _Run:
+    """One call of `train`: the model, its optimiser and EMA, where it writes and how far it got."""
+
+    model: nn.Module  # the plain module, on `device`
+    cfg: TrainConfig
+    out_dir: Path
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None for fp32
+    opt: torch.optim.Optimizer
+    ema: nn.Module | None
+    distributed: bool
+    main: bool  # rank 0: the one writer of checkpoints and logs
+    world: int
+    step: int = 0  # steps finished
+    saved: int = 0  # the step of the last checkpoint
+    resumed_from: int = 0
+    seconds_before: float = 0.0  # training wall time of earlier calls (a resumed run adds to it)
+    call_start: float = 0.0
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.jsonl"
+
+    @property
+    def final(self) -> nn.Module:
+        """The weights to use: the EMA when enabled."""
+        return self.ema if self.ema is not None else self.model
+
+    def train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.call_start
+
+    def keep(self, at: int) -> None:
+        """A copy of the weights in use at step `at`, for learning curves (FID against training cost)."""
+        if not self.main:
+            return
+        meta = {"step": str(at), "train_seconds": f"{self.train_seconds():.3f}"}
+        save_tensors(self.out_dir / HISTORY_DIR / f"step-{at:07d}.safetensors", self.final.state_dict(), metadata=meta)
+
+    def checkpoint(self, at: int) -> None:
+        if not self.main:  # every rank holds the same weights: one writer
+            self.saved = at
+            return
+        # weights and config first, then the resumable state: a crash in between re-runs a few steps
+        extra = {"trained_steps": at, "train": config_to_dict(self.cfg), "train_seconds": round(self.train_seconds(), 3)}
+        save_model(self.final, self.out_dir, extra=extra)
+        save_train_state(
+            self.out_dir,
+            {
+                "step": at,
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "model_config": config_to_dict(self.model.cfg),
+                "train_config": config_to_dict(self.cfg),
+                "train_seconds": self.train_seconds(),
+            },
+        )
+        self.saved = at
+
+
+def _start(model: nn.Module, cfg: TrainConfig, out_dir: Path, device: str | torch.device | None) -> _Run:
+    """Place the model, build the optimiser and the EMA, and resume from `out_dir` when it holds a state."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = dist_.local_device(device)
     enable_tf32(device)
@@ -243,213 +261,178 @@ def train(
         raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must be >= the {world} ranks")
     model = unwrap(model).to(device)
     amp = autocast_dtype(cfg.precision, device)
-    if cfg.precision == "bf16" and device.type == "cpu" and not native_bf16(device) and main:
+    if bf16_emulated(cfg.precision, device) and main:
         warnings.warn(
             "precision = bf16 on a CPU without native bf16 matmuls trains 3-4x slower than fp32; "
             "precision = fast uses bf16 only where the hardware has it",
-            stacklevel=2,
+            stacklevel=3,  # the caller of `train`
         )
     opt = make_optimizer(model, cfg, device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
-    step = 0
-    seconds_before = 0.0  # training wall time of earlier calls (a resumed run adds to it)
-    log_path = out_dir / "log.jsonl"
-
-    state = load_train_state(out_dir)
-    if state is not None:
-        if state.get("model_config") != config_to_dict(model.cfg):
-            raise CheckpointError(
-                f"{out_dir / 'train_state.pt'} was saved for another {model.kind} config; "
-                "use another run dir or delete it"
-            )
-        try:
-            model.load_state_dict(state["model"], strict=True)
-            opt.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"], strict=True)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{out_dir / 'train_state.pt'} does not fit the model ({str(e)[:200]})") from None
-        step = int(state["step"])
-        seconds_before = float(state.get("train_seconds", 0.0))
-    resumed_from = step
+    run = _Run(model, cfg, out_dir, device, amp, opt, ema, distributed, main, world)
+    _resume(run)
     if main:
-        _truncate_log(log_path, step)
+        truncate_log(run.log_path, run.step)
+    run.saved = run.resumed_from = run.step
+    run.call_start = time.perf_counter()
+    return run
 
-    saved = step
-    call_start = time.perf_counter()
 
-    def train_seconds() -> float:
-        return seconds_before + time.perf_counter() - call_start
+def _resume(run: _Run) -> None:
+    """Load `train_state.pt` into the model, optimiser and EMA, if there is one; it must fit."""
+    path = run.out_dir / "train_state.pt"
+    state = load_train_state(run.out_dir)
+    if state is None:
+        return
+    if state.get("model_config") != config_to_dict(run.model.cfg):
+        raise CheckpointError(f"{path} was saved for another {run.model.kind} config; use another run dir or delete it")
+    try:
+        run.model.load_state_dict(state["model"], strict=True)
+        run.opt.load_state_dict(state["optimizer"])
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"], strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit the model ({str(e)[:200]})") from None
+    run.step = int(state["step"])
+    run.seconds_before = float(state.get("train_seconds", 0.0))
 
-    def keep(at: int) -> None:
-        """A copy of the weights in use at step `at`, for learning curves (FID against training cost)."""
-        if not main:
-            return
-        final = ema if ema is not None else model
-        meta = {"step": str(at), "train_seconds": f"{train_seconds():.3f}"}
-        save_tensors(out_dir / HISTORY_DIR / f"step-{at:07d}.safetensors", final.state_dict(), metadata=meta)
 
-    def checkpoint(at: int) -> None:
-        nonlocal saved
-        if not main:  # every rank holds the same weights: one writer
-            saved = at
-            return
-        final = ema if ema is not None else model
-        # weights and config first, then the resumable state: a crash in between re-runs a few steps
-        extra = {"trained_steps": at, "train": config_to_dict(cfg), "train_seconds": round(train_seconds(), 3)}
-        save_model(final, out_dir, extra=extra)
-        save_train_state(
-            out_dir,
-            {
-                "step": at,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "model_config": config_to_dict(model.cfg),
-                "train_config": config_to_dict(cfg),
-                "train_seconds": train_seconds(),
-            },
-        )
-        saved = at
-
+def _loss_function(run: _Run) -> Callable:
+    """`model.loss`, compiled when asked, and wrapped in DDP under torchrun."""
     # compile the loss (a bound method of the plain module): checkpoints keep plain keys
-    loss_fn = torch.compile(model.loss) if cfg.compile else model.loss
-    if distributed:
-        # buffers (codebook statistics) are kept equal by the quantizer's own all-reduces, so DDP
-        # need not broadcast them; a discriminator waits for disc_start, unused until then
-        ddp = nn.parallel.DistributedDataParallel
-        # (torch 2.14 renames broadcast_buffers to forward_sync_buffers)
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-        wrapped = ddp(
-            _LossModule(model, loss_fn),
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=getattr(model, "discriminator", None) is not None,
-            **{no_sync: False},
-        )
-        loss_fn = wrapped
+    model = run.model
+    loss_fn = torch.compile(model.loss) if run.cfg.compile else model.loss
+    if not run.distributed:
+        return loss_fn
+    # buffers (codebook statistics) are kept equal by the quantizer's own all-reduces, so DDP
+    # need not broadcast them; a discriminator waits for disc_start, unused until then
+    ddp = nn.parallel.DistributedDataParallel
+    # (torch 2.14 renames broadcast_buffers to forward_sync_buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(
+        LossModule(model, loss_fn),
+        device_ids=[run.device.index] if run.device.type == "cuda" else None,
+        find_unused_parameters=getattr(model, "discriminator", None) is not None,
+        **{no_sync: False},
+    )
 
-    def stop_signal(signals: _DeferSignals) -> int | None:
-        """The signal that stops training, agreed by every rank (one may get it a step before another)."""
-        if not distributed:
-            return signals.signum
-        flag = torch.tensor([signals.signum or 0], dtype=torch.long, device=device)
-        dist_.all_reduce_sum(flag)  # signal numbers from several ranks: any non-zero means stop
-        return (signals.signum or signal.SIGTERM) if int(flag) else None
+
+def _loop(run: _Run, data: BatchSource, loss_fn: Callable, last_end: int, on_log: LogFn | None) -> list[dict[str, Any]]:
+    """Steps until `last_end`, logging and checkpointing; signals stop it between two steps."""
+    cfg = run.cfg
     logs: list[dict[str, Any]] = []
-    last_end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
     window_t, window_items = time.perf_counter(), 0
-    model.train()
+    run.model.train()
     # a step changes the weights, the optimiser and buffers (codebook statistics) in turn: only a
     # state between two steps is consistent, so SIGINT and SIGTERM are acted on between steps, and a
     # crash (or a second signal) inside a step keeps the last checkpoint
     between_steps = True
     try:
-        log_cm = open(log_path, "a") if main else contextlib.nullcontext()
+        log_cm = open(run.log_path, "a") if run.main else contextlib.nullcontext()
         with log_cm as log_file, _DeferSignals() as signals:
-            while step < last_end:
-                if (signum := stop_signal(signals)) is not None:
-                    if saved < step:
-                        checkpoint(step)
-                    raise TrainingInterrupted(signum, step, out_dir)
+            while run.step < last_end:
+                _stop_if_signalled(run, signals)
                 between_steps = False
-                torch.manual_seed(step_seed(cfg.seed, step))
-                indices = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-                lo, hi = dist_.shard_range(len(indices))  # this rank's slice of the global batch
-                batch = data.batch(indices[lo:hi])
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                lr = lr_at(step, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                with dist_.batch_shard(lo, hi, len(indices)), torch.autocast(
-                    device.type, dtype=amp or torch.float32, enabled=amp is not None
-                ):
-                    loss, step_logs = loss_fn(batch)
-                if distributed:
-                    # a mean over the slice, weighted by its share of the global batch: summed over
-                    # ranks it is the 1-process loss, and DDP's average of the gradients of
-                    # loss * weight * world is the 1-process gradient
-                    weight = (hi - lo) / len(indices)
-                    local = loss
-                    loss = dist_.all_reduce_sum(loss.detach().float() * weight)
-                if not torch.isfinite(loss):
-                    # the forward may have moved codebook buffers already: keep the last checkpoint, and say which
-                    kept = f"step {saved} is kept in {out_dir}" if saved > 0 else f"no step was kept in {out_dir}"
-                    raise TrainingDiverged(
-                        f"training stopped: the loss is {loss.item()} at step {step + 1}; {kept}; "
-                        "lower lr or raise warmup_steps"
-                    )
-                opt.zero_grad(set_to_none=True)
-                (local * (weight * world) if distributed else loss).backward()
-                grad_norm = (
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
-                )
-                opt.step()
-                if ema is not None:
-                    _ema_update(ema, model, cfg.ema)
-                step += 1
+                out = _step(run, data, loss_fn)
+                run.step += 1
                 between_steps = True
-                window_items += len(indices)
-                if step % cfg.log_every == 0 or step == last_end:
-                    if distributed:
-                        step_logs = _global_logs(step_logs, weight, device)
-                    dt = time.perf_counter() - window_t
-                    entry = {
-                        "step": step,
-                        "loss": float(loss.item()),
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "items_per_s": window_items / max(dt, 1e-9),
-                        **{k: float(v) for k, v in step_logs.items()},
-                    }
+                window_items += out.items
+                if run.step % cfg.log_every == 0 or run.step == last_end:
+                    entry = _log_entry(run, out, window_t, window_items)
                     logs.append(entry)
-                    if main:
+                    if run.main:
                         log_file.write(json.dumps(entry) + "\n")
                         log_file.flush()
                         if on_log is not None:
-                            on_log(step, entry)
+                            on_log(run.step, entry)
                     window_t, window_items = time.perf_counter(), 0
-                if cfg.keep_every and step % cfg.keep_every == 0:
-                    keep(step)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    checkpoint(step)
-            if (signum := stop_signal(signals)) is not None:  # a signal during the last step: the caller must still stop
-                if saved < step:
-                    checkpoint(step)
-                raise TrainingInterrupted(signum, step, out_dir)
+                if cfg.keep_every and run.step % cfg.keep_every == 0:
+                    run.keep(run.step)
+                if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                    run.checkpoint(run.step)
+            _stop_if_signalled(run, signals)  # a signal during the last step: the caller must still stop
     except TrainingDiverged:
         raise  # inside a step: the last checkpoint is what is kept, as its message says
     except BaseException:  # a second Ctrl-C, a crash: keep the last finished step
-        if between_steps and saved < step:
-            checkpoint(step)
+        if between_steps and run.saved < run.step:
+            run.checkpoint(run.step)
         raise
-    if step > saved:
-        checkpoint(step)  # stop_after: keep what was done
-    dist_.barrier()  # the other ranks go on to read what rank 0 wrote
-    final = ema if ema is not None else model
-    return TrainResult(model=final.eval(), step=step, resumed_from=resumed_from, logs=logs)
+    return logs
 
 
-def _global_logs(logs: dict[str, float], weight: float, device: torch.device) -> dict[str, float]:
-    """Every rank's logs, weighted by its share of the global batch: exact for means over the batch
-    (the losses), an average of the ranks' values for the rest (e.g. PSNR)."""
-    keys = sorted(logs)
-    values = torch.tensor([float(logs[k]) * weight for k in keys], dtype=torch.float64, device=device)
-    dist_.all_reduce_sum(values)
-    return dict(zip(keys, values.tolist()))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step, so a resumed log reads like an uninterrupted one."""
-    if not path.exists():
+def _stop_if_signalled(run: _Run, signals: _DeferSignals) -> None:
+    """After SIGINT or SIGTERM (on any rank: they agree), checkpoint the last step and raise TrainingInterrupted."""
+    if not run.distributed:
+        signum = signals.signum
+    else:  # one rank may get the signal a step before another
+        flag = torch.tensor([signals.signum or 0], dtype=torch.long, device=run.device)
+        dist_.all_reduce_sum(flag)  # signal numbers from several ranks: any non-zero means stop
+        signum = (signals.signum or signal.SIGTERM) if int(flag) else None
+    if signum is None:
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            pass  # a line cut by a kill
-    path.write_text("".join(k + "\n" for k in keep))
+    if run.saved < run.step:
+        run.checkpoint(run.step)
+    raise TrainingInterrupted(signum, run.step, run.out_dir)
+
+
+@dataclass
+class _StepOut:
+    loss: torch.Tensor  # the global batch's loss
+    logs: dict[str, float]  # the model's own logs, this rank's slice
+    lr: float
+    grad_norm: float
+    weight: float  # this rank's share of the global batch
+    items: int  # examples in the global batch
+
+
+def _step(run: _Run, data: BatchSource, loss_fn: Callable) -> _StepOut:
+    """One optimiser step on the batch of step `run.step`, under the global RNG seeded from (seed, step)."""
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(step_seed(cfg.seed, run.step))
+    indices = batch_indices(len(data), cfg.batch_size, run.step, cfg.seed)
+    lo, hi = dist_.shard_range(len(indices))  # this rank's slice of the global batch
+    batch = data.batch(indices[lo:hi])
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    lr = lr_at(run.step, cfg)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    with dist_.batch_shard(lo, hi, len(indices)), torch.autocast(
+        device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None
+    ):
+        loss, step_logs = loss_fn(batch)
+    weight, local = (hi - lo) / len(indices), loss
+    if run.distributed:
+        # a mean over the slice, weighted by its share of the global batch: summed over ranks it
+        # is the 1-process loss, and DDP's average of the gradients of loss * weight * world is
+        # the 1-process gradient
+        loss = dist_.all_reduce_sum(loss.detach().float() * weight)
+    if not torch.isfinite(loss):
+        # the forward may have moved codebook buffers already: keep the last checkpoint, and say which
+        kept = f"step {run.saved} is kept in {run.out_dir}" if run.saved > 0 else f"no step was kept in {run.out_dir}"
+        raise TrainingDiverged(
+            f"training stopped: the loss is {loss.item()} at step {run.step + 1}; {kept}; lower lr or raise warmup_steps"
+        )
+    run.opt.zero_grad(set_to_none=True)
+    (local * (weight * run.world) if run.distributed else loss).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
+    run.opt.step()
+    if run.ema is not None:
+        ema_update(run.ema, run.model, cfg.ema)
+    return _StepOut(loss, step_logs, lr, grad_norm, weight, len(indices))
+
+
+def _log_entry(run: _Run, out: _StepOut, window_t: float, window_items: int) -> dict[str, Any]:
+    """The log line of the step just done; `items_per_s` over the steps since the last line."""
+    step_logs = global_logs(out.logs, out.weight, run.device) if run.distributed else out.logs
+    dt = time.perf_counter() - window_t
+    return {
+        "step": run.step,
+        "loss": float(out.loss.item()),
+        "lr": out.lr,
+        "grad_norm": out.grad_norm,
+        "items_per_s": window_items / max(dt, 1e-9),
+        **{k: float(v) for k, v in step_logs.items()},
+    }
 
 
 def is_trained(out_dir: str | Path, steps: int) -> bool:
