@@ -66,15 +66,12 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
     logits: float [... k]. top_k >= 1 keeps the k largest; top_p in (0, 1] keeps the smallest set
     whose probability reaches top_p (Holtzman et al. 2020). The most likely id always survives.
+    The values are checked once, where they enter (vqdiff.options.SampleOptions), not per step here.
     """
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop an id when the ids strictly more likely than it already reach top_p
@@ -95,9 +92,8 @@ def sample_logits(
     """One id per row of `logits: float [... k]` -> `long [...]` in [0, k).
 
     Gumbel-max on `logits / temperature` after top-k / top-p filtering; temperature 0 is argmax.
+    The values are checked once, where they enter (vqdiff.options.SampleOptions).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)

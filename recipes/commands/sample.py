@@ -38,7 +38,7 @@ def sample(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per sampling batch.")] = 64,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="AR: recompute every step without the KV cache.")] = False,
     choice_temperature: Annotated[
-        Optional[float], typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences. [default: MaskGIT's 4.5]")
+        Optional[float], typer.Option("--choice-temperature", help="Diffusion (mask): Gumbel noise on the confidences. [default: MaskGIT's scale, vqdiff.options]")
     ] = None,
     sampler: SamplerOpt = None,
     eta: Annotated[

@@ -1,0 +1,44 @@
+"""SampleOptions: the one home of every sampling default and check (vqdiff/options.py)."""
+
+import pytest
+
+from vqdiff.options import DEFAULTS, MAX_STEPS, MASK_SAMPLERS, OptionError, SampleOptions
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"temperature": -0.5}, "temperature must be finite and >= 0 (0 = argmax)"),
+        ({"temperature": float("nan")}, "temperature must be finite"),
+        ({"steps": 0}, f"steps must be in [1, {MAX_STEPS}]"),
+        ({"steps": MAX_STEPS + 1}, f"steps must be in [1, {MAX_STEPS}]"),
+        ({"top_k": 0}, "top-k must be >= 1"),
+        ({"top_p": 0.0}, "top-p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top-p must be in (0, 1]"),
+        ({"cfg": -1.0}, "cfg must be finite and >= 0"),
+        ({"sampler": "greedy"}, "unknown sampler 'greedy'"),
+        ({"sampler": "ancestral", "eta": 1.5}, "eta must be in [0, 1]"),
+        ({"eta": 0.5}, "eta (remasking) is for the ancestral sampler"),
+        ({"choice_temperature": float("inf")}, "choice temperature must be finite"),
+        ({"sample_schedule": "exp"}, "unknown sample schedule 'exp'"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line(changes, needle):
+    with pytest.raises(OptionError) as e:
+        SampleOptions(**changes)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)  # library callers may catch ValueError
+
+
+def test_defaults_and_off():
+    assert DEFAULTS.sampler == MASK_SAMPLERS[0] and DEFAULTS.temperature == 1.0 and DEFAULTS.steps == 8
+    assert (DEFAULTS.top_k, DEFAULTS.top_p, DEFAULTS.sample_schedule) == (None, None, None)  # off is None
+    assert SampleOptions(temperature=0).temperature == 0  # argmax, not an error
+    assert SampleOptions(cfg=0).cfg == 0  # the unconditional model
+
+
+def test_changed_names_only_what_differs_and_what_the_generator_takes():
+    o = SampleOptions(top_k=5, sampler="halton", temperature=0.5)
+    assert o.changed(("top_k", "top_p", "prefix", "use_cache")) == {"top_k": 5}  # AR's options; prefix is no option
+    assert o.changed(("sampler", "eta", "top_k")) == {"sampler": "halton", "top_k": 5}
+    assert o.replace(top_k=None).changed(("top_k",)) == {}
