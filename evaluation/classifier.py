@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.common import EvaluationError, Progress, sha256_file, sha256_json
-from vqdiff.checkpoint import CheckpointError, load_tensors, read_json, save_tensors, write_json
+from evaluation.common import EvaluationError, Progress, sha256_json
+from vqdiff.checkpoint import CheckpointError, file_digest, load_tensors, read_json, save_tensors, write_json
 from vqdiff.data import ImageSet, from_uint8
 from vqdiff.schedules import warmup_cosine
 from vqdiff.train import seeded
@@ -222,7 +222,7 @@ def _load_cached(folder: Path, cfg: ClassifierConfig) -> TrainedClassifier | Non
         state = load_tensors(weights)
     except CheckpointError:
         return None
-    digest = sha256_file(weights)
+    digest = file_digest(weights)
     if not isinstance(info, dict) or info.get("hash") != digest or info.get("config") != cfg.to_dict():
         return None  # the weights are not the ones this recipe trained: retrain
     return TrainedClassifier(folder, cfg, state, digest, info, trained=False)
@@ -261,7 +261,7 @@ def load_or_train(
     meta = {"config": json.dumps(cfg.to_dict(), sort_keys=True)}
     # weights first, info last: an info.json always has its weights next to it
     save_tensors(folder / WEIGHTS_FILE, state, metadata=meta)
-    digest = sha256_file(folder / WEIGHTS_FILE)
+    digest = file_digest(folder / WEIGHTS_FILE)
     info = {
         "hash": digest,
         "config": cfg.to_dict(),

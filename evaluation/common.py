@@ -11,7 +11,6 @@ from typing import Any, Callable
 import torch
 
 # one hash of a file and one default device for the whole project (the library's)
-from vqdiff.checkpoint import default_device, file_digest as sha256_file  # noqa: F401  (re-exported)
 
 CACHE_ENV = "VQDIFF_CACHE"
 HASH_CHARS = 12  # short hex: 48 bits, plenty to tell weights apart

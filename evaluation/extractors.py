@@ -26,7 +26,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe, load_or_train
-from evaluation.common import EvaluationError, Progress, default_device, resolve_cache_dir, sha256_file
+from evaluation.common import EvaluationError, Progress, resolve_cache_dir
+from vqdiff.checkpoint import default_device, file_digest
 from vqdiff.data import DataError, ImageSet, load_dataset
 
 INCEPTION_ENV = "VQDIFF_INCEPTION_WEIGHTS"
@@ -219,7 +220,7 @@ def resolve_inception_weights(inception_weights: str | Path | None = None) -> tu
         if not p.is_file():
             raise EvaluationError(f"Inception weights file {p} (from {source}) does not exist")
         _check_inception_file(p, source)
-        return str(p), sha256_file(p)
+        return str(p), file_digest(p)
     if inception_hub_file().is_file() or _reachable(URL_INCEPTION_V3):
         return None, INCEPTION_DEFAULT_HASH
     raise EvaluationError(inception_offline_message())
