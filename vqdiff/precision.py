@@ -14,7 +14,7 @@ PRECISIONS = ("auto", "fast", "fp32", "bf16")
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware. A CPU without AMX-BF16 or AVX512-BF16
     (or Arm's BF16 extension) emulates them: bf16 autocast there trains 3-4x slower than fp32
-    (measured on a 2-core AVX-512 CPU without them, docs/benchmarks.md)."""
+    (measured on a 2-core AVX-512 CPU without them, docs/experiments.md)."""
     if device.type == "cuda":
         try:  # newer torch counts emulated bf16 (pre-Ampere) unless told not to
             return torch.cuda.is_bf16_supported(including_emulation=False)
