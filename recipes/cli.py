@@ -415,6 +415,9 @@ def bench(
 from recipes import codec  # noqa: E402  (compress, decompress: registered here, defined there)
 
 codec.register(app)
+from recipes.commands import demo as demo_cmd  # noqa: E402
+
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:
