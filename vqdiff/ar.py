@@ -94,6 +94,8 @@ class ARTransformer(nn.Module):
         top_p: float | None = None,
         prefix: Tensor | None = None,
         use_cache: bool = True,
+        known: Tensor | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Sample n grids: long [n h w] in [0, k). The signature is the diffusion generator's, plus
         the options of next-token sampling (top_k, top_p, prefix, use_cache).
@@ -105,6 +107,9 @@ class ARTransformer(nn.Module):
         generated yet holding k (as a diffusion trajectory holds mask_id = k). prefix: long [n r w],
         its r rows are kept exactly and the rest is generated. use_cache=False recomputes the whole
         sequence at every step (slow; gives the same ids as the cached path for the same generator).
+        known: long [n h w] and keep: bool [n h w], a partial grid as the diffusion generator takes
+        it, limited to what a next-token model can do: the kept positions of each sample must be a
+        prefix in raster order, of any length (`suffix_start`); a ValueError says so otherwise.
         """
         self.forward_passes(steps)
         cfg = self.cfg
@@ -119,6 +124,15 @@ class ARTransformer(nn.Module):
             if prefix.numel() and (prefix.min() < 0 or prefix.max() >= cfg.codebook_size):
                 raise ValueError(f"prefix ids must be in [0, {cfg.codebook_size})")
             ids = rearrange(prefix.to(device).long(), "n r w -> n (r w)")
+        forced = None  # [n N] bool, with `known`: cells past the shortest prefix that a longer one keeps
+        if keep is not None or known is not None:
+            if prefix is not None:
+                raise ValueError("give either prefix or known and keep, not both")
+            starts = self.suffix_start(known, keep, n)  # [n]
+            known = rearrange(known.to(device).long(), "n h w -> n (h w)")
+            first = int(starts.min())
+            ids = known[:, :first]
+            forced = torch.arange(num, device=device)[None] < starts.to(device)[:, None]
 
         def double(x: Tensor) -> Tensor:  # the same tokens for the cond and uncond halves
             return torch.cat([x, x]) if guided else x
@@ -133,12 +147,38 @@ class ARTransformer(nn.Module):
             if guided:
                 logits = cfg_mix(logits, cfg_scale)
             nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if forced is not None:
+                nxt = torch.where(forced[:, i], known[:, i], nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             pending = nxt[:, None]
             if callback is not None:
                 rest = torch.full((n, num - ids.shape[1]), cfg.codebook_size, dtype=torch.long, device=device)
                 callback(i, rearrange(torch.cat([ids, rest], 1), "n (h w) -> n h w", h=h))
         return rearrange(ids, "n (h w) -> n h w", h=h, w=w)
+
+    def suffix_start(self, known: Tensor | None, keep: Tensor | None, n: int) -> Tensor:
+        """Where each sample's regenerated suffix starts in raster order: long [n] in [0, h*w],
+        the number of kept cells. keep bool [n h w] must keep a raster-order prefix (the free
+        cells form a suffix: the bottom rows, or the end of a row and all rows below); known long
+        [n h w] holds the ids there. ValueError, one line, for any other region."""
+        cfg = self.cfg
+        shape = (n, cfg.grid_h, cfg.grid_w)
+        if known is None or keep is None:
+            raise ValueError("a partial grid needs both known (ids) and keep (where they are kept)")
+        if tuple(known.shape) != shape or tuple(keep.shape) != shape or keep.dtype != torch.bool:
+            raise ValueError(f"known and keep must be [{n} {cfg.grid_h} {cfg.grid_w}] (long, bool), got {list(known.shape)} and {list(keep.shape)}")
+        flat = rearrange(keep.cpu(), "n h w -> n (h w)")
+        starts = flat.sum(1)
+        prefix = torch.arange(flat.shape[1])[None] < starts[:, None]
+        if not torch.equal(flat, prefix):
+            raise ValueError(
+                "the ar generator can only regenerate a suffix in raster order (the bottom rows, or the end of a "
+                "row and all rows below); use the diffusion generator (--generator diffusion) for this region"
+            )
+        kept = rearrange(known.cpu(), "n h w -> n (h w)")[flat]
+        if kept.numel() and (kept.min() < 0 or kept.max() >= cfg.codebook_size):
+            raise ValueError(f"known ids must be in [0, {cfg.codebook_size}) where kept")
+        return starts
 
     def next_logits(self, new: Tensor, labels: Tensor | None, cache: KVCache) -> Tensor:
         """Logits float [b k] of the next grid cell, after feeding `new` through the KV cache.

@@ -309,6 +309,8 @@ class DiffusionTransformer(nn.Module):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
+        known: Tensor | None = None,
+        keep: Tensor | None = None,
         **options: Any,
     ) -> Tensor:
         """Sample n grids in exactly `steps` forward passes: long [n h w] in [0, k).
@@ -319,6 +321,11 @@ class DiffusionTransformer(nn.Module):
         hold mask_id = k), e.g. to record the trajectory. `options` choose and tune the sampler
         (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`, `sample_schedule`: see `_sampler`); one
         it does not know is a TypeError.
+
+        known: long [n h w] in [0, k) and keep: bool [n h w], a partial grid (inpainting,
+        outpainting, class edits): the kept positions keep their known ids, exactly, for every
+        sampler and corruption, and only the others are sampled (see `vqdiff.samplers`). Without
+        them (or with an all-False keep) the same generator gives the same ids as before.
         """
         if steps is None or steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -340,8 +347,27 @@ class DiffusionTransformer(nn.Module):
             if callback is not None:
                 callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
 
-        x = run(n, grid, denoise, draw, generator, report)
+        x = run(n, grid, denoise, draw, generator, report, **self._partial(n, known, keep))
         return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
+
+    def _partial(self, n: int, known: Tensor | None, keep: Tensor | None) -> dict[str, Tensor]:
+        """known and keep checked and flattened for a sampler ({} without a partial grid)."""
+        if known is None and keep is None:
+            return {}
+        cfg = self.cfg
+        shape = (n, cfg.grid_h, cfg.grid_w)
+        if known is None or keep is None:
+            raise ValueError("a partial grid needs both known (ids) and keep (where they are kept)")
+        if tuple(known.shape) != shape or tuple(keep.shape) != shape:
+            raise ValueError(f"known and keep must be [{n} {cfg.grid_h} {cfg.grid_w}], got {list(known.shape)} and {list(keep.shape)}")
+        if keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool mask, got {keep.dtype}")
+        known, keep = known.to(self.device).long(), keep.to(self.device)
+        if keep.any() and (known[keep].min() < 0 or known[keep].max() >= cfg.codebook_size):
+            raise ValueError(f"known ids must be in [0, {cfg.codebook_size}) where kept")
+        flat = lambda x: rearrange(x, "n h w -> n (h w)")  # noqa: E731
+        # the free positions' known ids are never read; 0 there keeps them in range
+        return {"known": flat(known.masked_fill(~keep, 0)), "keep": flat(keep)}
 
     def _sampler(
         self,

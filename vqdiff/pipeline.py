@@ -201,3 +201,79 @@ def sample_images(
     # decoded in decode's own batches, not the sampling ones: the same ids give the same pixels to the
     # last bit whoever decodes them (batched convolutions round differently for other batch sizes)
     return ids, decode(tokenizer, ids)
+
+
+# ---------------------------------------------------------------- editing: inpainting, outpainting, class edits
+
+
+def token_keep(keep_pixels: Tensor, grid_hw: tuple[int, int]) -> Tensor:
+    """The token positions to keep for a pixel mask: keep_pixels bool [n H W] (True = keep) ->
+    bool [n h w]. A token is kept iff every pixel of its patch is kept, i.e. regenerated iff its
+    patch holds any edited pixel, so the regenerated tokens always cover the edited region.
+    H and W must be multiples of h and w."""
+    h, w = grid_hw
+    if keep_pixels.dim() != 3 or keep_pixels.dtype != torch.bool:
+        raise ValueError(f"keep must be bool [n H W], got {keep_pixels.dtype} {list(keep_pixels.shape)}")
+    n, height, width = keep_pixels.shape
+    if height % h or width % w:
+        raise ValueError(f"an image of {height}x{width} pixels does not split into a {h}x{w} token grid")
+    return keep_pixels.reshape(n, h, height // h, w, width // w).all(dim=4).all(dim=2)
+
+
+@torch.no_grad()
+def edit_images(
+    generator: nn.Module,
+    tokenizer: nn.Module,
+    images: Tensor,
+    keep: Tensor,
+    *,
+    steps: int | None = None,
+    temperature: float = 1.0,
+    labels: Tensor | int | None = None,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    paste_back: bool = False,
+    callback: Callback | None = None,
+    batch_size: int = 64,
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """Regenerate part of each image and keep the rest: inpainting, outpainting, class edits.
+
+    - images float [n c H W] in [-1, 1]; keep bool [n H W], the pixels to keep (True).
+    - The images are encoded; the tokens whose patch holds any edited pixel (`token_keep`) are
+      sampled again by the generator, the others keep the encoded ids exactly; then all are decoded.
+      The decoder sees every token (the kept pixels come out as the tokenizer reconstructs them,
+      nudged by the new tokens near them); paste_back=True copies the kept pixels of `images` over
+      the output.
+    - labels: long [n] or one int, the class to generate under (a class edit with another one);
+      None samples with the null class (no class), unlike `sample_images`, which draws random ones.
+    - steps, temperature, cfg_scale, options (sampler, eta, top_k, ...) as in `sample_images`. The
+      ar generator can only regenerate a raster-order suffix of the token grid; any other region is
+      a ValueError.
+    - The noise of batch j comes from `batch_seed(seed, j)`, as in `sample_ids`: the same seed gives
+      the same images. callback(start, step, ids) after every step, as in `sample_images`.
+
+    Returns (ids long [n h w], images float [n c H W] in [-1, 1]), both on the CPU.
+    """
+    if images.dim() != 4 or keep.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"keep must be bool [n H W] for images [n c H W], got {list(keep.shape)} for {list(images.shape)}")
+    n = len(images)
+    if isinstance(labels, int):
+        labels = torch.full((n,), labels, dtype=torch.long)
+    known = encode(tokenizer, images, batch_size)  # [n h w]
+    kept = token_keep(keep.cpu(), tuple(known.shape[1:]))
+    out = []
+    for j, start in enumerate(range(0, n, batch_size)):
+        stop = min(start + batch_size, n)
+        report = (lambda i, x, start=start: callback(start, i, x)) if callback is not None else None
+        ids = generator.sample(
+            stop - start, steps=steps, temperature=temperature, labels=labels[start:stop] if labels is not None else None,
+            cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(batch_seed(seed, j)), callback=report,
+            known=known[start:stop], keep=kept[start:stop], **options,
+        )  # fmt: skip
+        out.append(ids.cpu())
+    ids = torch.cat(out)
+    edited = decode(tokenizer, ids)
+    if paste_back:
+        edited = torch.where(keep.cpu()[:, None], images.cpu().float(), edited)
+    return ids, edited

@@ -7,6 +7,15 @@ with `grid` the `Grid` of `time_grid`, `denoise(x long [n N], t) -> logits float
 forward pass at the model's time t, guidance included), `draw(logits) -> ids` (temperature, top-k,
 top-p, from `generator`) and `report(i, x)` after step i. Each takes exactly `grid.steps` forward
 passes; time runs from t = 1 (noise) down to 0.
+
+A partial grid (inpainting, outpainting, class edits): every sampler also takes `known` (long
+[n N], ids in [0, k)) and `keep` (bool [n N]). Kept positions hold their known ids from the start
+and are never changed (never remasked, clamped after every step); only the other, free positions
+are sampled, and the mask samplers spread the schedule's reveals over the free positions alone,
+so that all of them are filled by the last step. The random draws do not depend on `keep`: they
+have the shapes and the order of an unconstrained call, so keep=None and an all-False keep give
+the same ids for the same generator, bit for bit (tests/test_edit.py), and a call without a
+partial grid draws exactly what it drew before partial grids existed.
 """
 
 from __future__ import annotations
@@ -99,16 +108,29 @@ def all_masked(model, n: int) -> Tensor:
     return torch.full((n, model.cfg.grid_h * model.cfg.grid_w), model.mask_id, dtype=torch.long, device=model.device)
 
 
+def clamp_kept(x: Tensor, known: Tensor | None, keep: Tensor | None) -> Tensor:
+    """x with the kept positions set to their known ids (x itself without a partial grid)."""
+    return x if keep is None else torch.where(keep, known, x)
+
+
+def free_count(keep: Tensor) -> Tensor:
+    """The number of positions to fill per sample: float64 [n], so that floor(gamma * free) rounds
+    exactly as the Python float gamma * N of an unconstrained grid."""
+    return (~keep).sum(1).double()
+
+
 def maskgit(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *, temperature: float, choice_temperature: float
+    model, n: int, grid: Grid, denoise, draw, generator, report, *, temperature: float, choice_temperature: float,
+    known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
     temperature at the masked positions, then re-mask the floor(gammas[i+1] * N) least confident
     of them (gamma(1 - (i+1)/steps) on the trained schedule). Confidence is log p of the sampled
-    id plus Gumbel noise annealed by temperature * (1 - progress); decoded ids are never re-masked."""
-    num = model.cfg.grid_h * model.cfg.grid_w
+    id plus Gumbel noise annealed by temperature * (1 - progress); decoded ids are never re-masked.
+    With a partial grid N is the number of free positions of each sample (kept ones are never masked)."""
+    num = model.cfg.grid_h * model.cfg.grid_w if keep is None else free_count(keep)  # int, or float64 [n]
     steps = grid.steps
-    x = all_masked(model, n)
+    x = clamp_kept(all_masked(model, n), known, keep)
     for i in range(steps):
         logits = denoise(x, grid.times[i])  # [n N k]
         masked = x == model.mask_id
@@ -119,8 +141,12 @@ def maskgit(
             confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
         confidence = confidence.masked_fill(~masked, float("inf"))
         # on the schedule, but decode at least one id per step while any is masked
-        target = 0 if i == steps - 1 else math.floor(grid.gammas[i + 1] * num)
-        keep_masked = (masked.sum(1) - 1).clamp(min=0).clamp(max=target)  # [n]
+        if keep is None:
+            target = 0 if i == steps - 1 else math.floor(grid.gammas[i + 1] * num)
+            keep_masked = (masked.sum(1) - 1).clamp(min=0).clamp(max=target)  # [n]
+        else:  # per sample: its own number of free positions
+            target = torch.zeros_like(num) if i == steps - 1 else (grid.gammas[i + 1] * num).floor()
+            keep_masked = torch.minimum((masked.sum(1) - 1).clamp(min=0), target.long())  # [n]
         rank = confidence.argsort(-1).argsort(-1)  # 0 = least confident
         x = torch.where(masked, x0, x)
         x = x.masked_fill(rank < keep_masked[:, None], model.mask_id)
@@ -129,7 +155,9 @@ def maskgit(
 
 
 def ancestral(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *, eta: float = 0.0) -> Tensor:
+    model, n: int, grid: Grid, denoise, draw, generator, report, *, eta: float = 0.0,
+    known: Tensor | None = None, keep: Tensor | None = None,
+) -> Tensor:
     """MDLM ancestral sampling (Sahoo et al. 2024, eq. 7): from t to s < t each masked token
     is revealed with prob (gamma(t) - gamma(s)) / gamma(t), its id drawn from p(x0 | x_t) at
     the temperature; revealed ids never change. It samples the model's own distribution (no
@@ -138,8 +166,9 @@ def ancestral(
     eta > 0 is ReMDM-cap (Wang et al. 2025, eq. 9): with alpha = 1 - gamma, a decoded token is
     remasked with prob sigma = min(eta, (1 - alpha_s) / alpha_t) and a masked token revealed
     with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); eta = 0 is MDLM exactly. The cap
-    keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask."""
-    x = all_masked(model, n)
+    keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask.
+    Kept positions of a partial grid are never remasked."""
+    x = clamp_kept(all_masked(model, n), known, keep)
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
         alpha_t, alpha_s = 1 - grid.gammas[i], 1 - grid.gammas[i + 1]
@@ -152,6 +181,8 @@ def ancestral(
         reveal = masked & (u < reveal_p)
         if sigma > 0:  # drawn only with remasking, so eta = 0 consumes the same noise as MDLM
             remask = ~masked & (rand(x.shape, device=x.device, generator=generator) < sigma)
+            if keep is not None:
+                remask &= ~keep
             x = x.masked_fill(remask, model.mask_id)
         x = torch.where(reveal, x0, x)
         report(i, x)
@@ -159,12 +190,16 @@ def ancestral(
 
 
 def halton(
-    model, n: int, grid: Grid, denoise, draw, generator, report) -> Tensor:
+    model, n: int, grid: Grid, denoise, draw, generator, report, *,
+    known: Tensor | None = None, keep: Tensor | None = None,
+) -> Tensor:
     """Halton-MaskGIT (Besnier et al., ICLR 2025): reveal positions in a Halton
     low-discrepancy order over the h x w grid, so that each step's tokens are spread out and
     far from each other (neighbours sampled in the same step are the ones that clash). The
     order is rolled on the torus by a random (dy, dx) per sample; the number revealed per step
-    follows the schedule, ids drawn from p(x0 | x_t) at the temperature."""
+    follows the schedule, ids drawn from p(x0 | x_t) at the temperature. With a partial grid the
+    free positions are taken in the same order, the kept ones skipped, and the schedule counts
+    the free positions alone."""
     h, w = model.cfg.grid_h, model.cfg.grid_w
     num = h * w
     order = halton_order(h, w).to(model.device)  # [N] flat positions, a permutation
@@ -173,11 +208,18 @@ def halton(
     rows, cols = (order // w)[None] + dy[:, None], (order % w)[None] + dx[:, None]
     order = (rows % h) * w + cols % w  # [n N]: still a permutation of the grid per sample
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(num, device=model.device).expand(n, num))
-    x = all_masked(model, n)
+    x = clamp_kept(all_masked(model, n), known, keep)
+    if keep is not None:  # rank among the free positions: kept ones take no place in the order
+        free = ~keep.gather(1, order)  # [n N] in Halton order
+        rank = torch.empty_like(order).scatter_(1, order, free.long().cumsum(1) - 1).masked_fill(keep, num)
+        num = free_count(keep)  # float64 [n]
     steps = grid.steps
     for i in range(steps):
         logits = denoise(x, grid.times[i])
-        revealed = num - math.floor(grid.gammas[i + 1] * num) if i < steps - 1 else num
+        if keep is None:
+            revealed = num - math.floor(grid.gammas[i + 1] * num) if i < steps - 1 else num
+        else:
+            revealed = (num - (grid.gammas[i + 1] * num).floor() if i < steps - 1 else num)[:, None]  # [n 1]
         reveal = (rank < revealed) & (x == model.mask_id)
         x = torch.where(reveal, draw(logits), x)
         report(i, x)
@@ -185,16 +227,19 @@ def halton(
 
 
 def uniform(
-    model, n: int, grid: Grid, denoise, draw, generator, report) -> Tensor:
+    model, n: int, grid: Grid, denoise, draw, generator, report, *,
+    known: Tensor | None = None, keep: Tensor | None = None,
+) -> Tensor:
     """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
     x0 with the temperature; where x0 differs from the current id, move to x0 with the D3PM
     posterior odds q(x_s = x0 | x_t, x0) : q(x_s = x_t | x_t, x0), else keep the current id
     (the posterior's jumps to a third, random id are left out: re-corruption keeps the current
     ids). A cold x0 agrees with the current ids, so a lower temperature changes fewer ids;
-    at s = 0 the odds are 1 and every id becomes x0."""
+    at s = 0 the odds are 1 and every id becomes x0. Kept positions of a partial grid are set to
+    their ids at the start and after every step."""
     k = model.cfg.codebook_size
     num = model.cfg.grid_h * model.cfg.grid_w
-    x = randint(k, (n, num), device=model.device, generator=generator)
+    x = clamp_kept(randint(k, (n, num), device=model.device, generator=generator), known, keep)
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
         logits = denoise(x, t)
@@ -205,20 +250,22 @@ def uniform(
         stay = post.gather(-1, x[..., None])[..., 0]
         move = to_x0 / (to_x0 + stay)
         u = rand(x.shape, device=x.device, generator=generator)
-        x = torch.where((x0 != x) & (u < move), x0, x)
+        x = clamp_kept(torch.where((x0 != x) & (u < move), x0, x), known, keep)
         report(i, x)
     return x
 
 
 def mask_and_replace(
-    model, n: int, grid: Grid, denoise, draw, generator, report, *, temperature: float, top_k=None, top_p=None
+    model, n: int, grid: Grid, denoise, draw, generator, report, *, temperature: float, top_k=None, top_p=None,
+    known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
     x_s ~ sum_x0 q(x_s | x_t, x0) p(x0 | x_t), p tempered by the temperature; s = 0 at the last
-    step leaves no mask."""
+    step leaves no mask. Kept positions of a partial grid are set to their ids at the start and
+    after every step (their posterior is taken as if masked: a visible id at t = 1 has none)."""
     k = model.cfg.codebook_size
     num = model.cfg.grid_h * model.cfg.grid_w
-    x = torch.full((n, num), model.mask_id, dtype=torch.long, device=model.device)
+    x = clamp_kept(torch.full((n, num), model.mask_id, dtype=torch.long, device=model.device), known, keep)
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
         logits = denoise(x, t)
@@ -227,7 +274,8 @@ def mask_and_replace(
         else:
             p0 = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
         tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
-        probs = model.posterior(x, p0, tt, ss)  # [n N k+1]
-        x = sample_logits(probs.log(), generator=generator)
+        x_t = x if keep is None else x.masked_fill(keep, model.mask_id)
+        probs = model.posterior(x_t, p0, tt, ss)  # [n N k+1]
+        x = clamp_kept(sample_logits(probs.log(), generator=generator), known, keep)
         report(i, x)
     return x
