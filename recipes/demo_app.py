@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,8 +50,12 @@ def picture(images: torch.Tensor, scale: int, nrow: int | None = None):
 
     nrow = nrow or math.ceil(math.sqrt(len(images)))
     grid = make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=128).permute(1, 2, 0).numpy()
-    pic = Image.fromarray(grid)
-    return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+    pic = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    # Gradio caches a picture under the hash of its bytes and rewrites that file in place (not
+    # atomically): the same picture sent twice (the last step, then the result) could be truncated
+    # while the browser reads it. A PNG text chunk unique to each picture gives each its own file.
+    pic.info["vqdiff-picture"] = uuid.uuid4().hex
+    return pic
 
 
 def grid_pixels(n: int, image_size: int, nrow: int | None = None) -> tuple[int, int]:
@@ -327,7 +332,7 @@ def build_demo(run_dir: Path | str, device: str | None = None) -> gr.Blocks:
                     trajectory = gr.Image(label="the first sample after each step", type="pil", format="png", interactive=False, elem_id="trajectory")
                 with gr.Tab("Edit", elem_id="tab-edit"):
                     with gr.Row():
-                        source = gr.Image(label="image to edit", type="pil", sources=["upload", "clipboard"], image_mode="RGB", elem_id="edit-input")
+                        source = gr.Image(label="image to edit", type="pil", sources=["upload", "clipboard"], image_mode="RGB", height=240, elem_id="edit-input")
                         preview = gr.Image(label="region to regenerate (grey)", type="pil", format="png", interactive=False, elem_id="edit-preview")
                     take = gr.Button("Use the first sample", elem_id="take-sample")
                     mode = gr.Radio(["inpaint", "outpaint"], value="inpaint", label="mode", elem_id="edit-mode")
