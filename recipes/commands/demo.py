@@ -36,7 +36,14 @@ def demo(
         from recipes.demo_app import build_demo
 
         page = build_demo(run, check_device(device) or "cpu")
+        try:
+            page.queue().launch(
+                server_name=host, server_port=port, share=False, inbrowser=False, quiet=True, ssr_mode=False,
+                prevent_thread_lock=True,
+            )  # fmt: skip
+        except OSError as e:  # the port taken, an address not of this machine
+            fail(f"cannot serve on {host}:{port}: {e}")
         out.print(f"vqdiff demo of {run} on http://{host}:{port} (Ctrl-C to stop)", soft_wrap=True)
         if host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"note: --host {host} serves the page to other machines")
-        page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False, quiet=True, ssr_mode=False)
+        page.block_thread()  # until Ctrl-C, which closes the server
