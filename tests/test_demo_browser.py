@@ -138,8 +138,11 @@ def test_sample_and_inpaint_in_a_browser(served, browser, tmp_path):
     # inpaint: upload a picture, the default box, diffusion
     from PIL import Image
 
-    picture = tmp_path / "upload.png"
-    Image.new("RGB", (48, 48), (200, 40, 40)).save(picture)
+    from vqdiff.data import make_shapes, to_uint8
+
+    picture = tmp_path / "upload.png"  # a test image of the shapes dataset, at 4x: the page takes any size
+    shape = to_uint8(make_shapes(1, image_side, seed=7).batch(torch.arange(1))["images"])[0].permute(1, 2, 0).numpy()
+    Image.fromarray(shape).resize((image_side * 4, image_side * 4), Image.NEAREST).save(picture)
     browser.find_element(By.ID, "tab-edit-button").click() if browser.find_elements(By.ID, "tab-edit-button") else (
         browser.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Edit')]").click()
     )
