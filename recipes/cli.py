@@ -241,6 +241,11 @@ def sample(
         )
 
 
+from recipes.commands import edit as edit_cmd  # noqa: E402
+
+app.command("edit")(edit_cmd.edit)
+
+
 def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
@@ -313,6 +318,14 @@ def evaluate(
             "for both generators (report/curve.json, learning_curve.png).",
         ),
     ] = False,
+    edits: Annotated[
+        bool,
+        typer.Option(
+            "--edits",
+            help="Measure edits instead of sampling: inpainting (centre, bottom) and outpainting (border) of the first "
+            "--num test images; FID, PSNR of the kept area, kept-token exactness (report/edits.json, edits.md).",
+        ),
+    ] = False,
     data_root: DataRootOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -337,6 +350,13 @@ def evaluate(
             top_p=top_p,
         )
         with writer_lock(run, create=False):
+            if edits:
+                from recipes.edits import evaluate_edits, edits_markdown
+
+                with progress_bar() as p:
+                    report = evaluate_edits(ctx, opts, bars=lambda d: batch_logger(p, d))
+                out.print(edits_markdown(report), soft_wrap=True)
+                return
             _evaluate(ctx, opts, checkpoints)
 
 

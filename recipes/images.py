@@ -22,9 +22,13 @@ def _picture(images: torch.Tensor, nrow: int):
     return Image.fromarray(make_grid(to_uint8(images), nrow=nrow, padding=2, pad_value=128).permute(1, 2, 0).numpy())
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """images float [b c h w] in [-1,1] -> one PNG grid."""
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 1) -> None:
+    """images float [b c h w] in [-1,1] -> one PNG grid, `upscale` times larger (nearest-neighbour)."""
     picture = _picture(images, nrow)
+    if upscale > 1:
+        from PIL import Image
+
+        picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
