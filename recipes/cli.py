@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from recipes.commands import bench, codec, edit, evaluate, sample, train
+from recipes.commands import bench, codec, demo, edit, evaluate, sample, train
 from vqdiff import __version__
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.add_typer(train.train_app, name="train")
 app.command("encode")(train.encode)
 app.command("sample")(sample.sample)
 app.command("edit")(edit.edit)
+app.command("demo")(demo.demo)
 app.command("evaluate")(evaluate.evaluate)
 app.command("run")(train.run_all)
 app.add_typer(bench.bench_app, name="bench")
