@@ -39,8 +39,8 @@ def test_diffusion_streams_every_step(demo):
 def test_bad_settings_and_ar_regions_are_messages(demo):
     from PIL import Image
 
-    (*_, status), = demo.sample("diffusion", 4, 0.0, 3, "random", 1.0, 0, "maskgit")
-    assert status.startswith("**error:** temperature must be > 0")
+    (*_, status), = demo.sample("diffusion", 4, -1.0, 3, "random", 1.0, 0, "maskgit")
+    assert status.startswith("**error:** temperature must be finite and >= 0 (0 = argmax)"), status
     image = Image.new("RGB", (32, 32), (10, 200, 10))
     region = ("inpaint", 0.25, 0.25, 0.75, 0.75, "bottom", 0.25)
     settings = (1.0, 2, "random", 1.0, 0, "maskgit")
