@@ -129,6 +129,9 @@ def section_defaults(section: str) -> dict[str, Any]:
 
 
 SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
+# the values that meant "off" in the recipe.toml of run folders written before off was None (a key left
+# out): such a run folder stays readable, and the option is None, its one spelling, from here on
+OFF_BEFORE_NONE = {("evaluate", "top_k"): 0, ("evaluate", "top_p"): 1.0, ("diffusion", "sample_schedule"): ""}
 
 
 def _allowed(section: str) -> set[str]:
@@ -271,6 +274,8 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
             raise RecipeError(f"unknown key {section}.{unknown[0]} in {source} or --set")
         merged = section_defaults(section)
         for k, v in given.items():
+            if OFF_BEFORE_NONE.get((section, k), ...) == v:
+                v = None  # a recipe.toml written before off was None (left out) reads as off
             default = merged.get(k)
             if default is not None and not _same_type(default, v):
                 raise RecipeError(f"{section}.{k} = {v!r}: expected a {type(default).__name__}")

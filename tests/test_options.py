@@ -42,3 +42,15 @@ def test_changed_names_only_what_differs_and_what_the_generator_takes():
     assert o.changed(("top_k", "top_p", "prefix", "use_cache")) == {"top_k": 5}  # AR's options; prefix is no option
     assert o.changed(("sampler", "eta", "top_k")) == {"sampler": "halton", "top_k": 5}
     assert o.replace(top_k=None).changed(("top_k",)) == {}
+
+
+def test_a_recipe_toml_written_before_off_was_none_reads_as_off(tmp_path):
+    from recipes.recipe import load_recipe
+
+    old = load_recipe("shapes").to_toml()
+    old = old.replace("[evaluate]\n", "[evaluate]\ntop_k = 0\ntop_p = 1.0\n").replace("[diffusion]\n", '[diffusion]\nsample_schedule = ""\n')
+    path = tmp_path / "recipe.toml"
+    path.write_text(old)
+    r = load_recipe(str(path))
+    assert (r["evaluate"]["top_k"], r["evaluate"]["top_p"], r["diffusion"]["sample_schedule"]) == (None, None, None)
+    assert "top_k" not in r.to_toml() and "sample_schedule" not in r.to_toml()
