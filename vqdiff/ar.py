@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqdiff.options import DEFAULTS, SampleOptions
-from vqdiff.sampling_ops import cfg_mix, guidance_labels, sample_labels, sample_logits, train_labels
+from vqdiff.sampling_ops import cfg_mix, check_partial_grid, guidance_labels, sample_labels, sample_logits, train_labels
 from vqdiff.trunk import KVCache, Transformer, TrunkConfig
 
 
@@ -154,12 +154,7 @@ class ARTransformer(nn.Module):
         the number of kept cells. keep bool [n h w] must keep a raster-order prefix (the free
         cells form a suffix: the bottom rows, or the end of a row and all rows below); known long
         [n h w] holds the ids there. ValueError, one line, for any other region."""
-        cfg = self.cfg
-        shape = (n, cfg.grid_h, cfg.grid_w)
-        if known is None or keep is None:
-            raise ValueError("a partial grid needs both known (ids) and keep (where they are kept)")
-        if tuple(known.shape) != shape or tuple(keep.shape) != shape or keep.dtype != torch.bool:
-            raise ValueError(f"known and keep must be [{n} {cfg.grid_h} {cfg.grid_w}] (long, bool), got {list(known.shape)} and {list(keep.shape)}")
+        check_partial_grid(known, keep, n, self.cfg)
         flat = rearrange(keep.cpu(), "n h w -> n (h w)")
         starts = flat.sum(1)
         prefix = torch.arange(flat.shape[1])[None] < starts[:, None]
@@ -168,9 +163,6 @@ class ARTransformer(nn.Module):
                 "the ar generator can only regenerate a suffix in raster order (the bottom rows, or the end of a "
                 "row and all rows below); use the diffusion generator (--generator diffusion) for this region"
             )
-        kept = rearrange(known.cpu(), "n h w -> n (h w)")[flat]
-        if kept.numel() and (kept.min() < 0 or kept.max() >= cfg.codebook_size):
-            raise ValueError(f"known ids must be in [0, {cfg.codebook_size}) where kept")
         return starts
 
     def next_logits(self, new: Tensor, labels: Tensor | None, cache: KVCache) -> Tensor:

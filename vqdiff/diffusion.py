@@ -43,7 +43,7 @@ from torch import Tensor, nn
 import vqdiff.samplers as samplers
 from vqdiff.distributed import batch_positions, batch_ratio
 from vqdiff.options import DEFAULTS, OptionError, SampleOptions
-from vqdiff.sampling_ops import cfg_mix, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
+from vqdiff.sampling_ops import cfg_mix, check_partial_grid, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
 from vqdiff.schedules import Schedule, get_schedule
 from vqdiff.trunk import Transformer, TrunkConfig
 
@@ -342,17 +342,8 @@ class DiffusionTransformer(nn.Module):
         """known and keep checked and flattened for a sampler ({} without a partial grid)."""
         if known is None and keep is None:
             return {}
-        cfg = self.cfg
-        shape = (n, cfg.grid_h, cfg.grid_w)
-        if known is None or keep is None:
-            raise ValueError("a partial grid needs both known (ids) and keep (where they are kept)")
-        if tuple(known.shape) != shape or tuple(keep.shape) != shape:
-            raise ValueError(f"known and keep must be [{n} {cfg.grid_h} {cfg.grid_w}], got {list(known.shape)} and {list(keep.shape)}")
-        if keep.dtype != torch.bool:
-            raise ValueError(f"keep must be a bool mask, got {keep.dtype}")
+        check_partial_grid(known, keep, n, self.cfg)
         known, keep = known.to(self.device).long(), keep.to(self.device)
-        if keep.any() and (known[keep].min() < 0 or known[keep].max() >= cfg.codebook_size):
-            raise ValueError(f"known ids must be in [0, {cfg.codebook_size}) where kept")
         flat = lambda x: rearrange(x, "n h w -> n (h w)")  # noqa: E731
         # the free positions' known ids are never read; 0 there keeps them in range
         return {"known": flat(known.masked_fill(~keep, 0)), "keep": flat(keep)}

@@ -10,6 +10,8 @@ null class (classifier-free guidance, Ho & Salimans 2022). An unconditional mode
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -159,3 +161,21 @@ def guidance_labels(labels: Tensor | None, num_classes: int, cfg_scale: float) -
     if guided:
         labels = torch.cat([labels, torch.full_like(labels, null_class(num_classes))])
     return labels, guided
+
+
+# ---------------------------------------------------------------- partial grids (inpainting, outpainting)
+
+
+def check_partial_grid(known: Tensor | None, keep: Tensor | None, n: int, cfg: Any) -> None:
+    """Refuse a partial grid both generators would misread: known long [n h w] and keep bool
+    [n h w], both given, with the kept ids in [0, codebook_size). ValueError, one line."""
+    shape = (n, cfg.grid_h, cfg.grid_w)
+    if known is None or keep is None:
+        raise ValueError("a partial grid needs both known (ids) and keep (where they are kept)")
+    if tuple(known.shape) != shape or tuple(keep.shape) != shape:
+        raise ValueError(f"known and keep must be [{n} {cfg.grid_h} {cfg.grid_w}], got {list(known.shape)} and {list(keep.shape)}")
+    if keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool mask, got {keep.dtype}")
+    kept = known[keep.to(known.device)]
+    if kept.numel() and (kept.min() < 0 or kept.max() >= cfg.codebook_size):
+        raise ValueError(f"known ids must be in [0, {cfg.codebook_size}) where kept")
