@@ -148,7 +148,7 @@ def generate(
         weights = snapshot
     tokenizer = run.load_tokenizer(device)
     cfg = model.cfg
-    _check_fits(spec, cfg)
+    check_fits(spec, cfg)
     steps = spec.options.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
     passes = model.forward_passes(steps)
     folder = out or run.samples_dir / spec.folder_name(passes)
@@ -202,7 +202,7 @@ def generate(
     return samples
 
 
-def _check_fits(spec: SampleSpec, cfg: Any) -> None:
+def check_fits(spec: SampleSpec, cfg: Any) -> None:
     """Refuse a class or a prefix the generator's config cannot take."""
     if spec.class_ is not None:
         if cfg.num_classes == 0:

@@ -21,7 +21,7 @@ from recipes.commands.common import CfgOpt, DeviceOpt, GifOpt, RunArg, SamplerOp
 from recipes.console import console, edge, out
 from recipes.lock import run_lock
 from recipes.run import Run, StageError
-from recipes.sampling import SampleSpec, recipe_options
+from recipes.sampling import SampleSpec, check_fits, recipe_options
 
 
 def _keep(region: str | None, mask: Path | None, outpaint: str | None, outpaint_size: int | None, size: int, grid_h: int):
@@ -35,15 +35,6 @@ def _keep(region: str | None, mask: Path | None, outpaint: str | None, outpaint_
     if mask is not None:
         return edits.mask_keep(mask, size), f"mask-{mask.stem}"
     return edits.outpaint_keep(outpaint, size, grid_h, outpaint_size), f"outpaint-{outpaint}"
-
-
-def _check_class(model: torch.nn.Module, generator: str, class_: int | None) -> None:
-    if class_ is None:
-        return
-    if model.cfg.num_classes == 0:
-        raise StageError(f"the {generator} generator is unconditional; --class needs conditional = true")
-    if not 0 <= class_ < model.cfg.num_classes:
-        raise StageError(f"--class must be in [0, {model.cfg.num_classes}), got {class_}")
 
 
 def _record(r: Run, spec: SampleSpec, model, images: list[Path], given: dict[str, Any], tokens, options, paste_back: bool) -> dict[str, Any]:
@@ -107,7 +98,7 @@ def edit(
         r.read_recipe()  # a StageError when RUN is not a run folder
         model, tokenizer = r.load_generator(generator), r.load_tokenizer()
         size, grid = tokenizer.cfg.image_size, tuple(tokenizer.grid)
-        _check_class(model, generator, class_)
+        check_fits(spec, model.cfg)  # the class, as `vqdiff sample` checks it
         keep, what = _keep(region, mask, outpaint, outpaint_size, size, grid[0])
         tokens = edits.check_keep(keep, grid)
         inputs = edits.load_images(images, size, tokenizer.cfg.channels)
