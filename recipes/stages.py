@@ -14,6 +14,7 @@ from recipes.run import Run, StageError, check_generator, ensure_tokens, softwar
 from vqdiff.checkpoint import is_complete, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens
 from vqdiff.distributed import barrier, is_main
+from vqdiff.perceptual import PerceptualRecipe, train_perceptual
 from vqdiff.pipeline import decode, encode, measure_tokenizer
 from vqdiff.precision import autocast_dtype
 from vqdiff.pretrained import DiffusersTokenizer
@@ -52,6 +53,7 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
             cfg = recipe.model_config("tokenizer", channels=train_set.channels, image_size=train_set.image_size)
             with seeded(tcfg.seed):
                 model = model_class("tokenizer")(cfg)
+            prepare_perceptual(model, train_set, folder, run.torch_device)
             result = train(model, train_set, tcfg, folder, device=run.torch_device, on_log=on_log)
             model, step, resumed_from = result.model, result.step, result.resumed_from
         seconds = time.perf_counter() - t0
@@ -60,10 +62,27 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
             test_set = run.load_split(recipe, "test")
             metrics = evaluate_tokenizer(model, test_set, on_eval)
             metrics.update(train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from, software=software_versions(), autocast=autocast_name(tcfg, run))
+            if (folder / "perceptual.json").exists():
+                metrics["perceptual"] = read_json(folder / "perceptual.json")
             write_json(run.metrics_path("tokenizer"), metrics)
             save_reconstructions(model, test_set, folder / "reconstructions.png")
         barrier()
     return read_json(run.metrics_path("tokenizer"))
+
+
+def prepare_perceptual(model: torch.nn.Module, train_set: ImageSet, folder, device) -> None:
+    """Train the tokenizer's perceptual network (vqdiff.perceptual) on the train split before its first
+    step, and say which network it is in RUN/tokenizer/perceptual.json. A resume loads it from the
+    checkpoint instead, with the rest of the tokenizer."""
+    net = getattr(model, "perceptual", None)
+    if net is None or (folder / "train_state.pt").exists():
+        return
+    try:
+        info = train_perceptual(net, train_set, PerceptualRecipe(steps=model.cfg.perceptual_steps, seed=0), device)
+    except ValueError as e:
+        raise StageError(f"[tokenizer] {e}") from None
+    if is_main():
+        write_json(folder / "perceptual.json", info)
 
 
 def evaluate_tokenizer(model: torch.nn.Module, test_set: ImageSet, on_batch=None) -> dict[str, Any]:
@@ -130,8 +149,9 @@ def autocast_name(tcfg: Any, run: Run) -> str:
 
 
 @torch.no_grad()
-def test_bits_per_token(model: Any, run: Run, max_grids: int, batch_size: int = 250) -> dict[str, Any]:
-    ids, labels = load_tokens(run.tokens_file("test"))
+def test_bits_per_token(model: Any, run: Run, max_grids: int, batch_size: int = 250, split: str = "test") -> dict[str, Any]:
+    """Bits per token of the first `max_grids` (0 = all) grids of `split` in RUN/tokens."""
+    ids, labels = load_tokens(run.tokens_file(split))
     if max_grids:
         ids, labels = ids[:max_grids], labels[:max_grids]
     gen = torch.Generator().manual_seed(0)  # on the CPU: the same estimate on every device
@@ -144,7 +164,7 @@ def test_bits_per_token(model: Any, run: Run, max_grids: int, batch_size: int = 
         "bits_per_token": total / len(ids),
         "kind": info.get("kind"),  # exact (AR) or elbo (diffusion: an upper bound)
         "estimator": info.get("estimator"),
-        "split": "test",
+        "split": split,
         "num_grids": len(ids),
         "conditional": model.cfg.num_classes > 0,
     }

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from vector_quantize_pytorch import FSQ
 
 from vqdiff.distributed import all_gather_rows
 
@@ -223,3 +224,32 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self.cluster_size[dead] = 1.0
             self.code_sum[dead] = new
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ (Mentzer et al. 2023) from vector-quantize-pytorch behind this module's interface: z [b d h w]
+    is projected to len(levels) channels, each bounded and rounded to its number of levels, and
+    projected back. The codebook is implicit (prod(levels) codes), has no loss and cannot collapse."""
+
+    def __init__(self, levels: tuple[int, ...] | list[int], dim: int) -> None:
+        super().__init__()
+        self.fsq = FSQ(levels=list(levels), dim=dim)
+        self.k, self.dim = self.fsq.codebook_size, dim
+
+    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """z_flat float [n d] -> ids long [n]."""
+        return self.fsq(z_flat.float()[None])[1][0].long()
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids long [b h w] -> z_q float [b d h w]."""
+        return self.fsq.indices_to_codes(ids)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            z_q, ids = self.fsq(z.float())
+        ids = ids.long()
+        counts = torch.bincount(ids.flatten(), minlength=self.k).float()
+        if self.training:
+            _all_reduce(counts)
+        usage, perplexity = codebook_stats(counts)
+        return QuantizerOutput(z_q, ids, z.new_zeros((), dtype=torch.float32), {"perplexity": perplexity, "usage": usage})

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqdiff.quantize import VectorQuantizer
+from vqdiff.perceptual import PerceptualNet, perceptual_distance
+from vqdiff.quantize import FiniteScalarQuantizer, VectorQuantizer
 
 # ---------------------------------------------------------------- building blocks
 
@@ -128,6 +129,12 @@ class TokenizerConfig:
     disc_weight: float = 0.1
     disc_width: int = 32
     disc_layers: int = 2
+    lecam_weight: float = 0.0  # LeCAM regulariser of the discriminator (Tseng et al. 2021); 0 = off
+    perceptual_weight: float = 0.0  # the vqdiff.perceptual loss (a classifier trained on the data); 0 = off
+    perceptual_width: int = 32
+    perceptual_steps: int = 600  # classification steps that train the perceptual network, before the tokenizer
+    quantizer: str = "vq"  # vq: the codebook of vqdiff.quantize | fsq: finite scalar quantization
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)  # quantizer = "fsq": levels per channel; codebook_size = their product
 
     def __post_init__(self) -> None:
         if self.downsample < 2 or self.downsample & (self.downsample - 1):
@@ -138,6 +145,13 @@ class TokenizerConfig:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"tokenizer.quantizer must be vq or fsq, got {self.quantizer!r}")
+        if self.quantizer == "fsq" and self.codebook_size != math.prod(self.fsq_levels):
+            raise ValueError(
+                f"with quantizer = fsq, codebook_size must be the product of fsq_levels {list(self.fsq_levels)} "
+                f"({math.prod(self.fsq_levels)}), got {self.codebook_size}"
+            )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -155,7 +169,7 @@ class VQTokenizer(nn.Module):
         widths = [min(cfg.width * 2**i, cfg.max_width) for i in range(levels)]
         self.encoder = Encoder(cfg.channels, widths, cfg.num_res_blocks, cfg.codebook_dim)
         self.decoder = Decoder(cfg.channels, widths, cfg.num_res_blocks, cfg.codebook_dim)
-        self.quantizer = VectorQuantizer(
+        self.quantizer = FiniteScalarQuantizer(cfg.fsq_levels, cfg.codebook_dim) if cfg.quantizer == "fsq" else VectorQuantizer(
             cfg.codebook_size,
             cfg.codebook_dim,
             beta=cfg.beta,
@@ -168,6 +182,10 @@ class VQTokenizer(nn.Module):
             cosine=cfg.cosine,
         )
         self.discriminator = PatchDiscriminator(cfg.channels, cfg.disc_width, cfg.disc_layers) if cfg.disc else None
+        if cfg.disc and cfg.lecam_weight > 0:  # EMAs of the discriminator's mean logits on real and fake images
+            self.register_buffer("lecam_ema", torch.zeros(2))
+        # frozen; its weights come from vqdiff.perceptual.train_perceptual before training (and with a resume)
+        self.perceptual = PerceptualNet(cfg.channels, cfg.perceptual_width).requires_grad_(False) if cfg.perceptual_weight > 0 else None
         # training steps seen by `loss`, so the discriminator switches on at the same step after a resume
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
 
@@ -208,10 +226,15 @@ class VQTokenizer(nn.Module):
         q = self.quantizer(self.encoder(x))
         rec = self.decoder(q.z_q)
         mse = F.mse_loss(rec.float(), x.float())
-        loss = mse + q.loss
         logs = {"mse": mse.item(), "psnr": psnr(mse.item()), **q.logs}
+        nll = mse  # the reconstruction terms, which the adversarial weight balances against
+        if self.perceptual is not None:
+            p = perceptual_distance(self.perceptual, rec, x)
+            nll = nll + self.cfg.perceptual_weight * p
+            logs["perceptual"] = p.item()
+        loss = nll + q.loss
         if self.discriminator is not None and self.training:
-            loss = loss + self._adversarial(x, rec, mse, logs)
+            loss = loss + self._adversarial(x, rec, nll, logs)
         if self.training:
             self.train_step += 1
         return loss, logs
@@ -232,8 +255,20 @@ class VQTokenizer(nn.Module):
         d_real = self.discriminator(x.detach())
         d_fake = self.discriminator(rec.detach())
         d_loss = 0.5 * (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean())
+        if self.cfg.lecam_weight > 0:
+            d_loss = d_loss + self.cfg.lecam_weight * self._lecam(d_real, d_fake)
         logs.update(g_loss=g_loss.item(), d_loss=d_loss.item(), disc_weight=weight.item())
         return weight * g_loss + d_loss
+
+
+    def _lecam(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+        """LeCAM (Tseng et al. 2021): ||D(x) - ema(D(G(z)))||^2 + ||D(G(z)) - ema(D(x))||^2, hinge-clipped
+        as in its reference code; keeps the discriminator's logits from drifting apart on little data."""
+        with torch.no_grad():
+            means = torch.stack([d_real.float().mean(), d_fake.float().mean()])
+            self.lecam_ema.lerp_(means, 0.01)
+        ema_real, ema_fake = self.lecam_ema
+        return F.relu(d_real - ema_fake).pow(2).mean() + F.relu(ema_real - d_fake).pow(2).mean()
 
 
 def psnr(mse_pm1: float) -> float:
