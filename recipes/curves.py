@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from recipes.evaluate import EvalOptions, Measuring, bars_of
 from recipes.report import plot_curve
 from recipes.run import Run, StageError
 from recipes.sampling import SampleSpec, generate
-from vqdiff.checkpoint import write_json
+from recipes.stages import test_bits_per_token
+from vqdiff.checkpoint import load_tensors, write_json
 from vqdiff.distributed import is_main
 from vqdiff.train import HISTORY_DIR
 
@@ -29,6 +31,23 @@ def snapshots(run_dir: Path, kind: str) -> list[tuple[int, float, Path]]:
     return sorted(out)
 
 
+def held_out_bits(run: Run, kind: str, snapshot: Path, max_grids: int) -> dict[str, float]:
+    """Bits per token of a kept snapshot on the test grids and on as many train grids: the gap
+    between them is where a generator starts to overfit (cached next to the snapshot's samples)."""
+    key = {"snapshot": run.file_hash(snapshot), "max_grids": max_grids}
+    cache = run.report_dir / "curve-bits" / f"{kind}-{snapshot.stem}.json"
+
+    def compute() -> dict[str, float]:
+        model = run.load_generator(kind)
+        model.load_state_dict(load_tensors(snapshot), strict=True)
+        return {
+            f"{split}_bits_per_token": test_bits_per_token(model.eval(), run, max_grids, split=split)["bits_per_token"]
+            for split in ("test", "train")
+        }
+
+    return run.cached(cache, key, compute)
+
+
 def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     """FID and recall of every kept snapshot of each generator, on the same axes: training step and
     training wall time. AR samples at the first temperature; diffusion at the first temperature,
@@ -42,7 +61,8 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             f"no kept weights in {run.run_dir}/{{{','.join(opts.generators)}}}/history; train with "
             "keep_every > 0, e.g. --set ar.keep_every=100 --set diffusion.keep_every=100"
         )
-    m = Measuring.of(run, opts, recipe, bar)
+    curve_opts = dataclasses.replace(opts, num=opts.curve_num or opts.num, extractor=opts.curve_extractor or opts.extractor)
+    m = Measuring.of(run, curve_opts, recipe, bar)
     temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
     points = []
     for g, snaps in found.items():
@@ -56,7 +76,8 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             metrics = m.of_samples(samples, label)
             points.append(
                 {"generator": g, "step": step, "train_seconds": seconds, "fid": metrics["fid"], "recall": metrics.get("recall"),
-                 "precision": metrics.get("precision"), "setting": spec.folder_name(samples.forward_passes)}
+                 "precision": metrics.get("precision"), "setting": spec.folder_name(samples.forward_passes),
+                 **held_out_bits(run, g, path, recipe[g]["eval_grids"])}
             )  # fmt: skip
     curve = {
         "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "num_samples": m.n,

@@ -51,8 +51,11 @@ class EvalOptions(EvaluateSection):
             raise StageError(f"--num must be >= 2, got {self.num}")
         if not (self.steps and self.temperatures and self.samplers):
             raise StageError("--steps, --temperatures and --sampler each need at least one value")
-        if self.extractor not in ("auto", "classifier", "inception"):
-            raise StageError(f"unknown extractor {self.extractor!r}; choose auto, classifier or inception")
+        for extractor in (self.extractor, self.curve_extractor or self.extractor):
+            if extractor not in ("auto", "classifier", "inception"):
+                raise StageError(f"unknown extractor {extractor!r}; choose auto, classifier or inception")
+        if self.curve_num < 0:
+            raise StageError(f"curve_num must be >= 0 (0 = num), got {self.curve_num}")
         for steps in (*self.steps, self.curve_steps, self.gif_steps):
             for temperature in self.temperatures:
                 for sampler in self.samplers:

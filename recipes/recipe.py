@@ -69,6 +69,8 @@ class EvaluateSection:
     gif_steps: int = 16  # steps of the diffusion trajectory GIF in the report
     classifier_steps: int = 0  # training steps of the classifier extractor (0 = its fixed default recipe)
     curve_steps: int = 16  # diffusion sampling steps of the learning curves (evaluate --checkpoints)
+    curve_num: int = 0  # samples per kept snapshot on the learning curves (0 = num)
+    curve_extractor: str = ""  # the learning curves' extractor ("" = extractor), e.g. the cheap classifier
     samplers: tuple[str, ...] = ()  # diffusion samplers to compare (mask corruption); () = the diffusion section's `sampler`
 
 

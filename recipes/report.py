@@ -118,7 +118,16 @@ def plot_curve(curve: dict[str, Any], report_dir: Path, *, dataset: str) -> str:
     import matplotlib.pyplot as plt
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    bits = any("test_bits_per_token" in p for p in curve["points"])
+    fig, axes = plt.subplots(1, 3 if bits else 2, figsize=(15 if bits else 10, 4))
+    if bits:  # held-out against train bits per token: where each generator starts to overfit
+        for i, g in enumerate(("ar", "diffusion")):
+            pts = sorted((p for p in curve["points"] if p["generator"] == g), key=lambda p: p["step"])
+            for split, style in (("test", "o-"), ("train", "x--")):
+                axes[2].plot([p["train_seconds"] for p in pts], [p[f"{split}_bits_per_token"] for p in pts], style, color=colours[i], label=f"{g} {split}")
+        axes[2].set_xlabel("training wall time (s)")
+        axes[2].set_ylabel("bits per token (AR exact, diffusion ELBO)")
+        axes[2].legend(fontsize=8)
     for ax, x, xlabel in zip(axes, ("step", "train_seconds"), ("training steps", "training wall time (s)")):
         twin = ax.twinx()
         for i, g in enumerate(("ar", "diffusion")):

@@ -266,12 +266,23 @@ def test_learning_curves_from_kept_weights(run, cache, tmp_path):
     curve = json.loads((copy / "report" / "curve.json").read_text())
     assert {(p["generator"], p["step"]) for p in curve["points"]} == {("ar", 2), ("ar", 4), ("diffusion", 2), ("diffusion", 4), ("diffusion", 6)}
     assert all(p["fid"] >= 0 and 0 <= p["recall"] <= 1 for p in curve["points"])
+    # held-out and train bits per token of each snapshot; the last AR one is the final model's
+    assert all(p["test_bits_per_token"] > 0 and p["train_bits_per_token"] > 0 for p in curve["points"])
+    ar_last = max((p for p in curve["points"] if p["generator"] == "ar"), key=lambda p: p["step"])
+    ar_metrics = json.loads((copy / "ar" / "metrics.json").read_text())
+    assert ar_last["test_bits_per_token"] == pytest.approx(ar_metrics["bits_per_token"], rel=1e-5)
     assert curve["diffusion_sample_schedule"] is None  # shapes decodes on its trained schedule
     assert (copy / "report" / "learning_curve.png").stat().st_size > 0
     assert "learning_curve.png" in (copy / "report" / "report.md").read_text()
     # snapshots give other samples than the final weights: the curve is not one point repeated
     fids = [p["fid"] for p in curve["points"] if p["generator"] == "diffusion"]
     assert len(set(fids)) > 1
+    # the curves may take fewer samples than the report (evaluate.curve_num)
+    toml = copy / "recipe.toml"
+    toml.write_text(toml.read_text().replace("curve_num = 0\n", "curve_num = 12\n"))
+    ok(invoke("evaluate", copy, "--num", 20, "--steps", "2", "--extractor", "classifier", "--checkpoints"))
+    assert json.loads((copy / "report" / "curve.json").read_text())["num_samples"] == 12
+    assert json.loads((copy / "report" / "report.json").read_text())["num_samples"] == 20
 
 
 def test_recipe_sampler_keys_are_checked(tmp_path):
