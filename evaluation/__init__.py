@@ -10,6 +10,7 @@ from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe
 from evaluation.common import CACHE_ENV, EvaluationError, resolve_cache_dir
 from evaluation.extractors import (
     INCEPTION_ENV,
+    INCEPTION_MODES,
     KINDS,
     Extractor,
     get_extractor,
@@ -22,6 +23,7 @@ from evaluation.metrics import UInt8Images, compute_metrics, extract_features, r
 __all__ = [
     "CACHE_ENV",
     "INCEPTION_ENV",
+    "INCEPTION_MODES",
     "KINDS",
     "Classifier",
     "ClassifierConfig",
