@@ -14,11 +14,12 @@ from evaluation.extractors import (
     KINDS,
     Extractor,
     get_extractor,
+    has_labels,
     inception_available,
     inception_hub_file,
     resolve_inception_weights,
 )
-from evaluation.metrics import UInt8Images, compute_metrics, extract_features, reference_cache_name
+from evaluation.metrics import UInt8Images, class_accuracy, compute_metrics, extract_features, reference_cache_name
 
 __all__ = [
     "CACHE_ENV",
@@ -32,9 +33,11 @@ __all__ = [
     "Extractor",
     "UInt8Images",
     "accuracy",
+    "class_accuracy",
     "compute_metrics",
     "extract_features",
     "get_extractor",
+    "has_labels",
     "inception_available",
     "inception_hub_file",
     "reference_cache_name",

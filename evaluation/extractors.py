@@ -295,7 +295,8 @@ def inception_available(inception_weights: str | Path | None = None) -> bool:
 # ------------------------------------------------------------------ get_extractor
 
 
-def _has_labels(dataset: str, train_set: ImageSet | None) -> bool:
+def has_labels(dataset: str, train_set: ImageSet | None = None) -> bool:
+    """Whether the classifier extractor can be trained: the dataset (or `train_set`) has 2+ classes."""
     if train_set is not None:
         return train_set.num_classes >= 2
     return dataset not in DATASETS_WITHOUT_LABELS
@@ -335,7 +336,7 @@ def get_extractor(
     if kind == "auto":
         if inception_available(inception_weights):
             kind = "inception"
-        elif _has_labels(dataset, train_set):
+        elif has_labels(dataset, train_set):
             kind = "classifier"
         else:
             kind = "inception"
@@ -378,7 +379,7 @@ def _classifier_extractor(
     recipe: ClassifierRecipe | None,
     progress: Progress | None,
 ) -> Extractor:
-    if not _has_labels(dataset, train_set):
+    if not has_labels(dataset, train_set):
         raise EvaluationError(
             f"dataset {dataset!r} has no class labels to train the classifier extractor; use the inception extractor"
         )

@@ -19,6 +19,7 @@ import evaluation.extractors
 from evaluation import (
     ClassifierRecipe,
     EvaluationError,
+    class_accuracy,
     compute_metrics,
     extract_features,
     get_extractor,
@@ -217,6 +218,31 @@ def test_auto_without_labels_offline_is_one_line(tmp_path):
     assert "--inception-weights" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(EvaluationError, match="no class labels"):
         get_extractor("classifier", dataset="folder", train_set=unlabelled, cache_dir=tmp_path)
+
+
+def test_class_accuracy_counts_the_conditioning_labels(classifier, test_set):
+    images = test_set.uint8[:64]
+    predicted = extract_features(images, classifier, layer="logits").argmax(1)
+    assert class_accuracy(images, predicted, classifier) == 1.0  # a perfect predictor of its own labels
+    wrong = (predicted + 1) % test_set.num_classes
+    assert class_accuracy(images, wrong, classifier) == 0.0
+    half = torch.where(torch.arange(64) < 32, predicted, wrong)
+    assert class_accuracy(images, half, classifier) == 0.5
+    # on real images with their true labels: the classifier's accuracy, as the training-time check counts it
+    real = ImageSet("shapes", "test", 32, 3, test_set.num_classes, test_set.labels[:64], uint8=images)
+    assert class_accuracy(images, test_set.labels[:64], classifier) == pytest.approx(evaluation.accuracy(classifier_model(classifier), real))
+    shuffled = test_set.labels[:64][torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    assert class_accuracy(images, shuffled, classifier) < class_accuracy(images, test_set.labels[:64], classifier)
+    with pytest.raises(EvaluationError, match="one label per image"):
+        class_accuracy(images, predicted[:10], classifier)
+
+
+def classifier_model(extractor):
+    """The `Classifier` module behind a classifier extractor, as `evaluation.accuracy` takes it."""
+    cfg = evaluation.extractors.FEATURE_EXTRACTORS_REGISTRY[extractor.fidelity_name].cfg
+    model = evaluation.Classifier(cfg)
+    model.load_state_dict(evaluation.extractors.FEATURE_EXTRACTORS_REGISTRY[extractor.fidelity_name].state, strict=True)
+    return model.eval()
 
 
 # ------------------------------------------------------------------ the reference statistics cache
