@@ -10,18 +10,21 @@ from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe
 from evaluation.common import CACHE_ENV, EvaluationError, resolve_cache_dir
 from evaluation.extractors import (
     INCEPTION_ENV,
+    INCEPTION_MODES,
     KINDS,
     Extractor,
     get_extractor,
+    has_labels,
     inception_available,
     inception_hub_file,
     resolve_inception_weights,
 )
-from evaluation.metrics import UInt8Images, compute_metrics, extract_features, reference_cache_name
+from evaluation.metrics import UInt8Images, class_accuracy, compute_metrics, extract_features, reference_cache_name
 
 __all__ = [
     "CACHE_ENV",
     "INCEPTION_ENV",
+    "INCEPTION_MODES",
     "KINDS",
     "Classifier",
     "ClassifierConfig",
@@ -30,9 +33,11 @@ __all__ = [
     "Extractor",
     "UInt8Images",
     "accuracy",
+    "class_accuracy",
     "compute_metrics",
     "extract_features",
     "get_extractor",
+    "has_labels",
     "inception_available",
     "inception_hub_file",
     "reference_cache_name",

@@ -342,3 +342,18 @@ def extract_features(
         if progress is not None:
             progress(min(i + bs, n), n)
     return torch.cat(out)
+
+
+def class_accuracy(
+    images: torch.Tensor, labels: torch.Tensor, extractor: Extractor, *, progress: Progress | None = None
+) -> float:
+    """The share of `images` (uint8 [n c h w]) whose argmax class under `extractor`'s logits is
+    `labels` (long [n]), in [0, 1]: for conditional samples, how often the dataset's classifier sees
+    the class they were conditioned on; for real images, the classifier's own accuracy."""
+    if extractor.name != "classifier":
+        raise EvaluationError(f"class accuracy needs the dataset's classifier extractor, not {extractor.name}")
+    check_images(images, "input", extractor, min_n=1)
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise EvaluationError(f"class accuracy needs one label per image: {len(images)} images, labels {tuple(labels.shape)}")
+    logits = extract_features(images, extractor, layer=extractor.logits_layer, progress=progress)
+    return (logits.argmax(1) == labels.cpu()).double().mean().item()

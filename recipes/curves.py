@@ -61,7 +61,9 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             f"no kept weights in {run.run_dir}/{{{','.join(opts.generators)}}}/history; train with "
             "keep_every > 0, e.g. --set ar.keep_every=100 --set diffusion.keep_every=100"
         )
-    curve_opts = dataclasses.replace(opts, num=opts.curve_num or opts.num, extractor=opts.curve_extractor or opts.extractor)
+    curve_opts = dataclasses.replace(
+        opts, num=opts.curve_num or opts.num, extractor=opts.curve_extractor or opts.extractor, both_spaces=False
+    )  # one space: a curve compares snapshots with each other
     m = Measuring.of(run, curve_opts, recipe, bar)
     temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
     points = []

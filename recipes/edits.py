@@ -186,7 +186,7 @@ def task_applies(task: str, generator: str, grid: tuple[int, int]) -> bool:
 
 def measure_edit(m, model, tokenizer, task: str, generator: str, settings: dict[str, Any], labels) -> dict[str, Any]:
     """One (generator, task) on the first n test images of `m` (recipes.evaluate.Measuring)."""
-    images = from_uint8(m.real)
+    images = from_uint8(m.first_test())
     n, grid = len(images), tokenizer.grid
     tokens = task_tokens(task, grid)
     f = images.shape[-1] // grid[1]
@@ -239,13 +239,13 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
                 continue
             key = {
                 "generator": run.weights_hash(g), "tokenizer": run.tokenizer_hash, "settings": settings, "task": task,
-                "extractor": [m.extractor.name, m.extractor.hash], "real": [m.real_key, n], "conditional": labels is not None,
+                "extractor": m.extractor.key, "real": m.reference, "conditional": labels is not None,
             }  # fmt: skip
             row = run.cached(
                 run.report_dir / "edits" / f"{g}-{task}.json", key, lambda: measure_edit(m, model, tokenizer, task, g, settings, labels)
             )
             rows.append({**row, "settings": settings})
-    report = {"run": str(run.run_dir), "num": n, "reference": f"{recipe.data.dataset} test split, first {n} images", "results": rows}
+    report = {"run": str(run.run_dir), "num": n, "reference": m.reference_text(recipe), "results": rows}
     if is_main():
         write_json(run.report_dir / "edits.json", report)
         (run.report_dir / "edits.md").write_text(edits_markdown(report))
@@ -256,7 +256,8 @@ def edits_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Edits: inpainting and outpainting",
         "",
-        f"{report['reference']}. FID of the completions (decoded, no paste-back) against the test images; "
+        f"Edits of the first {report['num']} test images. FID of the completions (decoded, no paste-back) against the "
+        f"reference set: {report['reference']}; "
         "PSNR (dB) of the kept area against the input and against the tokenizer's reconstruction; "
         "kept-token exactness is the share of kept ids equal to the input's (1.0 by construction).",
         "",

@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 
-from evaluation import ClassifierRecipe, compute_metrics, get_extractor
+from evaluation import (
+    INCEPTION_MODES, ClassifierRecipe, Extractor, class_accuracy, compute_metrics, get_extractor, has_labels, inception_available,
+)  # fmt: skip
 from recipes.recipe import EvaluateSection, Recipe
-from recipes.report import setting, write_report
+from recipes.report import reference_note, setting, write_report
 from recipes.run import GENERATORS, Run, StageError, check_generator, software_versions
 from recipes.sampling import Samples, SampleSpec, generate
 from vqdiff.checkpoint import read_config, read_json
@@ -56,6 +58,11 @@ class EvalOptions(EvaluateSection):
                 raise StageError(f"unknown extractor {extractor!r}; choose auto, classifier or inception")
         if self.curve_num < 0:
             raise StageError(f"curve_num must be >= 0 (0 = num), got {self.curve_num}")
+        r = self.reference_num
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0 or r == 1):
+            raise StageError(f"reference_num must be 0 (the whole test split) or at least 2 test images, got {r!r}")
+        if self.inception_mode not in INCEPTION_MODES:
+            raise StageError(f"unknown inception mode {self.inception_mode!r}; choose one of {', '.join(INCEPTION_MODES)}")
         for steps in (*self.steps, self.curve_steps, self.gif_steps):
             for temperature in self.temperatures:
                 for sampler in self.samplers:
@@ -73,42 +80,110 @@ class EvalOptions(EvaluateSection):
         )  # fmt: skip
 
 
+FID_ONLY = {"kid": False, "prc": False, "isc": False}  # the other feature space: FID alone
+
+
 @dataclass
 class Measuring:
-    """What every FID of a run needs: the splits, the extractor and the real images it is measured against."""
+    """What every FID of a run needs: the splits, the extractors and the real images it is measured against.
+
+    `extractor` is the configured one (`fid` and every other metric); `others` the other feature
+    space where both can run (FID only); `classifier` the dataset's classifier for class accuracy
+    (None without labels). `n` images are sampled per setting and reconstructed for rFID; `real` is
+    the reference, the first `reference_num` test images (opts.reference_num: None = n, 0 = all).
+    """
 
     run: Run
     train_set: Any
     test_set: Any
-    extractor: Any
-    real: torch.Tensor  # uint8 [n c h w], the first n test images
+    extractor: Extractor
+    others: list[Extractor]
+    classifier: Extractor | None
+    n: int  # samples per setting
+    real: torch.Tensor  # uint8 [r c h w], the first r test images
     real_key: str
     bar: Any
 
     @classmethod
     def of(cls, run: Run, opts: EvalOptions, recipe: Recipe, bar) -> "Measuring":
         train_set, test_set = run.load_split(recipe, "train"), run.load_split(recipe, "test")
-        extractor = get_extractor(
-            opts.extractor, dataset=recipe.data.dataset, image_size=recipe.data.image_size, data_root=run.data_root,
-            train_set=train_set, test_set=test_set, inception_weights=opts.inception_weights, device=run.device,
-            recipe=ClassifierRecipe(steps=opts.classifier_steps) if opts.classifier_steps else None,
-            progress=bar("feature extractor"),
-        )  # fmt: skip
+
+        def extractor(kind: str) -> Extractor:
+            return get_extractor(
+                kind, dataset=recipe.data.dataset, image_size=recipe.data.image_size, data_root=run.data_root,
+                train_set=train_set, test_set=test_set, inception_weights=opts.inception_weights, device=run.device,
+                recipe=ClassifierRecipe(steps=opts.classifier_steps) if opts.classifier_steps else None,
+                progress=bar("feature extractor"), inception_mode=opts.inception_mode,
+            )  # fmt: skip
+
+        primary = extractor(opts.extractor)
+        labelled = has_labels(recipe.data.dataset, train_set)
+        other = "classifier" if primary.name == "inception" else "inception"
+        can_run = labelled if other == "classifier" else inception_available(opts.inception_weights)
+        others = [extractor(other)] if opts.both_spaces and can_run else []
+        classifier = next((e for e in (primary, *others) if e.name == "classifier"), None)
+        if classifier is None and labelled:
+            classifier = extractor("classifier")
         n = min(opts.num, len(test_set))
-        real_key = f"{recipe.data.dataset}-test-{recipe.data.image_size}"
-        return cls(run, train_set, test_set, extractor, test_set.images_uint8(torch.arange(n)), real_key, bar)
+        r = len(test_set) if opts.reference_num == 0 else min(n if opts.reference_num is None else opts.reference_num, len(test_set))
+        real_key = f"{recipe.data.dataset}-test-{recipe.data.image_size}"  # the cache name adds r and a hash of the pixels
+        real = test_set.images_uint8(torch.arange(r))
+        return cls(run, train_set, test_set, primary, others, classifier, n, real, real_key, bar)
 
     @property
-    def n(self) -> int:
-        return len(self.real)
+    def spaces(self) -> list[Extractor]:
+        return [self.extractor, *self.others]
 
-    def metrics(self, images_uint8: torch.Tensor, what: str) -> dict[str, Any]:
-        return compute_metrics(images_uint8, self.real, self.extractor, real_key=self.real_key, progress=self.bar(what))
+    @property
+    def reference(self) -> list[Any]:
+        """What a cached FID must match about the reference: its name and size."""
+        return [self.real_key, len(self.real)]
 
-    def of_samples(self, samples: Samples, label: str) -> dict[str, Any]:
-        """FID etc. of `samples`, cached in their folder's metrics.json under the inputs that made them."""
-        key = {"sample": samples.key, "extractor": [self.extractor.name, self.extractor.hash], "real": [self.real_key, self.n]}
-        return self.run.cached(samples.folder / "metrics.json", key, lambda: self.metrics(to_uint8(samples.images), f"metrics {label}"))
+    def reference_text(self, recipe: Recipe) -> str:
+        """E.g. "cifar10 test split, all 10000 images" or "mnist test split, first 500 of 10000 images"."""
+        d = recipe.data
+        name = f"{d.dataset} ({d.path})" if d.path else d.dataset
+        r, size = len(self.real), len(self.test_set)
+        return f"{name} test split, " + (f"all {r} images" if r == size else f"first {r} of {size} images")
+
+    def first_test(self) -> torch.Tensor:
+        """uint8 [n c h w]: the first n test images (rFID reconstructs them; edits edit them)."""
+        return self.test_set.images_uint8(torch.arange(self.n))
+
+    def metrics(self, images_uint8: torch.Tensor, what: str, extractor: Extractor | None = None) -> dict[str, Any]:
+        """Every metric in the configured space; FID alone in another (`extractor`)."""
+        extractor = extractor or self.extractor
+        only = {} if extractor is self.extractor else FID_ONLY
+        return compute_metrics(images_uint8, self.real, extractor, real_key=self.real_key, progress=self.bar(what), **only)
+
+    def fids(self, images_uint8: torch.Tensor, what: str) -> dict[str, float]:
+        """{extractor name: FID} in every feature space, the configured one first."""
+        return {e.name: self.metrics(images_uint8, f"{what} ({e.name})", e)["fid"] for e in self.spaces}
+
+    def of_samples(self, samples: Samples, label: str, extractor: Extractor | None = None) -> dict[str, Any]:
+        """FID etc. of `samples` in the configured space (`extractor` None), cached in their folder's
+        metrics.json, or FID in another space, cached in metrics-NAME.json, under the inputs that made them."""
+        extractor = extractor or self.extractor
+        name = "metrics.json" if extractor is self.extractor else f"metrics-{extractor.name}.json"
+        key = {"sample": samples.key, "extractor": extractor.key, "real": self.reference}
+        what = f"metrics {label}" + ("" if extractor is self.extractor else f" ({extractor.name})")
+        return self.run.cached(samples.folder / name, key, lambda: self.metrics(to_uint8(samples.images), what, extractor))
+
+    def class_accuracy(self, samples: Samples, label: str) -> float | None:
+        """The share of conditional samples the classifier assigns to their class (class_accuracy.json);
+        None for an unconditional generator or a dataset without labels."""
+        if samples.labels is None or self.classifier is None:
+            return None
+        key = {"sample": samples.key, "classifier": self.classifier.key}
+        compute = lambda: class_accuracy(to_uint8(samples.images), samples.labels, self.classifier, progress=self.bar(f"classes {label}"))  # noqa: E731
+        return self.run.cached(samples.folder / "class_accuracy.json", key, compute)
+
+    def test_accuracy(self) -> float | None:
+        """The classifier's accuracy on the whole test split (the yardstick of class_accuracy)."""
+        if self.classifier is None:
+            return None
+        images = self.test_set.images_uint8(torch.arange(len(self.test_set)))
+        return class_accuracy(images, self.test_set.labels, self.classifier, progress=self.bar("classifier test accuracy"))
 
 
 def bars_of(bars):
@@ -117,16 +192,23 @@ def bars_of(bars):
 
 
 def _context(run: Run, opts: EvalOptions, m: Measuring) -> dict[str, Any]:
-    """rFID (the tokenizer's reconstructions of the real images) and the floor FID (n train images
-    against the same real images), cached in RUN/report/context.json."""
+    """rFID (the tokenizer's reconstructions of the first n test images) and the floor FID (n train
+    images), both against the reference and in every feature space, and the classifier's test
+    accuracy; cached in RUN/report/context.json."""
 
     def compute() -> dict[str, Any]:
         tokenizer = run.load_tokenizer()
-        recon = to_uint8(decode(tokenizer, encode(tokenizer, from_uint8(m.real))))
+        recon = to_uint8(decode(tokenizer, encode(tokenizer, from_uint8(m.first_test()))))
         train_idx = torch.randperm(len(m.train_set), generator=torch.Generator().manual_seed(opts.seed))[: m.n]
-        return {"rfid": m.metrics(recon, "rFID")["fid"], "floor_fid": m.metrics(m.train_set.images_uint8(train_idx), "floor")["fid"]}
+        rfids, floor_fids = m.fids(recon, "rFID"), m.fids(m.train_set.images_uint8(train_idx), "floor")
+        primary = m.extractor.name
+        return {"rfid": rfids[primary], "floor_fid": floor_fids[primary], "rfids": rfids, "floor_fids": floor_fids,
+                "classifier_test_accuracy": m.test_accuracy()}  # fmt: skip
 
-    key = {"tokenizer": run.tokenizer_hash, "extractor": [m.extractor.name, m.extractor.hash], "n": m.n, "real": m.real_key}
+    key = {
+        "tokenizer": run.tokenizer_hash, "extractors": [e.key for e in m.spaces], "n": m.n, "real": m.reference,
+        "classifier": m.classifier.key if m.classifier is not None else None,
+    }  # fmt: skip
     return run.cached(run.report_dir / "context.json", key, compute)
 
 
@@ -151,11 +233,14 @@ def _measure_settings(run: Run, opts: EvalOptions, m: Measuring, diffusion_kind:
             label = setting(row)  # the report's name for this setting, also on the progress bars
             samples = generate(run, spec, on_batch=m.bar(f"sample {label}"))
             metrics = m.of_samples(samples, label)
+            fids = {m.extractor.name: metrics["fid"], **{e.name: m.of_samples(samples, label, e)["fid"] for e in m.others}}
             results.append(
                 {
                     **row,
                     "fid": metrics["fid"],
                     **{k: metrics.get(k) for k in ("kid", "kid_std", "precision", "recall", "isc")},
+                    "fids": fids,  # {extractor name: FID}: every feature space, the configured one (`fid`) first
+                    "class_accuracy": m.class_accuracy(samples, label),
                     "images_per_second": samples.images_per_second,
                     "forward_passes": samples.forward_passes,
                     "samples": str(samples.folder.relative_to(run.run_dir)),
@@ -199,7 +284,6 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         run.load_generator(g)  # fail now, not after the extractor is trained
     m = Measuring.of(run, opts, recipe, bars_of(bars))
     n, extractor = m.n, m.extractor
-    reference_name = f"{dataset} ({recipe.data.path})" if recipe.data.path else dataset
     ctx = _context(run, opts, m)
     diffusion_kind = read_config(run.model_dir("diffusion"), "diffusion")[1].corruption if "diffusion" in opts.generators else None
     results = _measure_settings(run, opts, m, diffusion_kind)
@@ -212,13 +296,21 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "extractor": extractor.name,
         "extractor_hash": extractor.hash,
         "extractor_info": extractor.info,
+        "extractor_mode": extractor.mode,
         "num_samples": n,
-        "reference": f"{reference_name} test split, first {n} of {len(m.test_set)} images",
+        "reference": m.reference_text(recipe),
         # FID depends on the reference set and its size as much as on the samples: state both
-        "reference_set": {"dataset": dataset, "path": recipe.data.path or None, "split": "test", "size": n, "split_size": len(m.test_set)},
+        "reference_set": {"dataset": dataset, "path": recipe.data.path or None, "split": "test", "size": len(m.real), "split_size": len(m.test_set)},
+        "reference_note": reference_note(n, len(m.real)),
+        # every feature space FID was taken in, the configured one (`fid`, `floor_fid`, `rfid`) first
+        "spaces": [{"extractor": e.name, "hash": e.hash, "mode": e.mode, "primary": e is extractor} for e in m.spaces],
         "isc_omitted": extractor.info.get("isc_omitted"),
         "floor_fid": ctx["floor_fid"],
-        "tokenizer": {"rfid": ctx["rfid"], "psnr": tok_metrics.get("psnr"), "codebook_usage": tok_metrics.get("codebook_usage")},
+        "floor_fids": ctx["floor_fids"],
+        "tokenizer": {"rfid": ctx["rfid"], "rfids": ctx["rfids"], "psnr": tok_metrics.get("psnr"), "codebook_usage": tok_metrics.get("codebook_usage")},
+        # the yardstick of each row's class_accuracy: the same classifier on the real test images
+        "classifier_test_accuracy": ctx["classifier_test_accuracy"],
+        "classifier_hash": m.classifier.hash if m.classifier is not None else None,
         "bits_per_token": bits,
         "cfg": opts.cfg,
         "top_k": opts.top_k,

@@ -72,6 +72,12 @@ class EvaluateSection:
     curve_num: int = 0  # samples per kept snapshot on the learning curves (0 = num)
     curve_extractor: str = ""  # the learning curves' extractor ("" = extractor), e.g. the cheap classifier
     samplers: tuple[str, ...] = ()  # diffusion samplers to compare (mask corruption); () = the diffusion section's `sampler`
+    # the real images FID is measured against: the first N test images (leave out = the first `num`, as
+    # before; 0 = the whole test split). Samples, reconstructions (rFID) and the floor's train images
+    # number `num` whatever the reference size
+    reference_num: int | None = None
+    both_spaces: bool = True  # also FID in the other feature space (classifier or inception) where both can run
+    inception_mode: str = "auto"  # how Inception computes: auto (the measured default) | fp32 | channels-last | bf16 | bf16-channels-last
 
 
 @dataclass(frozen=True)

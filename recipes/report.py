@@ -1,4 +1,13 @@
-"""The report of a run: report.json, report.md and matplotlib plots in RUN/report/."""
+"""The report of a run: report.json, report.md and matplotlib plots in RUN/report/.
+
+FID in more than one feature space: `fid` (and `floor_fid`, `tokenizer.rfid`) is the configured
+extractor's; where the other one can run too (the dataset classifier needs labels, Inception its
+weights here), every row has `fids` = {extractor name: FID}, the configured one first, as do
+`floor_fids` and `tokenizer.rfids`; `spaces` lists them ([{extractor, hash, mode, primary}]).
+`class_accuracy` (per row; None: unconditional) is the share of samples the dataset classifier
+assigns to the class they were conditioned on, next to `classifier_test_accuracy`, its accuracy on
+the real test images.
+"""
 
 from __future__ import annotations
 
@@ -37,27 +46,68 @@ def best_sentence(results: list[dict[str, Any]]) -> list[str]:
     return [text + ".", ""]
 
 
+def reference_note(num: int, reference_size: int) -> str:
+    """Why these FIDs are not the ones papers report: the sample count and the reference set differ."""
+    return (
+        f"FID here is {num} samples against {reference_size} test images. It is not FID-50k (50,000 samples against "
+        "the train split's statistics, the number papers report) and cannot be compared with it: FID falls as the "
+        "sample count grows and moves with the reference set"
+    )
+
+
+def spaces_sentence(results: list[dict[str, Any]]) -> list[str]:
+    """With FID in two feature spaces and two generators: whether the spaces agree on which generator
+    is better, each judged by its best row in that space."""
+    spaces = list(results[0].get("fids") or {}) if results else []
+    generators = sorted({r["generator"] for r in results})
+    if len(spaces) < 2 or len(generators) < 2 or any(set(r.get("fids") or {}) != set(spaces) for r in results):
+        return []
+    verdicts = []
+    for space in spaces:
+        best = {g: min((r for r in results if r["generator"] == g), key=lambda r: r["fids"][space]) for g in generators}
+        ranked = sorted(generators, key=lambda g: best[g]["fids"][space])
+        sides = ", ".join(f"{setting(best[g])} {_fmt(best[g]['fids'][space])}" for g in ranked)
+        verdicts.append((ranked[0], f"by {space} FID {ranked[0]} is better ({sides})"))
+    if len({w for w, _ in verdicts}) > 1:
+        text = "**The feature spaces disagree on which generator is better**: " + "; ".join(v for _, v in verdicts)
+    else:
+        text = f"Both feature spaces ({', '.join(spaces)}) agree that {verdicts[0][0]} is better: " + "; ".join(v for _, v in verdicts)
+    return [text + ".", ""]
+
+
+def other_spaces(report: dict[str, Any]) -> list[str]:
+    """The feature spaces besides the configured one (empty for a report of one space)."""
+    return [sp["extractor"] for sp in report.get("spaces", []) if not sp.get("primary")]
+
+
+def _conditional(report: dict[str, Any]) -> bool:
+    return any(r.get("class_accuracy") is not None for r in report["results"])
+
+
 def results_table(report: dict[str, Any]):
     """The results as a rich table, for the terminal: one row a setting, then the context rows."""
     from rich.table import Table
 
-    tok = report["tokenizer"]
+    tok, others, conditional = report["tokenizer"], other_spaces(report), _conditional(report)
     title = (
         f"{report['recipe']}: {report['num_samples']} samples per setting, extractor {report['extractor']} "
         f"({report['extractor_hash']})"
     )
     table = Table(title=title, title_justify="left")
-    for col in ("setting", "FID", "KID", "precision", "recall", "images/s", "passes"):
+    columns = ["setting", "FID", *(f"FID {o}" for o in others), "KID", "precision", "recall"]
+    columns += ["class acc."] * conditional + ["images/s", "passes"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in report["results"]:
-        kid = f"{r['kid']:.3f}" if r.get("kid") is not None else "-"
+        acc = [_fmt(r.get("class_accuracy"), 3)] * conditional
         table.add_row(
-            setting(r), f"{r['fid']:.2f}", kid, f"{r['precision']:.3f}" if r.get("precision") is not None else "-",
-            f"{r['recall']:.3f}" if r.get("recall") is not None else "-", f"{r['images_per_second']:.1f}",
-            str(r["forward_passes"]),
+            setting(r), _fmt(r["fid"]), *(_fmt(r["fids"].get(o)) for o in others), _fmt(r.get("kid"), 3),
+            _fmt(r.get("precision"), 3), _fmt(r.get("recall"), 3), *acc, f"{r['images_per_second']:.1f}", str(r["forward_passes"]),
         )  # fmt: skip
-    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", "", "", "", "", "", style="dim")
-    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", "", "", "", "", "", style="dim")
+    blank = [""] * (len(columns) - 2 - len(others))
+    rfids, floors = tok.get("rfids") or {}, report.get("floor_fids") or {}
+    table.add_row("tokenizer rFID", f"{tok['rfid']:.2f}", *(_fmt(rfids.get(o)) for o in others), *blank, style="dim")
+    table.add_row("data floor (train vs test)", f"{report['floor_fid']:.2f}", *(_fmt(floors.get(o)) for o in others), *blank, style="dim")
     return table
 
 
@@ -164,23 +214,71 @@ def _save(fig, ax, report: dict[str, Any], report_dir: Path, title: str, name: s
     return name
 
 
+def _in_other_spaces(fids: dict[str, float] | None, others: list[str]) -> str:
+    """" (classifier 4.12)": the same FID in the other feature spaces, or nothing."""
+    values = [f"{o} {_fmt((fids or {}).get(o))}" for o in others]
+    return f" ({'; '.join(values)})" if values else ""
+
+
+def _measurement_lines(report: dict[str, Any]) -> list[str]:
+    """The bullets that say what was measured, against what, and what it can be compared with."""
+    tok, others = report["tokenizer"], other_spaces(report)
+    info = report.get("extractor_info", {})
+    lines = [
+        f"- Feature extractor: **{report['extractor']}** (hash `{report['extractor_hash']}`"
+        + (f", {report['extractor_mode']}" if report.get("extractor_mode", "fp32") != "fp32" else "") + ")"
+        + (f", test accuracy {info['test_accuracy']:.4f}" if "test_accuracy" in info else ""),
+    ]
+    for sp in report.get("spaces", []):
+        if not sp.get("primary"):
+            lines.append(f"- Also FID in the **{sp['extractor']}** feature space (hash `{sp['hash']}`): the FID {sp['extractor']} column, and in brackets below")
+    lines += [
+        f"- Samples per setting: {report['num_samples']}, against the reference set: {report['reference']} "
+        "(FID depends on the reference set and its size)",
+    ]
+    if report.get("reference_note"):
+        lines.append(f"- **Not comparable with published FID-50k**: {report['reference_note']}.")
+    lines += [
+        f"- Data floor ({report['num_samples']} train images against the reference set): FID **{_fmt(report['floor_fid'])}**"
+        + _in_other_spaces(report.get("floor_fids"), others),
+        f"- Tokenizer: rFID **{_fmt(tok['rfid'])}**" + _in_other_spaces(tok.get("rfids"), others)
+        + f", PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['codebook_usage'], 3)}",
+    ]
+    if report.get("classifier_test_accuracy") is not None:
+        lines.append(
+            "- Class accuracy (conditional generators): the share of samples the dataset classifier "
+            f"(hash `{report.get('classifier_hash')}`) assigns to the class they were conditioned on; "
+            f"the same classifier on the real test images: **{_fmt(report['classifier_test_accuracy'], 3)}**"
+        )
+    return lines
+
+
+def _table_lines(report: dict[str, Any]) -> list[str]:
+    others, conditional = other_spaces(report), _conditional(report)
+    columns = ["generator", "sampler", "temperature", "steps", "forward passes", "FID", *(f"FID {o}" for o in others)]
+    columns += ["KID", "precision", "recall", "IS", *["class accuracy"] * conditional, "images/s"]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(["---"] * len(columns)) + " |"]
+    for r in report["results"]:
+        cells = [r["generator"], r.get("sampler") or "–", f"{r['temperature']:g}", r["steps"] or "–", r["forward_passes"], _fmt(r["fid"])]
+        cells += [_fmt((r.get("fids") or {}).get(o)) for o in others]
+        cells += [_fmt(r.get("kid"), 3), _fmt(r.get("precision"), 3), _fmt(r.get("recall"), 3), _fmt(r.get("isc"))]
+        cells += [_fmt(r.get("class_accuracy"), 3)] * conditional + [_fmt(r["images_per_second"], 1)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any], report_dir: Path) -> str:
     run = Path(report["run"])
 
     def rel(path_in_run: str) -> str:
         return os.path.relpath(run / path_in_run, report_dir)
 
-    tok = report["tokenizer"]
     lines = [
         f"# vqdiff report: {report['recipe']} ({report['dataset']})",
         "",
+        *spaces_sentence(report["results"]),
         *best_sentence(report["results"]),
-        f"- Feature extractor: **{report['extractor']}** (hash `{report['extractor_hash']}`)"
-        + (f", test accuracy {report['extractor_info']['test_accuracy']:.4f}" if "test_accuracy" in report.get("extractor_info", {}) else ""),
-        f"- Samples per setting: {report['num_samples']}, against the reference set: {report['reference']} "
-        "(FID depends on the reference set and its size)",
-        f"- Data floor (train vs test, same count): FID **{_fmt(report['floor_fid'])}**",
-        f"- Tokenizer: rFID **{_fmt(tok['rfid'])}**, PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['codebook_usage'], 3)}",
+        *_measurement_lines(report),
     ]
     for g, b in report.get("bits_per_token", {}).items():
         what = "exact" if b.get("kind") == "exact" else "ELBO upper bound"
@@ -190,16 +288,8 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
         f"top-k {report.get('top_k') or 'off'}; top-p {report.get('top_p') or 'off'}"
         + "".join(f"; {k} {v}" for k, v in report.get("software", {}).items()),
         "",
-        "| generator | sampler | temperature | steps | forward passes | FID | KID | precision | recall | IS | images/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_table_lines(report),
     ]
-    for r in report["results"]:
-        kid = r.get("kid")
-        lines.append(
-            f"| {r['generator']} | {r.get('sampler') or '–'} | {r['temperature']:g} | {r['steps'] or '–'} | {r['forward_passes']} | {_fmt(r['fid'])} | "
-            f"{_fmt(kid, 3)} | {_fmt(r['precision'], 3)} | {_fmt(r['recall'], 3)} | {_fmt(r.get('isc'))} | "
-            f"{_fmt(r['images_per_second'], 1)} |"
-        )
     if report.get("isc_omitted"):
         lines += ["", f"IS column empty: {report['isc_omitted']}."]
     lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]

@@ -1,8 +1,10 @@
 """`vqdiff sample`: name the folder, ask `vqdiff.pipeline` for the images, write the files.
 
 A samples folder holds exactly what its `sample.json` describes: the PNGs, grid.png,
-ids.safetensors and (with a GIF) trajectory.gif of one call. A folder whose sample.json records the
-same inputs is reused; any other content is replaced, never added to.
+ids.safetensors (the ids, and the classes they were conditioned on: zeros for an unconditional
+generator) and (with a GIF) trajectory.gif of one call; `vqdiff evaluate` adds its metrics*.json and
+class_accuracy.json. A folder whose sample.json records the same inputs is reused; any other content
+is replaced, never added to.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class Samples:
     forward_passes: int  # per image
     folder: Path
     key: dict[str, Any]  # the inputs that produced them (spec, weights hashes), as in sample.json
+    labels: torch.Tensor | None = None  # long [n]: the classes they were conditioned on; None: unconditional
 
     @property
     def images_per_second(self) -> float:
@@ -160,8 +163,9 @@ def generate(
     }
     old = run.fresh(folder / "sample.json", key)
     if old is not None and (folder / "ids.safetensors").exists():
-        ids, _ = load_tokens(folder / "ids.safetensors")
-        return Samples(ids, decode(tokenizer, ids), old["seconds"], old["forward_passes"], folder, key)
+        ids, saved = load_tokens(folder / "ids.safetensors")  # the labels are saved with the ids (zeros: unconditional)
+        labels = saved if cfg.num_classes > 0 else None
+        return Samples(ids, decode(tokenizer, ids), old["seconds"], old["forward_passes"], folder, key, labels)
 
     options = spec.model_options(model.sample_options)
     if spec.prefix_rows:
@@ -182,7 +186,8 @@ def generate(
     # the old marker (barrier), and before any rank reads the new files (barrier at the end)
     barrier()
     if is_main():
-        for stale in ("sample.json", "metrics.json", "trajectory.gif"):
+        # metrics*.json: metrics.json (the configured feature space) and metrics-NAME.json (the other one)
+        for stale in ("sample.json", "trajectory.gif", "class_accuracy.json", *(p.name for p in folder.glob("metrics*.json"))):
             (folder / stale).unlink(missing_ok=True)
     sync(device)
     t0 = time.perf_counter()
@@ -194,10 +199,10 @@ def generate(
     seconds = time.perf_counter() - t0
     if not is_main():
         barrier()
-        return Samples(ids, images, seconds, passes, folder, key)
+        return Samples(ids, images, seconds, passes, folder, key, labels)
 
-    samples = Samples(ids, images, seconds, passes, folder, key)
-    _write(samples, labels, tokenizer, frames, cfg.codebook_size, device)
+    samples = Samples(ids, images, seconds, passes, folder, key, labels)
+    _write(samples, tokenizer, frames, cfg.codebook_size, device)
     barrier()
     return samples
 
@@ -222,9 +227,9 @@ def _prefixes(run: Run, spec: SampleSpec) -> torch.Tensor:
     return test_ids[: spec.num, : spec.prefix_rows]
 
 
-def _write(samples: Samples, labels, tokenizer, frames: list[torch.Tensor], codebook_size: int, device) -> None:
+def _write(samples: Samples, tokenizer, frames: list[torch.Tensor], codebook_size: int, device) -> None:
     """The folder's files; sample.json last: its presence means the folder is complete."""
-    folder, ids = samples.folder, samples.ids
+    folder, ids, labels = samples.folder, samples.ids, samples.labels
     save_pngs(samples.images, folder)
     save_grid(samples.images[:64], folder / "grid.png", nrow=8)
     if frames:

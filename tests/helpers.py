@@ -1,5 +1,8 @@
-"""Shared helpers of the CLI tests: a tiny `shapes` recipe and CliRunner calls."""
+"""Shared helpers of the CLI tests: a tiny `shapes` recipe, CliRunner calls, random Inception weights."""
 
+import pytest
+import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from typer.testing import CliRunner
 
 from recipes.cli import app
@@ -62,3 +65,17 @@ def one_line_error(result, *needles):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     for needle in needles:
         assert needle in result.output, result.output
+
+
+def save_random_inception_weights(path):
+    """A randomly initialised Inception state dict in torch-fidelity's format at `path` (the real one
+    needs a download); returns `path`."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    mp.undo()
+    torch.save(net.state_dict(), path)
+    return path

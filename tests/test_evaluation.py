@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import torch_fidelity
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from helpers import save_random_inception_weights
 
 import evaluation
 import evaluation.classifier
@@ -19,6 +19,7 @@ import evaluation.extractors
 from evaluation import (
     ClassifierRecipe,
     EvaluationError,
+    class_accuracy,
     compute_metrics,
     extract_features,
     get_extractor,
@@ -219,6 +220,31 @@ def test_auto_without_labels_offline_is_one_line(tmp_path):
         get_extractor("classifier", dataset="folder", train_set=unlabelled, cache_dir=tmp_path)
 
 
+def test_class_accuracy_counts_the_conditioning_labels(classifier, test_set):
+    images = test_set.uint8[:64]
+    predicted = extract_features(images, classifier, layer="logits").argmax(1)
+    assert class_accuracy(images, predicted, classifier) == 1.0  # a perfect predictor of its own labels
+    wrong = (predicted + 1) % test_set.num_classes
+    assert class_accuracy(images, wrong, classifier) == 0.0
+    half = torch.where(torch.arange(64) < 32, predicted, wrong)
+    assert class_accuracy(images, half, classifier) == 0.5
+    # on real images with their true labels: the classifier's accuracy, as the training-time check counts it
+    real = ImageSet("shapes", "test", 32, 3, test_set.num_classes, test_set.labels[:64], uint8=images)
+    assert class_accuracy(images, test_set.labels[:64], classifier) == pytest.approx(evaluation.accuracy(classifier_model(classifier), real))
+    shuffled = test_set.labels[:64][torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    assert class_accuracy(images, shuffled, classifier) < class_accuracy(images, test_set.labels[:64], classifier)
+    with pytest.raises(EvaluationError, match="one label per image"):
+        class_accuracy(images, predicted[:10], classifier)
+
+
+def classifier_model(extractor):
+    """The `Classifier` module behind a classifier extractor, as `evaluation.accuracy` takes it."""
+    cfg = evaluation.extractors.FEATURE_EXTRACTORS_REGISTRY[extractor.fidelity_name].cfg
+    model = evaluation.Classifier(cfg)
+    model.load_state_dict(evaluation.extractors.FEATURE_EXTRACTORS_REGISTRY[extractor.fidelity_name].state, strict=True)
+    return model.eval()
+
+
 # ------------------------------------------------------------------ the reference statistics cache
 
 
@@ -301,21 +327,13 @@ def test_given_inception_weights_that_do_not_exist(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
     """A randomly initialised Inception state dict in torch-fidelity's format (the real one needs a download)."""
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    mp = pytest.MonkeyPatch()
-    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    mp.undo()
-    torch.save(net.state_dict(), path)
-    return path
+    return save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def test_inception_with_local_weights_takes_grey_images(random_inception_weights, test_set, tmp_path, monkeypatch):
     ex = get_extractor("inception", dataset="shapes", inception_weights=random_inception_weights, device="cpu")
-    assert ex.fidelity_name == "inception-v3-compat" and ex.weights_path == str(random_inception_weights)
+    assert ex.weights_path == str(random_inception_weights)
+    assert ex.mode == "channels-last" and ex.fidelity_name == "inception-v3-compat-channels-last"  # the CPU default
     assert len(ex.hash) == 12 and ex.hash != "torch-fidelity-default"
     grey = test_set.uint8[:8].float().mean(1, keepdim=True).round().to(torch.uint8)  # [n 1 h w]
     m = compute_metrics(grey[:4], grey[4:], ex, real_key="grey", cache_dir=tmp_path)
@@ -327,3 +345,26 @@ def test_inception_with_local_weights_takes_grey_images(random_inception_weights
     # the env var is the same as the option, and with weights here auto means inception
     monkeypatch.setenv("VQDIFF_INCEPTION_WEIGHTS", str(random_inception_weights))
     assert get_extractor("auto", dataset="shapes").hash == ex.hash
+
+
+def test_inception_modes_are_registered_apart_and_agree_with_fp32(random_inception_weights, test_set, tmp_path):
+    kw = dict(dataset="shapes", inception_weights=random_inception_weights, device="cpu")
+    fp32 = get_extractor("inception", inception_mode="fp32", **kw)
+    assert fp32.fidelity_name == "inception-v3-compat" and fp32.key == ["inception", fp32.hash]  # the keys before modes
+    images = test_set.uint8[:4]
+    reference = extract_features(images, fp32)
+    for mode, tolerance in (("channels-last", 1e-4), ("bf16", 0.1), ("bf16-channels-last", 0.1)):
+        ex = get_extractor("inception", inception_mode=mode, **kw)
+        assert ex.fidelity_name == f"inception-v3-compat-{mode}" and ex.key == ["inception", fp32.hash, mode]
+        features = extract_features(images, ex)
+        assert features.dtype == torch.float32
+        scale = reference.abs().max()
+        assert (features - reference).abs().max() <= tolerance * scale, mode
+    # a mode's reference statistics never share a cache file with fp32's
+    compute_metrics(images[:2], images[2:], fp32, real_key="modes", cache_dir=tmp_path, kid=False, prc=False, isc=False)
+    compute_metrics(images[:2], images[2:], ex, real_key="modes", cache_dir=tmp_path, kid=False, prc=False, isc=False)
+    names = fidelity_files(tmp_path)
+    assert any("compat-bf16-channels-last" in f for f in names) and any("compat-features" in f for f in names)
+    assert get_extractor("inception", **kw).mode == evaluation.extractors.default_inception_mode(torch.device("cpu"))
+    with pytest.raises(EvaluationError, match="unknown inception mode 'fp8'"):
+        get_extractor("inception", inception_mode="fp8", **kw)

@@ -17,6 +17,19 @@ from recipes.evaluate import EvalOptions, evaluate as evaluate_run
 from recipes.report import results_table
 from recipes.run import Run
 
+ReferenceNumOpt = Annotated[
+    Optional[int],
+    typer.Option("--reference-num", help="Test images FID is measured against: the first N; 0 = the whole test split. [default: the recipe's, else --num]"),
+]
+InceptionModeOpt = Annotated[
+    Optional[str],
+    typer.Option("--inception-mode", help="How Inception computes: auto | fp32 | channels-last | bf16 | bf16-channels-last. [default: the recipe's, auto]"),
+]
+BothSpacesOpt = Annotated[
+    Optional[bool],
+    typer.Option("--both-spaces/--one-space", help="Also FID in the other feature space where both can run. [default: the recipe's, both]"),
+]
+
 
 def csv(value: Optional[str], cast, what: str):
     if value is None:
@@ -31,6 +44,8 @@ def print_report(report: dict[str, Any]) -> None:
     out.print(results_table(report))
     if report.get("reference"):
         out.print(f"reference set: {report['reference']}", soft_wrap=True)
+    if report.get("reference_note"):
+        out.print(report["reference_note"] + ".", soft_wrap=True)
     if report.get("isc_omitted"):
         out.print(report["isc_omitted"], soft_wrap=True)
     out.print(f"report -> {Path(report['run']) / 'report' / 'report.md'}", soft_wrap=True)
@@ -49,10 +64,13 @@ def evaluate(
     run: RunArg,
     generators: Annotated[Optional[str], typer.Option("--generators", help="Comma list: ar,diffusion.")] = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Samples per generator and setting.")] = None,
+    reference_num: ReferenceNumOpt = None,
     steps: Annotated[Optional[str], typer.Option("--steps", help="Diffusion steps, comma list, e.g. 4,8,16.")] = None,
     temperatures: Annotated[Optional[str], typer.Option("--temperatures", help="Comma list, e.g. 0.8,1.0 (0 = argmax).")] = None,
     extractor: ExtractorOpt = None,
     inception_weights: InceptionOpt = None,
+    inception_mode: InceptionModeOpt = None,
+    both_spaces: BothSpacesOpt = None,
     cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for conditional generators.")] = None,
     sampler: Annotated[
         Optional[str],
@@ -92,10 +110,13 @@ def evaluate(
             r.read_recipe(),
             generators=csv(generators, str, "--generators"),
             num=num,
+            reference_num=reference_num,
             steps=csv(steps, int, "--steps"),
             temperatures=csv(temperatures, float, "--temperatures"),
             extractor=extractor,
             inception_weights=inception_weights,
+            inception_mode=inception_mode,
+            both_spaces=both_spaces,
             cfg=cfg,
             samplers=csv(sampler, str, "--sampler"),
             eta=eta,
