@@ -1,16 +1,18 @@
 #!/bin/bash
 # The sweeps of issue 21 on a finished cifar10 run, in the cheap feature space (the dataset
-# classifier, 1000 samples per setting): the CFG scale of both generators, and the diffusion
-# samplers and steps. Each evaluate call rewrites RUN/report/report.json, so each one's report is
-# copied to RUN/report/sweeps/; run the recipe's own `vqdiff evaluate RUN` last (samples and
-# metrics are cached, so it only recomputes what its settings need).
+# classifier, 1000 samples per setting, against the recipe's reference): the CFG scale of both
+# generators, then the diffusion samplers at 8, 16 and 32 steps. Each `vqdiff evaluate` call rewrites
+# RUN/report/, so the recipe's report is kept aside and put back at the end; each sweep's
+# report.json is copied to RUN/report/sweeps/NAME.json.
 #   bash docs/scripts/cifar10_sweeps.sh runs/cifar10
 set -euo pipefail
 RUN=$1
-OUT=$RUN/report/sweeps
-mkdir -p "$OUT"
-ev() { name=$1; shift; vqdiff evaluate "$RUN" --num 1000 --extractor classifier "$@"; cp "$RUN/report/report.json" "$OUT/$name.json"; }
+KEEP=$(mktemp -d)
+cp -r "$RUN/report/." "$KEEP/"
+trap 'rm -rf "$RUN/report" && mkdir -p "$RUN/report" && cp -r "$KEEP/." "$RUN/report/" && mkdir -p "$RUN/report/sweeps" && cp "$KEEP"/sweeps-new/*.json "$RUN/report/sweeps/" 2>/dev/null; rm -rf "$KEEP"' EXIT
+mkdir -p "$KEEP/sweeps-new"
+ev() { name=$1; shift; vqdiff evaluate "$RUN" --num 1000 --extractor classifier --one-space "$@"; cp "$RUN/report/report.json" "$KEEP/sweeps-new/$name.json"; }
 for cfg in 1.0 1.5 2.0 3.0; do
-  ev "cfg-$cfg" --cfg "$cfg" --steps 16 --sampler ancestral
+  ev "cfg-$cfg" --cfg "$cfg" --steps 16
 done
-ev samplers --steps 4,8,16,32 --sampler ancestral,maskgit,halton --generators diffusion
+ev samplers --steps 8,16,32 --sampler ancestral,maskgit,halton --generators diffusion
