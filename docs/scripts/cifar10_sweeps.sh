@@ -4,7 +4,7 @@
 # generators, then the diffusion samplers at 8, 16 and 32 steps. Each `vqdiff evaluate` call rewrites
 # RUN/report/, so the recipe's report is kept aside and put back at the end; each sweep's
 # report.json is copied to RUN/report/sweeps/NAME.json.
-#   bash docs/scripts/cifar10_sweeps.sh runs/cifar10
+#   bash docs/scripts/cifar10_sweeps.sh runs/cifar10      # CFGS="1.0 2.0" STEPS=16: a shorter sweep
 set -euo pipefail
 RUN=$1
 KEEP=$(mktemp -d)
@@ -12,7 +12,7 @@ cp -r "$RUN/report/." "$KEEP/"
 trap 'rm -rf "$RUN/report" && mkdir -p "$RUN/report" && cp -r "$KEEP/." "$RUN/report/" && mkdir -p "$RUN/report/sweeps" && cp "$KEEP"/sweeps-new/*.json "$RUN/report/sweeps/" 2>/dev/null; rm -rf "$KEEP"' EXIT
 mkdir -p "$KEEP/sweeps-new"
 ev() { name=$1; shift; vqdiff evaluate "$RUN" --num 1000 --extractor classifier --one-space "$@"; cp "$RUN/report/report.json" "$KEEP/sweeps-new/$name.json"; }
-for cfg in 1.0 1.5 2.0 3.0; do
+for cfg in ${CFGS:-1.0 1.5 2.0 3.0}; do
   ev "cfg-$cfg" --cfg "$cfg" --steps 16
 done
-ev samplers --steps 8,16,32 --sampler ancestral,maskgit,halton --generators diffusion
+ev samplers --steps "${STEPS:-8,16,32}" --sampler ancestral,maskgit,halton --generators diffusion

@@ -15,7 +15,7 @@ from recipes.recipe import Recipe, load_recipe
 from recipes.run import Run, default_run_dir
 from vqdiff import distributed
 
-RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (quickstart, mnist, cifar10, shapes) or a path to a .toml.")]
+RecipeArg = Annotated[str, typer.Argument(help="A bundled recipe name (quickstart, mnist, cifar10, cifar10-large, shapes) or a path to a .toml.")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="The run folder. [default: runs/<recipe name>]")]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key: section.key=value (repeatable).")
