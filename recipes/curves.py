@@ -83,12 +83,12 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             )  # fmt: skip
     curve = {
         "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "num_samples": m.n,
-        "temperature": temperature, "diffusion_steps": steps, "diffusion_sampler": sampler,
+        "temperature": temperature, "cfg": opts.cfg, "diffusion_steps": steps, "diffusion_sampler": sampler,
         "diffusion_sample_schedule": opts.sample_schedule, "points": points,
     }  # fmt: skip
     if not is_main():  # under torchrun rank 0 writes
         return curve
     run.report_dir.mkdir(parents=True, exist_ok=True)
-    curve["plot"] = plot_curve(curve, run.report_dir, dataset=recipe.data.dataset)
+    curve["plot"] = plot_curve(curve, run.report_dir, name=f"{recipe.name} ({recipe.data.dataset})")
     write_json(run.report_dir / "curve.json", curve)
     return curve

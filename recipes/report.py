@@ -159,7 +159,7 @@ def write_plots(report: dict[str, Any], report_dir: Path) -> dict[str, str]:
     return plots
 
 
-def plot_curve(curve: dict[str, Any], report_dir: Path, *, dataset: str) -> str:
+def plot_curve(curve: dict[str, Any], report_dir: Path, *, name: str) -> str:
     """Learning curves: FID against training steps and against training wall time, one line per
     generator, recall as a dotted line on a second axis."""
     import matplotlib
@@ -192,8 +192,8 @@ def plot_curve(curve: dict[str, Any], report_dir: Path, *, dataset: str) -> str:
         ax.legend(fontsize=8, loc="upper left")
         twin.legend(fontsize=8, loc="upper right")
     fig.suptitle(
-        f"{dataset}: learning curves ({curve['num_samples']} samples; diffusion {curve['diffusion_sampler']}, "
-        f"{curve['diffusion_steps']} steps)"
+        f"{name}: learning curves ({curve['num_samples']} samples; diffusion {curve['diffusion_sampler']}, "
+        f"{curve['diffusion_steps']} steps; CFG {curve.get('cfg', 1.0):g})"
     )
     fig.tight_layout()
     fig.savefig(report_dir / "learning_curve.png", dpi=120)
