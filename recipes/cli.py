@@ -19,6 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # help texts are plain: rich markup would eat every "[default: ...]" and the extra in ".[demo]"
+    rich_markup_mode=None,
 )
 
 

@@ -94,3 +94,12 @@ def test_same_recipe_same_weights(tok_run, tmp_path):
     assert result.exit_code == 0, result.output
     a = (tok_run / "tokenizer" / "model.safetensors").read_bytes()
     assert (tmp_path / "tokenizer" / "model.safetensors").read_bytes() == a
+
+
+def test_help_keeps_bracketed_text():
+    # help texts are not read as rich markup, which would drop "[default: ...]" and ".[demo]"
+    demo_help = " ".join(invoke("demo", "--help").output.split())
+    assert 'pip install -e ".[demo]"' in demo_help
+    assert "cpu, cuda, cuda:1 ... [default: cpu]" in demo_help
+    sample_help = " ".join(invoke("sample", "--help").output.split())
+    assert "[default: the recipe's diffusion.sampler]" in sample_help
