@@ -193,7 +193,7 @@ def plot_curve(curve: dict[str, Any], report_dir: Path, *, name: str) -> str:
         twin.legend(fontsize=8, loc="upper right")
     fig.suptitle(
         f"{name}: learning curves ({curve['num_samples']} samples; diffusion {curve['diffusion_sampler']}, "
-        f"{curve['diffusion_steps']} steps; CFG {curve.get('cfg', 1.0):g})"
+        f"{curve['diffusion_steps']} steps; CFG {curve['cfg']:g})"
     )
     fig.tight_layout()
     fig.savefig(report_dir / "learning_curve.png", dpi=120)
