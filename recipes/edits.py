@@ -245,7 +245,10 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
                 run.report_dir / "edits" / f"{g}-{task}.json", key, lambda: measure_edit(m, model, tokenizer, task, g, settings, labels)
             )
             rows.append({**row, "settings": settings})
-    report = {"run": str(run.run_dir), "num": n, "reference": m.reference_text(recipe), "results": rows}
+    report = {
+        "run": str(run.run_dir), "num": n, "reference": m.reference_text(recipe),
+        "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "results": rows,
+    }  # fmt: skip
     if is_main():
         write_json(run.report_dir / "edits.json", report)
         (run.report_dir / "edits.md").write_text(edits_markdown(report))
@@ -257,7 +260,7 @@ def edits_markdown(report: dict[str, Any]) -> str:
         "# Edits: inpainting and outpainting",
         "",
         f"Edits of the first {report['num']} test images. FID of the completions (decoded, no paste-back) against the "
-        f"reference set: {report['reference']}; "
+        f"reference set: {report['reference']}, in the features of {report['extractor']} (hash `{report['extractor_hash']}`); "
         "PSNR (dB) of the kept area against the input and against the tokenizer's reconstruction; "
         "kept-token exactness is the share of kept ids equal to the input's (1.0 by construction).",
         "",

@@ -143,7 +143,9 @@ def test_evaluate_edits(run):
     for r in report["results"]:
         assert r["kept_token_exactness"] == 1.0 and r["num"] == 8
         assert r["fid"] >= 0 and r["psnr_kept_vs_input"] > 0 and r["psnr_kept_vs_reconstruction"] > 0
-    assert "| diffusion | border |" in (run / "report" / "edits.md").read_text()
+    md = (run / "report" / "edits.md").read_text()
+    assert "| diffusion | border |" in md
+    assert report["extractor"] and f"hash `{report['extractor_hash']}`" in md  # the feature space the FIDs are in
     before = (run / "report" / "edits" / "diffusion-centre.json").stat().st_mtime_ns
     ok(invoke("evaluate", run, "--edits", "--num", 8, "--steps", 2))  # cached: nothing measured again
     assert (run / "report" / "edits" / "diffusion-centre.json").stat().st_mtime_ns == before

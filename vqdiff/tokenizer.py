@@ -260,7 +260,6 @@ class VQTokenizer(nn.Module):
         logs.update(g_loss=g_loss.item(), d_loss=d_loss.item(), disc_weight=weight.item())
         return weight * g_loss + d_loss
 
-
     def _lecam(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
         """LeCAM (Tseng et al. 2021): ||D(x) - ema(D(G(z)))||^2 + ||D(G(z)) - ema(D(x))||^2, hinge-clipped
         as in its reference code; keeps the discriminator's logits from drifting apart on little data."""
