@@ -45,6 +45,7 @@ ARMS = {
     "fsq-mse": dict(quantizer="fsq", fsq_levels=(8, 8, 8), codebook_size=512),  # the MSE loss of the baseline
     "grid16-mse": dict(downsample=2),
     "disc-mse": dict(disc=True, disc_weight=0.5),
+    "disc-mse-lecam": dict(disc=True, disc_weight=0.5, lecam_weight=0.001),  # the LeCAM pair without the perceptual loss
     "perceptual-0.1": dict(perceptual_weight=0.1),
 }
 
