@@ -6,7 +6,9 @@ Tiny and offline: `shapes` images, a classifier trained for a few dozen steps, n
 from __future__ import annotations
 
 import dataclasses
+import platform
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from helpers import save_random_inception_weights
 import evaluation
 import evaluation.classifier
 import evaluation.extractors
+import vqdiff.precision
 from evaluation import (
     ClassifierRecipe,
     EvaluationError,
@@ -345,6 +348,20 @@ def test_inception_with_local_weights_takes_grey_images(random_inception_weights
     # the env var is the same as the option, and with weights here auto means inception
     monkeypatch.setenv("VQDIFF_INCEPTION_WEIGHTS", str(random_inception_weights))
     assert get_extractor("auto", dataset="shapes").hash == ex.hash
+
+
+def test_auto_inception_mode_is_bf16_channels_last_only_with_amx(monkeypatch):
+    cpu = torch.device("cpu")
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        # the probe against an independent reading: the kernel's CPU flags
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        assert vqdiff.precision.amx_bf16(cpu) == ("amx_bf16" in flags)
+    assert not vqdiff.precision.amx_bf16(torch.device("meta"))
+    monkeypatch.setattr(evaluation.extractors, "amx_bf16", lambda device: True)
+    assert evaluation.extractors.default_inception_mode(cpu) == "bf16-channels-last"
+    assert evaluation.extractors.default_inception_mode(torch.device("cuda")) == "fp32"
+    monkeypatch.setattr(evaluation.extractors, "amx_bf16", lambda device: False)
+    assert evaluation.extractors.default_inception_mode(cpu) == "channels-last"
 
 
 def test_inception_modes_are_registered_apart_and_agree_with_fp32(random_inception_weights, test_set, tmp_path):

@@ -5,6 +5,7 @@
 # RUN/report/, so the recipe's report is kept aside and put back at the end; each sweep's
 # report.json is copied to RUN/report/sweeps/NAME.json.
 #   bash docs/scripts/cifar10_sweeps.sh runs/cifar10      # CFGS="1.0 2.0" STEPS=16: a shorter sweep
+#   CFGS="4.0 5.0" SAMPLERS= bash docs/scripts/cifar10_sweeps.sh runs/cifar10   # CFG scales only
 set -euo pipefail
 RUN=$1
 KEEP=$(mktemp -d)
@@ -15,4 +16,7 @@ ev() { name=$1; shift; vqdiff evaluate "$RUN" --num 1000 --extractor classifier 
 for cfg in ${CFGS:-1.0 1.5 2.0 3.0}; do
   ev "cfg-$cfg" --cfg "$cfg" --steps 16
 done
-ev samplers --steps "${STEPS:-8,16,32}" --sampler ancestral,maskgit,halton --generators diffusion
+SAMPLERS=${SAMPLERS-ancestral,maskgit,halton}
+if [ -n "$SAMPLERS" ]; then
+  ev samplers --steps "${STEPS:-8,16,32}" --sampler "$SAMPLERS" --generators diffusion
+fi

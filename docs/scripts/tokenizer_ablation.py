@@ -47,6 +47,12 @@ ARMS = {
     "disc-mse": dict(disc=True, disc_weight=0.5),
     "disc-mse-lecam": dict(disc=True, disc_weight=0.5, lecam_weight=0.001),  # the LeCAM pair without the perceptual loss
     "perceptual-0.1": dict(perceptual_weight=0.1),
+    # capacity at the 8x8 grid, with the baseline's MSE loss
+    "res2-mse": dict(num_res_blocks=2),
+    "wide-mse": dict(width=128, max_width=256),
+    "codes1024-mse": dict(codebook_size=1024),
+    "codes4096-mse": dict(codebook_size=4096),
+    "dim8-mse": dict(codebook_dim=8),
 }
 
 
