@@ -8,11 +8,11 @@
 #   CFGS="4.0 5.0" SAMPLERS= bash docs/scripts/cifar10_sweeps.sh runs/cifar10   # CFG scales only
 set -euo pipefail
 RUN=$1
-KEEP=$(mktemp -d)
+KEEP=$(mktemp -d)  # the recipe's report
+NEW=$(mktemp -d)   # this sweep's report.json files
 cp -r "$RUN/report/." "$KEEP/"
-trap 'rm -rf "$RUN/report" && mkdir -p "$RUN/report" && cp -r "$KEEP/." "$RUN/report/" && mkdir -p "$RUN/report/sweeps" && cp "$KEEP"/sweeps-new/*.json "$RUN/report/sweeps/" 2>/dev/null; rm -rf "$KEEP"' EXIT
-mkdir -p "$KEEP/sweeps-new"
-ev() { name=$1; shift; vqdiff evaluate "$RUN" --num 1000 --extractor classifier --one-space "$@"; cp "$RUN/report/report.json" "$KEEP/sweeps-new/$name.json"; }
+trap 'rm -rf "$RUN/report" && mkdir -p "$RUN/report" && cp -r "$KEEP/." "$RUN/report/" && mkdir -p "$RUN/report/sweeps" && cp "$NEW"/*.json "$RUN/report/sweeps/" 2>/dev/null; rm -rf "$KEEP" "$NEW"' EXIT
+ev() { name=$1; shift; vqdiff evaluate "$RUN" --num 1000 --extractor classifier --one-space "$@"; cp "$RUN/report/report.json" "$NEW/$name.json"; }
 for cfg in ${CFGS:-1.0 1.5 2.0 3.0}; do
   ev "cfg-$cfg" --cfg "$cfg" --steps 16
 done
