@@ -11,6 +11,16 @@ import torch
 PRECISIONS = ("auto", "fast", "fp32", "bf16")
 
 
+def _cpu_has(flags: tuple[str, ...], probes: tuple[str, ...]) -> bool:
+    """Whether this CPU has any of `flags` (torch.cpu.get_capabilities(), public from torch 2.9), or,
+    on an older torch, whether any of the private `probes` of torch.cpu says so."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        found = caps()
+        return any(found.get(k, False) for k in flags)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware. A CPU without AMX-BF16 or AVX512-BF16
     (or Arm's BF16 extension) emulates them: bf16 autocast there trains 3-4x slower than fp32
@@ -22,25 +32,15 @@ def native_bf16(device: torch.device) -> bool:
             return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    caps = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.9
-    if caps is not None:
-        found = caps()
-        return any(found.get(k, False) for k in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
-    return any(  # older torch: the private probes it has
-        getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    )
+    flags = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+    return _cpu_has(flags, ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def amx_bf16(device: torch.device) -> bool:
     """Whether `device` is a CPU with AMX-BF16 tiles. There oneDNN runs bf16 convolutions faster than
     fp32 ones (Inception: 2.4x channels-last fp32, docs/results.md); AVX512-BF16 alone speeds up
     matrix products but not those convolutions (bf16 Inception measured no faster there)."""
-    if device.type != "cpu":
-        return False
-    caps = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.9
-    if caps is not None:
-        return bool(caps().get("amx_bf16", False))
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return device.type == "cpu" and _cpu_has(("amx_bf16",), ("_is_amx_tile_supported",))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
