@@ -336,7 +336,9 @@ def random_inception_weights(tmp_path_factory):
 def test_inception_with_local_weights_takes_grey_images(random_inception_weights, test_set, tmp_path, monkeypatch):
     ex = get_extractor("inception", dataset="shapes", inception_weights=random_inception_weights, device="cpu")
     assert ex.weights_path == str(random_inception_weights)
-    assert ex.mode == "channels-last" and ex.fidelity_name == "inception-v3-compat-channels-last"  # the CPU default
+    mode = evaluation.extractors.default_inception_mode(torch.device("cpu"))  # bf16-channels-last with AMX
+    assert mode in ("channels-last", "bf16-channels-last") and ex.mode == mode
+    assert ex.fidelity_name == f"inception-v3-compat-{mode}"
     assert len(ex.hash) == 12 and ex.hash != "torch-fidelity-default"
     grey = test_set.uint8[:8].float().mean(1, keepdim=True).round().to(torch.uint8)  # [n 1 h w]
     m = compute_metrics(grey[:4], grey[4:], ex, real_key="grey", cache_dir=tmp_path)
