@@ -1,5 +1,8 @@
 """Shared helpers of the CLI tests: a tiny `shapes` recipe, CliRunner calls, random Inception weights."""
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -79,3 +82,11 @@ def save_random_inception_weights(path):
     mp.undo()
     torch.save(net.state_dict(), path)
     return path
+
+
+def cpu_flags() -> set[str] | None:
+    """The kernel's CPU flags (/proc/cpuinfo) on x86 Linux, an independent reading to check torch's
+    capability probes against; None elsewhere."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())

@@ -6,14 +6,12 @@ Tiny and offline: `shapes` images, a classifier trained for a few dozen steps, n
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch_fidelity
-from helpers import save_random_inception_weights
+from helpers import cpu_flags, save_random_inception_weights
 
 import evaluation
 import evaluation.classifier
@@ -354,9 +352,8 @@ def test_inception_with_local_weights_takes_grey_images(random_inception_weights
 
 def test_auto_inception_mode_is_bf16_channels_last_only_with_amx(monkeypatch):
     cpu = torch.device("cpu")
-    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
-        # the probe against an independent reading: the kernel's CPU flags
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    flags = cpu_flags()
+    if flags is not None:  # the probe against an independent reading: the kernel's CPU flags
         assert vqdiff.precision.amx_bf16(cpu) == ("amx_bf16" in flags)
     assert not vqdiff.precision.amx_bf16(torch.device("meta"))
     monkeypatch.setattr(evaluation.extractors, "amx_bf16", lambda device: True)

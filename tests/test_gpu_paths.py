@@ -1,11 +1,9 @@
 """The GPU code paths that can be checked on a CPU: TF32, fused AdamW, bf16 autocast with an fp32
 quantizer, and noise drawn on the generator's device (the same seed, the same ids on any device)."""
 
-import platform
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import cpu_flags
 
 from vqdiff.data import make_shapes
 from vqdiff.precision import enable_tf32
@@ -57,9 +55,8 @@ def test_fast_precision_uses_bf16_only_where_the_cpu_has_it(monkeypatch, tmp_pat
     import vqdiff.precision as precision_mod
 
     cpu = torch.device("cpu")
-    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
-        # the probe against an independent reading: the kernel's CPU flags
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    flags = cpu_flags()
+    if flags is not None:  # the probe against an independent reading: the kernel's CPU flags
         assert precision_mod.native_bf16(cpu) == ("amx_bf16" in flags or "avx512_bf16" in flags)
     monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
     assert precision_mod.autocast_dtype("fast", cpu) is None

@@ -13,6 +13,7 @@ import torch
 from recipes.bench import build_models, bench_training, timeit
 from recipes.recipe import load_recipe
 
+
 def main() -> None:
     dev = torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
