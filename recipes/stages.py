@@ -11,12 +11,13 @@ import torch
 from recipes.images import save_grid
 from recipes.recipe import Recipe
 from recipes.run import Run, StageError, check_generator, ensure_tokens, software_versions
-from vqdiff.checkpoint import is_complete, read_config, read_json, save_model, write_json
+from vqdiff.checkpoint import CONFIG_FILE, is_complete, read_config, read_json, save_model, write_json
 from vqdiff.data import ImageSet, load_tokens
-from vqdiff.distributed import barrier, is_main
+from vqdiff.distributed import barrier, is_distributed, is_main
+from vqdiff.memory import MemoryEstimate, available_bytes, estimate_step_memory, gib
 from vqdiff.perceptual import PerceptualRecipe, train_perceptual
 from vqdiff.pipeline import decode, encode, measure_tokenizer
-from vqdiff.precision import autocast_dtype
+from vqdiff.precision import autocast_dtype, model_autocast
 from vqdiff.pretrained import DiffusersTokenizer
 from vqdiff.registry import model_class
 from vqdiff.steps import TensorSource
@@ -53,6 +54,7 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
             cfg = recipe.model_config("tokenizer", channels=train_set.channels, image_size=train_set.image_size)
             with seeded(tcfg.seed):
                 model = model_class("tokenizer")(cfg)
+            check_memory("tokenizer", model, tcfg, run.torch_device)
             prepare_perceptual(model, train_set, folder, run.torch_device)
             result = train(model, train_set, tcfg, folder, device=run.torch_device, on_log=on_log)
             model, step, resumed_from = result.model, result.step, result.resumed_from
@@ -61,7 +63,7 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
             model = model.to(run.torch_device).eval()
             test_set = run.load_split(recipe, "test")
             metrics = evaluate_tokenizer(model, test_set, on_eval)
-            metrics.update(train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from, software=software_versions(), autocast=autocast_name(tcfg, run))
+            metrics.update(train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from, software=software_versions(), autocast=autocast_name("tokenizer", tcfg, run))
             if (folder / "perceptual.json").exists():
                 metrics["perceptual"] = read_json(folder / "perceptual.json")
             write_json(run.metrics_path("tokenizer"), metrics)
@@ -116,6 +118,7 @@ def train_generator(kind: str, recipe: Recipe, run: Run, on_log=None, on_batch=N
     folder = run.model_dir(kind)
     model_cls = check_generator(kind)
     tcfg = recipe.train_config(kind)
+    check_generator_memory(kind, recipe, run)  # before the tokens: a step that cannot fit stops here
     tok = run.tokenizer_meta()
     # refuse a mismatch the recipe states before spending time on encoding
     recipe.check_derived(kind, codebook_size=tok["codebook_size"], grid_h=tok["grid"][0], grid_w=tok["grid"][1])
@@ -137,15 +140,70 @@ def train_generator(kind: str, recipe: Recipe, run: Run, on_log=None, on_batch=N
     if is_main():  # under torchrun the other ranks wait at the barrier
         metrics = test_bits_per_token(result.model, run, recipe[kind]["eval_grids"])
         n_params = sum(p.numel() for p in result.model.parameters())
-        metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params, software=software_versions(), autocast=autocast_name(tcfg, run))
+        metrics.update(train_seconds_this_call=round(seconds, 1), steps=result.step, parameters=n_params, software=software_versions(), autocast=autocast_name(kind, tcfg, run))
         write_json(run.metrics_path(kind), metrics)
     barrier()
     return read_json(run.metrics_path(kind))
 
 
-def autocast_name(tcfg: Any, run: Run) -> str:
-    """The dtype the matmuls trained in (`precision = fast` picks it from the hardware)."""
-    return str(autocast_dtype(tcfg.precision, run.torch_device) or torch.float32).removeprefix("torch.")
+def recipe_meta(recipe: Recipe, run: Run) -> dict[str, Any]:
+    """codebook_size, grid and num_classes for a generator: the run's tokenizer's when it has one,
+    else the recipe's tokenizer section's (the grid and the codebook do not depend on the channels)."""
+    if (run.model_dir("tokenizer") / CONFIG_FILE).exists():
+        return {**run.tokenizer_meta(), "num_classes": 10}
+    tcfg = recipe.model_config("tokenizer", channels=3, image_size=recipe["data"]["image_size"])
+    return {"codebook_size": tcfg.codebook_size, "grid": list(tcfg.grid), "num_classes": 10}
+
+
+def random_batch(kind: str, model: torch.nn.Module, b: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A batch of b random items in the form `model.loss` takes (speed and memory do not depend on the values)."""
+    cfg = model.cfg
+    if kind == "tokenizer":
+        return {"images": torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1}
+    return {
+        "ids": torch.randint(0, cfg.codebook_size, (b, cfg.grid_h, cfg.grid_w), device=device),
+        "labels": torch.randint(0, max(cfg.num_classes, 1), (b,), device=device),
+    }
+
+
+def memory_estimate(kind: str, model: torch.nn.Module, tcfg: Any, device: torch.device) -> MemoryEstimate:
+    """The peak-memory estimate of one training step of `model` at the recipe's batch (vqdiff.memory)."""
+    amp = model_autocast(model, tcfg.precision, device)
+    return estimate_step_memory(model, lambda b: random_batch(kind, model, b, device), tcfg.batch_size, amp=amp, device=device)
+
+
+def check_generator_memory(kind: str, recipe: Recipe, run: Run) -> None:
+    """`check_memory` for the `kind` generator as the recipe configures it, unless it is trained already;
+    it needs no tokens and no tokenizer (`recipe_meta`)."""
+    tcfg = recipe.train_config(kind)
+    if is_trained(run.model_dir(kind), tcfg.steps):
+        return
+    with seeded(tcfg.seed):
+        probe = check_generator(kind)(generator_config(kind, recipe, recipe_meta(recipe, run)))
+    check_memory(kind, probe, tcfg, run.torch_device)
+
+
+def check_memory(kind: str, model: torch.nn.Module, tcfg: Any, device: torch.device) -> None:
+    """Refuse, in one line, a stage whose training step would not fit in this machine's free memory
+    (the kernel's OOM killer would end it mid-run without a word). Skipped under torchrun and on
+    devices other than the CPU and CUDA."""
+    if is_distributed() or device.type not in ("cpu", "cuda"):
+        return
+    est = memory_estimate(kind, model, tcfg, device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_bytes()
+    if est.peak() > free:
+        fit = est.largest_batch(free)
+        hint = f"batch_size = {fit} would fit (--set {kind}.batch_size={fit})" if fit else "no batch size fits: use a smaller model"
+        raise StageError(
+            f"[{kind}] a training step at batch {tcfg.batch_size} needs about {gib(est.peak())}, and this "
+            f"machine has {gib(free)} free; {hint}"
+        )
+
+
+def autocast_name(kind: str, tcfg: Any, run: Run) -> str:
+    """The dtype the matmuls trained in (`precision = fast` picks it from the hardware and the model)."""
+    amp = autocast_dtype(tcfg.precision, run.torch_device, convolutional=getattr(model_class(kind), "convolutional", False))
+    return str(amp or torch.float32).removeprefix("torch.")
 
 
 @torch.no_grad()

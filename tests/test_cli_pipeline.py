@@ -328,13 +328,33 @@ def test_run_resumes_after_interruption(tmp_path, cache, monkeypatch):
 
 def test_bench_quick(tmp_path):
     out = tmp_path / "bench.json"
-    ok(invoke("bench", "shapes", "--quick", "--out", out, *sets([s for s in TINY if not s.startswith(("data", "evaluate"))])))
+    tiny = sets([s for s in TINY if not s.startswith(("data", "evaluate"))])
+    result = ok(invoke("bench", "shapes", "--quick", "--compare", "--out", out, *tiny))
+    assert "new/today" in result.output and "% of peak" in result.output
     result = json.loads(out.read_text())
-    kinds = {(r["generator"], r.get("kv_cache"), r.get("steps")) for r in result["sampling"] if r["what"] == "sample"}
-    assert ("ar", True, None) in kinds and ("ar", False, None) in kinds and ("diffusion", None, 16) in kinds
-    assert {r["model"] for r in result["training"]} == {"tokenizer", "ar", "diffusion"}
-    assert all(r["achieved_flops"] > 0 and r["matmul_peak_flops"] > 0 for r in result["training"])
-    assert result["features"]
+    rows = result["training"] + result["sampling"] + result["features"]
+    stages = {(r["what"], r["path"], r.get("cfg")) for r in rows}
+    for kind in ("tokenizer", "ar", "diffusion"):
+        assert (kind, "today", None) in stages and (kind, "new", None) in stages
+    for kind in ("sample-ar", "sample-diffusion"):
+        assert {(kind, p, c) for p in ("today", "new") for c in (1.0, 3.0)} <= stages
+    assert ("decode", "new", None) in stages and any(r["what"] == "features" for r in rows)
+    # every stage: FLOPs, their rate and its share of the peak in the stage's own precision
+    for r in rows:
+        assert r["flop_per_call"] > 0 and r["achieved_flops"] > 0, r
+        assert r["fraction_of_peak"] == r["achieved_flops"] / result["matmul_peak_flops"][r["dtype"]]
+    assert all(r["memory_estimate_bytes"] > 0 for r in result["training"])
+    ratios = {(r["what"], r["cfg"]) for r in result["speedups"]}
+    assert ("ar", None) in ratios and ("sample-diffusion", 3.0) in ratios
+    assert all(r["time_ratio"] == r["new_seconds"] / r["today_seconds"] for r in result["speedups"])
+
+
+def test_bench_profile_prints_the_top_operators():
+    tiny = sets([s for s in TINY if not s.startswith(("data", "evaluate"))])
+    result = ok(invoke("bench", "shapes", "--profile", "ar", *tiny))
+    assert "Self CPU" in result.output and "aten::" in result.output
+    bad = invoke("bench", "shapes", "--profile", "everything")
+    assert bad.exit_code != 0 and "--profile must be one of" in " ".join(bad.output.split())
 
 
 def test_evaluate_inception_offline_is_one_line(run, tmp_path, monkeypatch):

@@ -1,10 +1,19 @@
-"""Which number format training computes in: `TrainConfig.precision` and the hardware.
+"""The speed rules, in one place: which number format a model computes in (`TrainConfig.precision`
+and the hardware) and which attention kernel each device and sequence length gets.
 
-auto: bf16 autocast on CUDA, fp32 on CPU | fast: bf16 wherever the device has native bf16 matmuls
-(CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32 | fp32 | bf16 (always).
+Precision: auto: bf16 autocast on CUDA, fp32 on CPU | fast: bf16 wherever it is measured to pay
+(transformers: native bf16 matmuls, i.e. CUDA with bf16 or CPUs with AMX or AVX512-BF16;
+convolutional models: CUDA with bf16 or CPUs with AMX-BF16), else fp32 | fp32 | bf16 (always).
+
+Attention: `attention_path` (the rule, from the measurements in its docstring), overridden by
+`use_attention(path)` or `$VQDIFF_ATTENTION`; "sdpa" is SDPA's own backend choice.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -43,15 +52,27 @@ def amx_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and _cpu_has(("amx_bf16",), ("_is_amx_tile_supported",))
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
-    if (
-        precision == "bf16"
-        or (precision == "auto" and device.type == "cuda")
-        or (precision == "fast" and native_bf16(device))
-    ):
+def autocast_dtype(precision: str, device: torch.device, *, convolutional: bool = False) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32.
+
+    `convolutional`: the model's time is in convolutions (the tokenizer). Under "fast" a CPU runs
+    those in bf16 only with AMX-BF16 tiles: there the cifar10 tokenizer's step took 188 ms in bf16
+    against 389 ms in fp32; with AVX512-BF16 alone oneDNN's bf16 convolutions were measured no faster
+    than fp32 (Inception, docs/results.md), and without either bf16 is emulated, several times slower.
+    """
+    if precision == "fast":
+        if device.type == "cpu" and convolutional:
+            return torch.bfloat16 if amx_bf16(device) else None
+        return torch.bfloat16 if native_bf16(device) else None
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def model_autocast(model: torch.nn.Module, precision: str, device: torch.device) -> torch.dtype | None:
+    """`autocast_dtype` for `model`: a model whose class says `convolutional = True` (the tokenizer)
+    takes the convolutions' rule."""
+    return autocast_dtype(precision, device, convolutional=getattr(model, "convolutional", False))
 
 
 def enable_tf32(device: torch.device) -> None:
@@ -65,3 +86,50 @@ def enable_tf32(device: torch.device) -> None:
 def bf16_emulated(precision: str, device: torch.device) -> bool:
     """Whether `precision` asks for bf16 on a CPU that only emulates it: 3-4x slower than fp32."""
     return precision == "bf16" and device.type == "cpu" and not native_bf16(device)
+
+
+# ---------------------------------------------------------------- attention kernels
+
+ATTENTION_PATHS = ("auto", "sdpa", "math", "matmul")
+_forced: list[str] = []  # the innermost `use_attention` override, if any
+
+
+def _env_attention() -> str:
+    path = os.environ.get("VQDIFF_ATTENTION", "auto")
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"VQDIFF_ATTENTION must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    return path
+
+
+@contextlib.contextmanager
+def use_attention(path: str) -> Iterator[None]:
+    """Force one attention path inside the block ("auto": the rule of `attention_path`)."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
+    _forced.append(path)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def attention_path(device: torch.device, keys: int, *, grad: bool) -> str:
+    """The attention kernel for `keys` key positions: "sdpa" (SDPA's own choice: flash attention on
+    CPU and CUDA), "math" (SDPA's math backend) or "matmul" (matmul, softmax, matmul, written out).
+
+    CUDA: SDPA's choice (its flash and memory-efficient kernels are the fast ones there). CPU: SDPA's
+    flash kernel splits the keys into blocks and, in its backward, recomputes the attention block by
+    block; at the generators' short sequences that bookkeeping dominates (55% of an AR training step
+    at 65 tokens, head width 32, in bf16 on AMX), and the math path, which keeps the [m keys]
+    probabilities, is 1.6x faster there. At 257 tokens flash's memory traffic wins again (3.6 s
+    against 5.4 s a step). Without grad (sampling) the same holds: see `CPU_SHORT_KEYS`.
+    """
+    forced = _forced[-1] if _forced else _env_attention()
+    if forced != "auto":
+        return forced
+    if device.type != "cpu":
+        return "sdpa"
+    return "matmul" if keys <= CPU_SHORT_KEYS else "sdpa"
+
+
+CPU_SHORT_KEYS = 128  # up to this many keys the CPU takes the written-out path (measured: docs/results.md)

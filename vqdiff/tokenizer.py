@@ -161,6 +161,7 @@ class TokenizerConfig:
 
 class VQTokenizer(nn.Module):
     kind = "tokenizer"  # its name in vqdiff.registry and in config.json
+    convolutional = True  # its time is in convolutions: `precision = "fast"` takes their rule (vqdiff.precision)
 
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()

@@ -49,7 +49,7 @@ from vqdiff.checkpoint import (
     save_train_state,
     unwrap,
 )
-from vqdiff.precision import PRECISIONS, autocast_dtype, bf16_emulated, enable_tf32
+from vqdiff.precision import PRECISIONS, bf16_emulated, enable_tf32, model_autocast
 from vqdiff.schedules import warmup_cosine
 from vqdiff.steps import (
     BatchSource,
@@ -260,7 +260,7 @@ def _start(model: nn.Module, cfg: TrainConfig, out_dir: Path, device: str | torc
     if cfg.batch_size < world:
         raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must be >= the {world} ranks")
     model = unwrap(model).to(device)
-    amp = autocast_dtype(cfg.precision, device)
+    amp = model_autocast(model, cfg.precision, device)
     if bf16_emulated(cfg.precision, device) and main:
         warnings.warn(
             "precision = bf16 on a CPU without native bf16 matmuls trains 3-4x slower than fp32; "

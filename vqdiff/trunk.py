@@ -16,6 +16,7 @@ Letters: `b` batch, `h w` token grid, `n = (h w)`, `m` tokens in one call, `d` w
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vqdiff.precision import attention_path
 from vqdiff.sampling_ops import null_class
 
 # ---------------------------------------------------------------- config checks
@@ -124,10 +127,33 @@ class Attention(nn.Module):
                 # SDPA's is_causal aligns the mask top-left, wrong when queries start after `past` keys
                 mask = torch.ones(m, past + m, dtype=torch.bool, device=x.device).tril(past)
         # a single new query after the cache may see every cached key: no mask needed
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        path = attention_path(x.device, k.shape[2], grad=torch.is_grad_enabled())
+        if path == "matmul":
+            out = matmul_attention(q, k, v, mask=mask, is_causal=is_causal, dropout=dropout)
+        else:
+            with sdpa_kernel([SDPBackend.MATH]) if path == "math" else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         return self.proj(rearrange(out, "b heads m e -> b m (heads e)"))
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
+    """softmax(q k^T / sqrt(e)) v, written out: q [b heads m e], k v [b heads n e] -> [b heads m e].
+
+    mask: bool [m n], True where a query may see a key; is_causal: the top-left causal mask (m = n).
+    The same function as SDPA's; `vqdiff.precision.attention_path` says when it is the faster one.
+    The softmax runs in fp32 (autocast keeps `softmax` there too), as SDPA's math path does.
+    """
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [b heads m n]
+    if is_causal:
+        m, n = scores.shape[-2:]
+        mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout)
+    return probs @ v
 
 
 class MLP(nn.Module):

@@ -9,7 +9,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from recipes.bench import bench_table, run_bench
+from recipes.bench import STAGES, bench_table, profile_stage, run_bench
 from recipes.checks import check_device
 from recipes.commands.codec import bench_compress
 from recipes.commands.common import DeviceOpt, SetOpt
@@ -40,13 +40,20 @@ def bench_recipe(
     set_: SetOpt = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="JSON file. [default: runs/bench-<recipe>.json]")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Short timings (a smoke run, not a measurement).")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run training and sampling on the kernels and precisions before the speed rules, and give the ratios.")] = False,
+    profile: Annotated[Optional[str], typer.Option("--profile", metavar="STAGE", help=f"Print the top operators of one stage instead: {', '.join(STAGES)}.")] = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Sampling images/s (batch 1 and 64), training tokens/s and FLOP/s against a matmul peak, feature images/s."""
+    """Every stage's speed, FLOPs and share of the matmul peak: training steps, sampling (CFG 1 and 3), decoding, features."""
     with edge():
         r = load_recipe(recipe, set_ or [])
         dev = default_device(check_device(device))
-        result = run_bench(r, dev, quick=quick, progress=lambda what: console.print(f"bench: {what}..."))
+        if profile is not None:
+            if profile not in STAGES:
+                raise typer.BadParameter(f"--profile must be one of {', '.join(STAGES)}, got {profile!r}")
+            out.print(profile_stage(r, dev, profile), soft_wrap=True)
+            return
+        result = run_bench(r, dev, quick=quick, compare=compare, progress=lambda what: console.print(f"bench: {what}..."))
         path = out_path or Path("runs") / f"bench-{r.name}.json"
         write_json(path, result)
         out.print(bench_table(result, r.name))

@@ -74,6 +74,7 @@ def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None)
 def _train_generator(kind: str, recipe: str, run_dir, set_, data_root, device) -> None:
     with edge():
         r, run = recipe_run(recipe, run_dir, set_, data_root, device)
+        stages.check_generator_memory(kind, r, run)  # a step that cannot fit: one line, before anything else
         run.tokenizer_meta()  # fail before writing a recipe into a run without a tokenizer
         with writer_lock(run.run_dir):
             run.write_recipe(r)
@@ -134,6 +135,8 @@ def run_all(
         t0 = time.perf_counter()
         r, run = recipe_run(recipe, run_dir, set_, data_root, device)
         opts = EvalOptions.from_recipe(r, extractor=extractor, inception_weights=inception_weights)
+        for kind in GENERATORS:  # a generator that cannot fit stops the run now, not after the tokenizer
+            stages.check_generator_memory(kind, r, run)
         held.enter_context(writer_lock(run.run_dir))  # every stage of the run, as one writer
         run.write_recipe(r)
         timings: dict[str, float] = {}

@@ -1,0 +1,127 @@
+"""The speed rules of `vqdiff.precision` under every capability answer, and the attention paths
+agreeing with each other: in training (outputs and gradients) and in KV-cache sampling."""
+
+import pytest
+import torch
+
+import vqdiff.precision as precision_mod
+from vqdiff.ar import ARConfig, ARTransformer
+from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+from vqdiff.precision import attention_path, autocast_dtype, model_autocast, use_attention
+from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
+from vqdiff.train import seeded
+from vqdiff.trunk import KVCache
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+PATHS = ("sdpa", "math", "matmul")
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, transformer, convolutional",
+    [
+        (True, True, torch.bfloat16, torch.bfloat16),  # AMX: bf16 for both
+        (False, True, torch.bfloat16, None),  # AVX512-BF16 alone: bf16 matmuls, fp32 convolutions
+        (False, False, None, None),  # neither: bf16 is emulated, fp32 for both
+    ],
+)
+def test_fast_precision_under_each_cpu_capability(monkeypatch, amx, avx512_bf16, transformer, convolutional):
+    answers = {"amx_bf16": amx, "avx512_bf16": avx512_bf16}
+    monkeypatch.setattr(precision_mod, "_cpu_has", lambda flags, probes: any(answers.get(f, False) for f in flags))
+    assert autocast_dtype("fast", CPU) is transformer
+    assert autocast_dtype("fast", CPU, convolutional=True) is convolutional
+    with seeded(0):
+        tok = VQTokenizer(TokenizerConfig(channels=1, image_size=8, width=4, max_width=4, codebook_size=8, codebook_dim=2))
+        ar = ARTransformer(ARConfig(codebook_size=8, grid_h=2, grid_w=2, dim=8, depth=1, heads=2))
+    assert model_autocast(tok, "fast", CPU) is convolutional
+    assert model_autocast(ar, "fast", CPU) is transformer
+    for precision, conv in (("auto", True), ("auto", False), ("fp32", True), ("fp32", False)):
+        assert autocast_dtype(precision, CPU, convolutional=conv) is None  # only "fast" reads the capabilities
+    assert autocast_dtype("bf16", CPU, convolutional=True) is torch.bfloat16  # an explicit bf16 is honoured
+
+
+def test_fast_precision_on_cuda_follows_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: True)
+    assert autocast_dtype("fast", CUDA) is autocast_dtype("fast", CUDA, convolutional=True) is torch.bfloat16
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda device: False)
+    assert autocast_dtype("fast", CUDA, convolutional=True) is None
+    assert autocast_dtype("auto", CUDA) is torch.bfloat16
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_attention_rule_by_device_and_length(monkeypatch, grad):
+    monkeypatch.delenv("VQDIFF_ATTENTION", raising=False)
+    short, long_ = precision_mod.CPU_SHORT_KEYS, precision_mod.CPU_SHORT_KEYS + 1
+    assert attention_path(CPU, 65, grad=grad) == attention_path(CPU, short, grad=grad) == "matmul"
+    assert attention_path(CPU, long_, grad=grad) == attention_path(CPU, 257, grad=grad) == "sdpa"
+    assert attention_path(CUDA, 65, grad=grad) == attention_path(CUDA, 257, grad=grad) == "sdpa"
+    with use_attention("math"):
+        assert attention_path(CPU, 65, grad=grad) == "math"
+        with use_attention("auto"):  # the innermost wins, and "auto" is the rule again
+            assert attention_path(CPU, 65, grad=grad) == "matmul"
+    assert attention_path(CPU, 65, grad=grad) == "matmul"
+    monkeypatch.setenv("VQDIFF_ATTENTION", "sdpa")  # the setting that restores SDPA's own choice
+    assert attention_path(CPU, 65, grad=grad) == "sdpa"
+    monkeypatch.setenv("VQDIFF_ATTENTION", "flashy")
+    with pytest.raises(ValueError, match="VQDIFF_ATTENTION must be one of"):
+        attention_path(CPU, 65, grad=grad)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        with use_attention("fast"):
+            pass
+
+
+def _models():
+    common = dict(codebook_size=16, grid_h=4, grid_w=4, num_classes=3, dim=32, depth=2, heads=4)
+    with seeded(0):
+        return ARTransformer(ARConfig(**common)), DiffusionTransformer(DiffusionConfig(**common))
+
+
+def _loss_and_grads(model, batch, path, amp):
+    model.zero_grad(set_to_none=True)
+    with use_attention(path), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        torch.manual_seed(1)  # the diffusion loss draws t and the mask: the same for every path
+        loss, _ = model.loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("amp, tol", [(None, 1e-5), (torch.bfloat16, 3e-2)])
+def test_attention_paths_agree_in_training(amp, tol):
+    batch = {"ids": torch.randint(0, 16, (6, 4, 4), generator=torch.Generator().manual_seed(0)), "labels": torch.tensor([0, 1, 2] * 2)}
+    for model in _models():
+        model.train()
+        ref_loss, ref_grads = _loss_and_grads(model, batch, "sdpa", amp)
+        for path in ("math", "matmul"):
+            loss, grads = _loss_and_grads(model, batch, path, amp)
+            assert torch.allclose(loss, ref_loss, rtol=tol, atol=tol), (model.kind, path)
+            assert grads.keys() == ref_grads.keys()
+            for name, g in grads.items():
+                scale = ref_grads[name].abs().max().clamp_min(1e-6)
+                assert (g - ref_grads[name]).abs().max() / scale < 10 * tol, (model.kind, path, name)
+
+
+@pytest.mark.parametrize("amp, tol", [(None, 1e-5), (torch.bfloat16, 5e-2)])
+def test_attention_paths_agree_in_kv_cache_sampling(amp, tol):
+    ar, _ = _models()
+    ar.eval()
+    ids = torch.randint(0, 16, (3, 4, 4), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 2])
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with use_attention("sdpa"):
+            full = ar(ids, labels).float()  # [b n k], no cache
+        for path in PATHS:
+            with use_attention(path):
+                cache = KVCache(ar.trunk.seq_len)
+                seq = ids.flatten(1)
+                first = ar.next_logits(seq[:, :0], labels, cache)[:, None]  # the class token alone: predicts cell 0
+                block = ar.trunk(seq[:, :5], labels, cache=cache)  # 5 tokens at once, a masked block: cells 1..5
+                rest = [ar.next_logits(seq[:, i - 1 : i], labels, cache)[:, None] for i in range(6, 16)]  # cells 6..15
+                got = torch.cat([first, block, *rest], dim=1).float()
+            assert got.shape == full.shape
+            assert torch.allclose(got, full, rtol=tol, atol=tol), path
+    # and whole sampling: the same seed gives the same ids on every path in fp32
+    if amp is None:
+        outs = []
+        for path in PATHS:
+            with use_attention(path):
+                outs.append(ar.sample(3, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(5)))
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
