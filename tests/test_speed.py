@@ -13,7 +13,7 @@ from vqdiff.train import seeded
 from vqdiff.trunk import KVCache
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-PATHS = ("sdpa", "math", "matmul")
+PATHS = ("sdpa", "math")
 
 
 @pytest.mark.parametrize(
@@ -47,26 +47,37 @@ def test_fast_precision_on_cuda_follows_native_bf16(monkeypatch):
     assert autocast_dtype("auto", CUDA) is torch.bfloat16
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_attention_rule_by_device_and_length(monkeypatch, grad):
+def test_attention_rule_by_device_dtype_and_length(monkeypatch):
     monkeypatch.delenv("VQDIFF_ATTENTION", raising=False)
-    short, long_ = precision_mod.CPU_SHORT_KEYS, precision_mod.CPU_SHORT_KEYS + 1
-    assert attention_path(CPU, 65, grad=grad) == attention_path(CPU, short, grad=grad) == "matmul"
-    assert attention_path(CPU, long_, grad=grad) == attention_path(CPU, 257, grad=grad) == "sdpa"
-    assert attention_path(CUDA, 65, grad=grad) == attention_path(CUDA, 257, grad=grad) == "sdpa"
+    bf16, fp32 = torch.bfloat16, torch.float32
+    short, long_ = precision_mod.CPU_BF16_MATH_KEYS, precision_mod.CPU_BF16_MATH_KEYS + 1
+    assert attention_path(CPU, bf16, 65) == attention_path(CPU, bf16, short) == "math"
+    assert attention_path(CPU, bf16, long_) == attention_path(CPU, bf16, 257) == "sdpa"
+    assert attention_path(CPU, fp32, 65) == attention_path(CPU, fp32, 257) == "sdpa"
+    assert attention_path(CUDA, bf16, 65) == attention_path(CUDA, fp32, 257) == "sdpa"
     with use_attention("math"):
-        assert attention_path(CPU, 65, grad=grad) == "math"
+        assert attention_path(CPU, fp32, 65) == "math"
         with use_attention("auto"):  # the innermost wins, and "auto" is the rule again
-            assert attention_path(CPU, 65, grad=grad) == "matmul"
-    assert attention_path(CPU, 65, grad=grad) == "matmul"
+            assert attention_path(CPU, fp32, 65) == "sdpa"
     monkeypatch.setenv("VQDIFF_ATTENTION", "sdpa")  # the setting that restores SDPA's own choice
-    assert attention_path(CPU, 65, grad=grad) == "sdpa"
+    assert attention_path(CPU, bf16, 65) == "sdpa"
     monkeypatch.setenv("VQDIFF_ATTENTION", "flashy")
     with pytest.raises(ValueError, match="VQDIFF_ATTENTION must be one of"):
-        attention_path(CPU, 65, grad=grad)
+        attention_path(CPU, bf16, 65)
     with pytest.raises(ValueError, match="attention must be one of"):
         with use_attention("fast"):
             pass
+
+
+def test_the_trunk_takes_the_path_the_rule_gives(monkeypatch):
+    import vqdiff.trunk as trunk_mod
+
+    seen = []
+    monkeypatch.setattr(trunk_mod, "attention_path", lambda device, dtype, keys: seen.append((dtype, keys)) or "sdpa")
+    ar, _ = _models()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ar(torch.zeros(2, 4, 4, dtype=torch.long))
+    assert seen and all(s == (torch.bfloat16, 17) for s in seen)  # the class token + 16 cells, in bf16
 
 
 def _models():
@@ -90,7 +101,7 @@ def test_attention_paths_agree_in_training(amp, tol):
     for model in _models():
         model.train()
         ref_loss, ref_grads = _loss_and_grads(model, batch, "sdpa", amp)
-        for path in ("math", "matmul"):
+        for path in PATHS[1:]:
             loss, grads = _loss_and_grads(model, batch, path, amp)
             assert torch.allclose(loss, ref_loss, rtol=tol, atol=tol), (model.kind, path)
             assert grads.keys() == ref_grads.keys()

@@ -90,8 +90,15 @@ def bf16_emulated(precision: str, device: torch.device) -> bool:
 
 # ---------------------------------------------------------------- attention kernels
 
-ATTENTION_PATHS = ("auto", "sdpa", "math", "matmul")
+ATTENTION_PATHS = ("auto", "sdpa", "math")
 _forced: list[str] = []  # the innermost `use_attention` override, if any
+
+# Up to this many keys a CPU computing in bf16 takes SDPA's math path. Measured: on CPU-AMX at 65
+# tokens the flash kernel's backward took 55% of an AR training step, and the math path made the
+# step 1.57x (AR) and 1.60x (diffusion) faster; at 257 tokens flash won (3.6 s a step against 5.4 s).
+# In fp32 (CPU-noBF16, docs/results.md) SDPA's choice was the fastest or within 3% at 65 tokens and
+# 1.36-1.47x faster than math at 257, so fp32 keeps it at every length.
+CPU_BF16_MATH_KEYS = 128
 
 
 def _env_attention() -> str:
@@ -113,23 +120,20 @@ def use_attention(path: str) -> Iterator[None]:
         _forced.pop()
 
 
-def attention_path(device: torch.device, keys: int, *, grad: bool) -> str:
-    """The attention kernel for `keys` key positions: "sdpa" (SDPA's own choice: flash attention on
-    CPU and CUDA), "math" (SDPA's math backend) or "matmul" (matmul, softmax, matmul, written out).
+def attention_path(device: torch.device, dtype: torch.dtype, keys: int) -> str:
+    """The attention kernel for queries of `dtype` over `keys` key positions: "sdpa" (SDPA's own
+    choice: flash attention on CPU and CUDA) or "math" (SDPA's math backend).
 
-    CUDA: SDPA's choice (its flash and memory-efficient kernels are the fast ones there). CPU: SDPA's
-    flash kernel splits the keys into blocks and, in its backward, recomputes the attention block by
-    block; at the generators' short sequences that bookkeeping dominates (55% of an AR training step
-    at 65 tokens, head width 32, in bf16 on AMX), and the math path, which keeps the [m keys]
-    probabilities, is 1.6x faster there. At 257 tokens flash's memory traffic wins again (3.6 s
-    against 5.4 s a step). Without grad (sampling) the same holds: see `CPU_SHORT_KEYS`.
+    The rule: the math path on a CPU in bf16 up to `CPU_BF16_MATH_KEYS` keys, SDPA's choice
+    everywhere else. Why: SDPA's CPU flash kernel splits the keys into blocks and its backward
+    recomputes the attention block by block; at the generators' short sequences in bf16 that
+    bookkeeping dominates a step, while the math path keeps the [m keys] probabilities. CUDA's
+    flash and memory-efficient kernels are the fast ones there. `use_attention` or
+    `$VQDIFF_ATTENTION` ("sdpa" restores SDPA's choice everywhere) override the rule.
     """
     forced = _forced[-1] if _forced else _env_attention()
     if forced != "auto":
         return forced
-    if device.type != "cpu":
-        return "sdpa"
-    return "matmul" if keys <= CPU_SHORT_KEYS else "sdpa"
-
-
-CPU_SHORT_KEYS = 128  # up to this many keys the CPU takes the written-out path (measured: docs/results.md)
+    if device.type == "cpu" and dtype == torch.bfloat16 and keys <= CPU_BF16_MATH_KEYS:
+        return "math"
+    return "sdpa"

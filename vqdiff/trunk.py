@@ -128,32 +128,10 @@ class Attention(nn.Module):
                 mask = torch.ones(m, past + m, dtype=torch.bool, device=x.device).tril(past)
         # a single new query after the cache may see every cached key: no mask needed
         dropout = self.dropout if self.training else 0.0
-        path = attention_path(x.device, k.shape[2], grad=torch.is_grad_enabled())
-        if path == "matmul":
-            out = matmul_attention(q, k, v, mask=mask, is_causal=is_causal, dropout=dropout)
-        else:
-            with sdpa_kernel([SDPBackend.MATH]) if path == "math" else contextlib.nullcontext():
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
+        math_path = attention_path(x.device, q.dtype, k.shape[2]) == "math"
+        with sdpa_kernel([SDPBackend.MATH]) if math_path else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout)
         return self.proj(rearrange(out, "b heads m e -> b m (heads e)"))
-
-
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, is_causal: bool, dropout: float) -> Tensor:
-    """softmax(q k^T / sqrt(e)) v, written out: q [b heads m e], k v [b heads n e] -> [b heads m e].
-
-    mask: bool [m n], True where a query may see a key; is_causal: the top-left causal mask (m = n).
-    The same function as SDPA's; `vqdiff.precision.attention_path` says when it is the faster one.
-    The softmax runs in fp32 (autocast keeps `softmax` there too), as SDPA's math path does.
-    """
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [b heads m n]
-    if is_causal:
-        m, n = scores.shape[-2:]
-        mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
-    if dropout > 0:
-        probs = F.dropout(probs, p=dropout)
-    return probs @ v
 
 
 class MLP(nn.Module):

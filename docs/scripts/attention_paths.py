@@ -1,4 +1,4 @@
-"""Time each attention path (SDPA's choice, SDPA's math backend, the written-out matmul path) in the
+"""Time each attention path (SDPA's own choice and SDPA's math backend) in the
 generators' training step and in their sampling, at the cifar10 recipe's sizes, for the grids given:
 the measurements behind `vqdiff.precision.attention_path`.
 
@@ -17,7 +17,7 @@ from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
 from vqdiff.options import SampleOptions
 from vqdiff.precision import native_bf16, use_attention
 
-PATHS = ("sdpa", "math", "matmul")
+PATHS = ("sdpa", "math")
 
 
 def seconds(fn, reps: int) -> float:
