@@ -26,7 +26,7 @@ from recipes.recipe import Recipe
 from recipes.run import check_generator, software_versions, sync
 from recipes.stages import generator_config, memory_estimate, random_batch
 from vqdiff.memory import available_bytes
-from vqdiff.precision import model_autocast, use_attention
+from vqdiff.precision import model_autocast, sample_dtype, use_attention, use_sample_precision
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import make_optimizer
 
@@ -39,17 +39,19 @@ class SpeedPath:
 
     name: str
     attention: str  # vqdiff.precision.ATTENTION_PATHS
-    precision: dict[str, str]  # per model kind, overriding the recipe's `precision` ({}: the recipe's)
+    precision: dict[str, str]  # per model kind, overriding the recipe's `precision` ({}: the recipe's);
+    # "sample": the sampling loops' precision (vqdiff.precision.use_sample_precision; default the rule)
 
 
 NEW = SpeedPath("new", attention="auto", precision={})
-# before the speed rules: SDPA's own kernel everywhere, the tokenizer in fp32 on a CPU ("auto")
-TODAY = SpeedPath("today", attention="sdpa", precision={"tokenizer": "auto"})
+# before the speed rules: SDPA's own kernel everywhere, the tokenizer in fp32 on a CPU ("auto"),
+# sampling in fp32
+TODAY = SpeedPath("today", attention="sdpa", precision={"tokenizer": "auto", "sample": "fp32"})
 
 
 @contextlib.contextmanager
 def on_path(path: SpeedPath) -> Iterator[None]:
-    with use_attention(path.attention):
+    with use_attention(path.attention), use_sample_precision(path.precision.get("sample", "fast")):
         yield
 
 
@@ -139,7 +141,7 @@ def sample_call(models: BenchModels, kind: str, b: int, cfg: float, steps: int, 
     else:
         call = lambda: model.sample(b, steps=steps, labels=labels, cfg_scale=cfg, generator=gen)  # noqa: E731
         info = {"kv_cache": None, "steps": steps, "forward_passes": steps}
-    return call, {"batch": b, "cfg": cfg, "dtype": "float32", **info}
+    return call, {"batch": b, "cfg": cfg, **info}
 
 
 def decode_call(models: BenchModels, b: int, device: torch.device) -> tuple[Callable[[], Any], dict]:
@@ -184,11 +186,16 @@ def bench_sampling(models: BenchModels, device: torch.device, paths: list[SpeedP
     for kind in ("ar", "diffusion"):
         for cfg in cfgs:
             calls = [(path, *sample_call(models, kind, batch, cfg, steps)) for path in paths]
-            calls = [(p, c, {"stage": "sample", **i}) for p, c, i in calls]
+            calls = [(p, c, {"stage": "sample", **i, "dtype": _sample_dtype_name(p, device)}) for p, c, i in calls]
             rows += measure(f"sample-{kind}", calls, device, min_seconds, batch, max_reps=5)
     call, info = decode_call(models, batch, device)  # the decoder has no attention: one path
     rows += measure("decode", [(paths[-1], call, {"stage": "sample", **info})], device, min_seconds, batch)
     return rows
+
+
+def _sample_dtype_name(path: SpeedPath, device: torch.device) -> str:
+    with on_path(path):
+        return str(sample_dtype(device) or torch.float32).removeprefix("torch.")
 
 
 def bench_features(device: torch.device, channels: int, image_size: int, min_seconds=1.0) -> list[dict]:

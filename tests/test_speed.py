@@ -7,7 +7,7 @@ import torch
 import vqdiff.precision as precision_mod
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
-from vqdiff.precision import attention_path, autocast_dtype, model_autocast, use_attention
+from vqdiff.precision import attention_path, autocast_dtype, model_autocast, sample_dtype, use_attention, use_sample_precision
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import seeded
 from vqdiff.trunk import KVCache
@@ -55,6 +55,10 @@ def test_attention_rule_by_device_dtype_and_length(monkeypatch):
     assert attention_path(CPU, bf16, long_) == attention_path(CPU, bf16, 257) == "sdpa"
     assert attention_path(CPU, fp32, 65) == attention_path(CPU, fp32, 257) == "sdpa"
     assert attention_path(CUDA, bf16, 65) == attention_path(CUDA, fp32, 257) == "sdpa"
+    # without a backward (sampling) SDPA's flash kernel is the faster one at every length
+    assert attention_path(CPU, bf16, 65, grad=False) == attention_path(CPU, bf16, 257, grad=False) == "sdpa"
+    with torch.no_grad():
+        assert attention_path(CPU, bf16, 65) == "sdpa"
     with use_attention("math"):
         assert attention_path(CPU, fp32, 65) == "math"
         with use_attention("auto"):  # the innermost wins, and "auto" is the rule again
@@ -136,3 +140,41 @@ def test_attention_paths_agree_in_kv_cache_sampling(amp, tol):
             with use_attention(path):
                 outs.append(ar.sample(3, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(5)))
         assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+def test_sampling_precision_rule_and_its_override(monkeypatch, native, expected):
+    """Both sampling loops run their trunk in the rule's dtype (bf16 only where the device multiplies
+    bf16 natively), `use_sample_precision("fp32")` restores fp32, and the samplers get fp32 logits."""
+    import vqdiff.sampling_ops as ops_mod
+    import vqdiff.diffusion as diffusion_mod
+    import vqdiff.ar as ar_mod
+
+    monkeypatch.setattr(precision_mod, "_cpu_has", lambda flags, probes: native)
+    assert sample_dtype(CPU) is expected
+    with use_sample_precision("fp32"):
+        assert sample_dtype(CPU) is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with use_sample_precision("fp16"):
+            pass
+    real = ops_mod.sample_logits
+    for model in _models():
+        model.eval()
+        seen_in, seen_logits = [], []
+        hook = model.trunk.head.register_forward_hook(lambda mod, args, out: seen_in.append(out.dtype))
+
+        def spy(logits, **kw):
+            seen_logits.append(logits.dtype)
+            return real(logits, **kw)
+
+        mod = ar_mod if model.kind == "ar" else diffusion_mod
+        monkeypatch.setattr(mod, "sample_logits", spy)
+        steps = {} if model.kind == "ar" else {"steps": 4}
+        model.sample(2, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), **steps)
+        assert set(seen_in) == {expected or torch.float32}, model.kind
+        assert seen_logits and set(seen_logits) == {torch.float32}, model.kind
+        seen_in.clear()
+        with use_sample_precision("fp32"):
+            model.sample(2, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), **steps)
+        assert set(seen_in) == {torch.float32}, model.kind
+        hook.remove()

@@ -23,6 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqdiff.options import DEFAULTS, SampleOptions
+from vqdiff.precision import sampling_autocast
 from vqdiff.sampling_ops import cfg_mix, check_partial_grid, guidance_labels, sample_labels, sample_logits, train_labels
 from vqdiff.trunk import KVCache, Transformer, TrunkConfig
 
@@ -72,6 +73,7 @@ class ARTransformer(nn.Module):
         return num
 
     @torch.no_grad()
+    @sampling_autocast
     def sample(
         self,
         n: int,
@@ -134,9 +136,9 @@ class ARTransformer(nn.Module):
         pending = ids  # tokens the cache has not seen yet (the whole prefix at first)
         for i in range(ids.shape[1], num):
             if cache is not None:
-                logits = self.next_logits(double(pending), labels, cache)  # [n k] (x2 if guided)
+                logits = self.next_logits(double(pending), labels, cache).float()  # [n k] (x2 if guided)
             else:
-                logits = self.trunk(double(ids), labels)[:, -1]
+                logits = self.trunk(double(ids), labels)[:, -1].float()
             if guided:
                 logits = cfg_mix(logits, cfg_scale)
             nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

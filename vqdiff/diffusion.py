@@ -43,6 +43,7 @@ from torch import Tensor, nn
 import vqdiff.samplers as samplers
 from vqdiff.distributed import batch_positions, batch_ratio
 from vqdiff.options import DEFAULTS, OptionError, SampleOptions
+from vqdiff.precision import sampling_autocast
 from vqdiff.sampling_ops import cfg_mix, check_partial_grid, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
 from vqdiff.schedules import Schedule, get_schedule
 from vqdiff.trunk import Transformer, TrunkConfig
@@ -287,6 +288,7 @@ class DiffusionTransformer(nn.Module):
         return cfg_mix(logits, cfg_scale) if guided else logits
 
     @torch.no_grad()
+    @sampling_autocast
     def sample(
         self,
         n: int,

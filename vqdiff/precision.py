@@ -5,6 +5,9 @@ Precision: auto: bf16 autocast on CUDA, fp32 on CPU | fast: bf16 wherever it is 
 (transformers: native bf16 matmuls, i.e. CUDA with bf16 or CPUs with AMX or AVX512-BF16;
 convolutional models: CUDA with bf16 or CPUs with AMX-BF16), else fp32 | fp32 | bf16 (always).
 
+Sampling: `sampling_autocast` runs both generators' sampling loops under the "fast" rule for
+transformers (bf16 where the device multiplies bf16 natively), overridden by `use_sample_precision`.
+
 Attention: `attention_path` (the rule, from the measurements in its docstring), overridden by
 `use_attention(path)` or `$VQDIFF_ATTENTION`; "sdpa" is SDPA's own backend choice.
 """
@@ -12,8 +15,9 @@ Attention: `attention_path` (the rule, from the measurements in its docstring), 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,14 +92,54 @@ def bf16_emulated(precision: str, device: torch.device) -> bool:
     return precision == "bf16" and device.type == "cpu" and not native_bf16(device)
 
 
+# ---------------------------------------------------------------- sampling
+
+_sample_forced: list[str] = []  # the innermost `use_sample_precision` override, if any
+
+
+@contextlib.contextmanager
+def use_sample_precision(precision: str) -> Iterator[None]:
+    """Sample in `precision` (one of PRECISIONS) inside the block instead of the rule's "fast"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _sample_forced.append(precision)
+    try:
+        yield
+    finally:
+        _sample_forced.pop()
+
+
+def sample_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a sampling loop on `device` (None: fp32). The rule: "fast", the
+    transformers' training rule, unless `use_sample_precision` says otherwise. Measured on CPU-AMX
+    at the cifar10 recipe's size, batch 64, CFG 3: bf16 (with SDPA's flash kernel) sampled 1.49x
+    the images/s of fp32 for diffusion and 1.10x for AR (docs/results.md). The logits leave the
+    trunk in fp32, so the samplers' softmax, Gumbel noise and top-k/top-p stay in fp32."""
+    return autocast_dtype(_sample_forced[-1] if _sample_forced else "fast", device)
+
+
+def sampling_autocast(method: Callable) -> Callable:
+    """Decorator for a generator's `sample(self, ...)`: runs it under `sample_dtype(self.device)`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        dtype = sample_dtype(self.device)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 # ---------------------------------------------------------------- attention kernels
 
 ATTENTION_PATHS = ("auto", "sdpa", "math")
 _forced: list[str] = []  # the innermost `use_attention` override, if any
 
-# Up to this many keys a CPU computing in bf16 takes SDPA's math path. Measured: on CPU-AMX at 65
+# Up to this many keys a CPU training in bf16 takes SDPA's math path. Measured: on CPU-AMX at 65
 # tokens the flash kernel's backward took 55% of an AR training step, and the math path made the
 # step 1.57x (AR) and 1.60x (diffusion) faster; at 257 tokens flash won (3.6 s a step against 5.4 s).
+# Without a backward (sampling) the flash kernel wins in bf16 at 65 keys too: on CPU-AMX, CFG 3,
+# batch 64, diffusion sampled 45.2 images/s with it against 34.3 with math, AR 227.7 against 152.1.
 # In fp32 (CPU-noBF16, docs/results.md) SDPA's choice was the fastest or within 3% at 65 tokens and
 # 1.36-1.47x faster than math at 257, so fp32 keeps it at every length.
 CPU_BF16_MATH_KEYS = 128
@@ -120,20 +164,24 @@ def use_attention(path: str) -> Iterator[None]:
         _forced.pop()
 
 
-def attention_path(device: torch.device, dtype: torch.dtype, keys: int) -> str:
+def attention_path(device: torch.device, dtype: torch.dtype, keys: int, *, grad: bool | None = None) -> str:
     """The attention kernel for queries of `dtype` over `keys` key positions: "sdpa" (SDPA's own
-    choice: flash attention on CPU and CUDA) or "math" (SDPA's math backend).
+    choice: flash attention on CPU and CUDA) or "math" (SDPA's math backend). `grad`: whether
+    autograd records the call (default: `torch.is_grad_enabled()`).
 
-    The rule: the math path on a CPU in bf16 up to `CPU_BF16_MATH_KEYS` keys, SDPA's choice
-    everywhere else. Why: SDPA's CPU flash kernel splits the keys into blocks and its backward
-    recomputes the attention block by block; at the generators' short sequences in bf16 that
-    bookkeeping dominates a step, while the math path keeps the [m keys] probabilities. CUDA's
+    The rule: the math path on a CPU in bf16 up to `CPU_BF16_MATH_KEYS` keys when a backward
+    follows, SDPA's choice everywhere else. Why: SDPA's CPU flash kernel splits the keys into
+    blocks and its backward recomputes the attention block by block; at the generators' short
+    sequences in bf16 that bookkeeping dominates a training step, while the math path keeps the
+    [m keys] probabilities. Without a backward the flash kernel is the faster one. CUDA's
     flash and memory-efficient kernels are the fast ones there. `use_attention` or
     `$VQDIFF_ATTENTION` ("sdpa" restores SDPA's choice everywhere) override the rule.
     """
     forced = _forced[-1] if _forced else _env_attention()
     if forced != "auto":
         return forced
-    if device.type == "cpu" and dtype == torch.bfloat16 and keys <= CPU_BF16_MATH_KEYS:
+    if grad is None:
+        grad = torch.is_grad_enabled()
+    if grad and device.type == "cpu" and dtype == torch.bfloat16 and keys <= CPU_BF16_MATH_KEYS:
         return "math"
     return "sdpa"
