@@ -186,7 +186,7 @@ def register_inception(mode: str) -> str:
     return name
 
 
-# docs/scripts/inception_modes.py (docs/results.md): channels-last runs 1.45-1.56x fp32 with features
+# docs/scripts/inception_modes.py (docs/results.md, Inception): channels-last runs 1.45-1.56x fp32 with features
 # within 2e-5 of fp32's (FID equal to 3 decimals); bf16 autocast moves FID by +0.10 to +0.11. With
 # AMX-BF16, bf16 channels-last runs 3.4x fp32 (2.4x channels-last); with AVX512-BF16 alone it is no
 # faster than channels-last (1.50x against 1.56x), so there the exact mode stays the default.
