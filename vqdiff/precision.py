@@ -113,7 +113,7 @@ def sample_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a sampling loop on `device` (None: fp32). The rule: "fast", the
     transformers' training rule, unless `use_sample_precision` says otherwise. Measured on CPU-AMX
     at the cifar10 recipe's size, batch 64, CFG 3: bf16 (with SDPA's flash kernel) sampled 1.49x
-    the images/s of fp32 for diffusion and 1.10x for AR (docs/results.md). The logits leave the
+    the images/s of fp32 for diffusion and 1.10x for AR (docs/experiments.md). The logits leave the
     trunk in fp32, so the samplers' softmax, Gumbel noise and top-k/top-p stay in fp32."""
     return autocast_dtype(_sample_forced[-1] if _sample_forced else "fast", device)
 
@@ -140,7 +140,7 @@ _forced: list[str] = []  # the innermost `use_attention` override, if any
 # step 1.57x (AR) and 1.60x (diffusion) faster; at 257 tokens flash won (3.6 s a step against 5.4 s).
 # Without a backward (sampling) the flash kernel wins in bf16 at 65 keys too: on CPU-AMX, CFG 3,
 # batch 64, diffusion sampled 45.2 images/s with it against 34.3 with math, AR 227.7 against 152.1.
-# In fp32 (CPU-noBF16, docs/results.md) SDPA's choice was the fastest or within 3% at 65 tokens and
+# In fp32 (CPU-noBF16, docs/experiments.md) SDPA's choice was the fastest or within 3% at 65 tokens and
 # 1.36-1.47x faster than math at 257, so fp32 keeps it at every length.
 CPU_BF16_MATH_KEYS = 128
 
