@@ -31,9 +31,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe, load_or_train
-from evaluation.common import EvaluationError, Progress, resolve_cache_dir
-from vqdiff.checkpoint import default_device, file_digest
-from vqdiff.data import DataError, ImageSet, load_dataset
+from evaluation.common import EvaluationError, Progress
+from vqdiff.data import DataError, ImageSet, load_dataset, resolve_cache_dir
+from vqdiff.distributed import default_device
+from vqdiff.io import file_digest
 from vqdiff.precision import amx_bf16
 
 INCEPTION_ENV = "VQDIFF_INCEPTION_WEIGHTS"

@@ -13,7 +13,7 @@ from recipes.report import plot_curve
 from recipes.run import Run, StageError
 from recipes.sampling import SampleSpec, generate
 from recipes.stages import test_bits_per_token
-from vqdiff.checkpoint import load_tensors, write_json
+from vqdiff.io import load_tensors, write_json
 from vqdiff.distributed import is_main
 from vqdiff.train import HISTORY_DIR
 

@@ -31,7 +31,7 @@ import torch
 from recipes.evaluate import Measuring, bars_of
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.run import Run, StageError
-from vqdiff.checkpoint import write_json
+from vqdiff.io import write_json
 from vqdiff.data import from_uint8, load_image, save_tokens, to_uint8
 from vqdiff.distributed import is_main
 from vqdiff.pipeline import decode, edit_images, encode, token_keep

@@ -15,7 +15,8 @@ from recipes.recipe import EvaluateSection, Recipe
 from recipes.report import reference_note, setting, write_report
 from recipes.run import GENERATORS, Run, StageError, check_generator, software_versions
 from recipes.sampling import Samples, SampleSpec, generate
-from vqdiff.checkpoint import read_config, read_json
+from vqdiff.checkpoint import read_config
+from vqdiff.io import read_json
 from vqdiff.data import from_uint8, to_uint8
 from vqdiff.distributed import is_main
 from vqdiff.options import DEFAULTS, SampleOptions

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vqdiff.checkpoint import atomic_write
+from vqdiff.io import atomic_write
 from vqdiff.data import to_uint8
 from vqdiff.pipeline import decode_partial
 

@@ -23,17 +23,8 @@ import torch
 import torchvision
 
 from recipes.recipe import Recipe, load_recipe
-from vqdiff.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    atomic_write,
-    file_digest,
-    load_model,
-    load_tensors,
-    read_config,
-    read_json,
-    write_json,
-)
+from vqdiff.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_config
+from vqdiff.io import atomic_write, file_digest, load_tensors, read_json, write_json
 from vqdiff.data import ImageSet, load_dataset, save_tokens
 from vqdiff.distributed import barrier, is_main, local_device
 from vqdiff.pipeline import encode

@@ -18,7 +18,7 @@ import torch
 
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.run import GENERATORS, Run, StageError, ensure_tokens, sync
-from vqdiff.checkpoint import load_tensors, write_json
+from vqdiff.io import load_tensors, write_json
 from vqdiff.data import load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
 from vqdiff.options import DEFAULTS, SampleOptions

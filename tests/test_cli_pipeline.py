@@ -9,7 +9,7 @@ from helpers import TINY, invoke, ok, one_line_error, sets
 
 from recipes import stages
 from recipes.curves import snapshots
-from vqdiff.checkpoint import load_tensors
+from vqdiff.io import load_tensors
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

@@ -18,7 +18,8 @@ from vqdiff.data import make_shapes
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
 from vqdiff.steps import TensorSource
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import TrainConfig, seeded, train
+from vqdiff.distributed import seeded
+from vqdiff.train import TrainConfig, train
 
 STEPS = 4
 GRID = dict(codebook_size=16, grid_h=4, grid_w=4, num_classes=3, dim=32, depth=1, heads=2, class_dropout=0.3)

@@ -9,7 +9,7 @@ from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
 from vqdiff.precision import attention_path, autocast_dtype, model_autocast, use_attention
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import seeded
+from vqdiff.distributed import seeded
 from vqdiff.trunk import KVCache
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
