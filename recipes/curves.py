@@ -69,7 +69,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     points = []
     for g, snaps in found.items():
         for step, seconds, path in snaps:
-            options = opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
+            options = opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
             spec = SampleSpec(generator=g, options=options, num=m.n, seed=opts.seed, batch_size=opts.batch_size)
             label = f"{g} step {step}"
             # the folder names of the first learning curves (AR: "-s0-"), so that their samples are reused

@@ -31,14 +31,15 @@ import torch
 from recipes.evaluate import Measuring, bars_of
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.run import Run, StageError
+from recipes.sampling import extra_options
 from vqdiff.io import write_json
 from vqdiff.data import from_uint8, load_image, save_tokens, to_uint8
 from vqdiff.distributed import is_main
+from vqdiff.options import READS, SampleOptions
 from vqdiff.pipeline import decode, edit_images, encode, token_keep
 from vqdiff.tokenizer import psnr
 
 SIDES = ("left", "right", "top", "bottom", "border")
-GIF_SAMPLES = 16
 
 
 # ------------------------------------------------------------------ masks
@@ -139,20 +140,10 @@ def write_edit(
     write_json(folder / "edit.json", record)
 
 
-def record_frames(frames: list[torch.Tensor]):
-    """A callback for edit_images that keeps the first GIF_SAMPLES grids of the first batch at every step."""
-
-    def record(start: int, step: int, ids: torch.Tensor) -> None:
-        if start == 0:
-            frames.append(ids[:GIF_SAMPLES].cpu())
-
-    return record
-
-
-def run_edit(model, tokenizer, images, keep, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def run_edit(model, tokenizer, images, keep, options: SampleOptions, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """edit_images, with the library's ValueError for a region the generator cannot edit as a StageError."""
     try:
-        return edit_images(model, tokenizer, images, keep, **kw)
+        return edit_images(model, tokenizer, images, keep, options, **kw)
     except ValueError as e:
         raise StageError(str(e)) from None
 
@@ -184,7 +175,7 @@ def task_applies(task: str, generator: str, grid: tuple[int, int]) -> bool:
     return generator == "diffusion" and (task != "border" or min(grid) > 4)
 
 
-def measure_edit(m, model, tokenizer, task: str, generator: str, settings: dict[str, Any], labels) -> dict[str, Any]:
+def measure_edit(m, model, tokenizer, task: str, generator: str, options: SampleOptions, seed: int, labels) -> dict[str, Any]:
     """One (generator, task) on the first n test images of `m` (recipes.evaluate.Measuring)."""
     images = from_uint8(m.first_test())
     n, grid = len(images), tokenizer.grid
@@ -194,7 +185,7 @@ def measure_edit(m, model, tokenizer, task: str, generator: str, settings: dict[
     known = encode(tokenizer, images)
     recon = decode(tokenizer, known)
     t0 = time.perf_counter()
-    ids, out = run_edit(model, tokenizer, images, keep, labels=labels, **settings)
+    ids, out = run_edit(model, tokenizer, images, keep, options, labels=labels, seed=seed)
     seconds = time.perf_counter() - t0
     kept = tokens[None].expand(n, -1, -1)
     pixels = keep[:, None].expand_as(images)
@@ -229,9 +220,10 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
     n = m.n
     rows = []
     for g, model in models.items():
-        o = opts.sample_options(g, temperature=opts.temperatures[0], steps=max(opts.steps), sampler=opts.samplers[0])
-        settings: dict[str, Any] = {"temperature": o.temperature, "seed": opts.seed, "cfg_scale": o.cfg, **o.changed(model.sample_options)}
-        if model.takes_steps:
+        o = opts.setting_options(recipe, g, temperature=opts.temperatures[0], steps=max(opts.steps), sampler=opts.samplers[0])
+        # what edits.json and the caches record of the setting ("cfg_scale" is their key for o.cfg)
+        settings: dict[str, Any] = {"temperature": o.temperature, "seed": opts.seed, "cfg_scale": o.cfg, **extra_options(o, g)}
+        if "steps" in READS[g]:
             settings["steps"] = o.steps
         labels = m.test_set.labels[:n] if model.cfg.num_classes > 0 else None  # complete under the true class
         for task in TASKS:
@@ -242,7 +234,7 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
                 "extractor": m.extractor.key, "real": m.reference, "conditional": labels is not None,
             }  # fmt: skip
             row = run.cached(
-                run.report_dir / "edits" / f"{g}-{task}.json", key, lambda: measure_edit(m, model, tokenizer, task, g, settings, labels)
+                run.report_dir / "edits" / f"{g}-{task}.json", key, lambda: measure_edit(m, model, tokenizer, task, g, o, opts.seed, labels)
             )
             rows.append({**row, "settings": settings})
     report = {

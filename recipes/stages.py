@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from recipes.images import save_grid
-from recipes.recipe import Recipe
-from recipes.run import Run, StageError, check_generator, ensure_tokens, software_versions
+from recipes.recipe import Recipe, check_generator
+from recipes.run import Run, StageError, ensure_tokens, software_versions
 from vqdiff.checkpoint import CONFIG_FILE, is_complete, read_config, save_model
 from vqdiff.data import ImageSet, load_tokens
 from vqdiff.distributed import barrier, is_distributed, is_main, seeded

@@ -7,6 +7,7 @@ import torch
 import vqdiff.precision as precision_mod
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+from vqdiff.options import SampleOptions
 from vqdiff.precision import attention_path, autocast_dtype, model_autocast, use_attention
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.distributed import seeded
@@ -134,5 +135,5 @@ def test_attention_paths_agree_in_kv_cache_sampling(amp, tol):
         outs = []
         for path in PATHS:
             with use_attention(path):
-                outs.append(ar.sample(3, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(5)))
+                outs.append(ar.sample(3, SampleOptions(cfg=2.0), labels=1, generator=torch.Generator().manual_seed(5)))
         assert all(torch.equal(outs[0], o) for o in outs[1:])
