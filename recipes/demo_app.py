@@ -25,7 +25,7 @@ from recipes.sampling import SampleSpec
 from vqdiff.checkpoint import CONFIG_FILE
 from vqdiff.data import SHAPES_CLASSES, from_uint8, to_uint8
 from vqdiff.options import MASK_SAMPLERS, OptionError
-from vqdiff.pipeline import decode_partial, edit_images, sample_images
+from vqdiff.pipeline import box_keep, decode_partial, edit_images, sample_images, side_keep
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import
 import gradio as gr  # noqa: E402
@@ -82,17 +82,10 @@ def to_tensor(image, image_size: int, channels: int) -> torch.Tensor:
 def region_keep(size: int, mode: str, box: tuple[float, float, float, float], side: str, amount: float) -> torch.Tensor:
     """keep bool [1 S S] (True = keep). inpaint: the box x0, y0, x1, y1 (fractions of the side) is
     regenerated; outpaint: a strip of `amount` of the side is regenerated on `side`."""
-    keep = torch.ones(1, size, size, dtype=torch.bool)
     if mode == "inpaint":
         x0, y0, x1, y1 = (round(v * size) for v in box)
-        x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
-        keep[:, y0:y1, x0:x1] = False
-    else:
-        s = max(1, round(amount * size))
-        index = {"top": (slice(None), slice(0, s)), "bottom": (slice(None), slice(size - s, None)),
-                 "left": (slice(None), slice(None), slice(0, s)), "right": (slice(None), slice(None), slice(size - s, None))}  # fmt: skip
-        keep[index[side]] = False
-    return keep
+        return box_keep(size, min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))[None]
+    return side_keep(size, (side,), max(1, round(amount * size)))[None]
 
 
 def outpaint_shift(images: torch.Tensor, side: str, amount: float) -> torch.Tensor:

@@ -36,10 +36,10 @@ from vqdiff.io import write_json
 from vqdiff.data import from_uint8, load_image, save_tokens, to_uint8
 from vqdiff.distributed import is_main
 from vqdiff.options import READS, SampleOptions
-from vqdiff.pipeline import decode, edit_images, encode, token_keep
+from vqdiff.pipeline import SIDES, box_keep, decode, edit_images, encode, side_keep, token_keep
 from vqdiff.tokenizer import psnr
 
-SIDES = ("left", "right", "top", "bottom", "border")
+OUTPAINT = (*SIDES, "border")  # --outpaint: a side, or all four
 
 
 # ------------------------------------------------------------------ masks
@@ -55,9 +55,7 @@ def region_keep(region: str, size: int) -> torch.Tensor:
         raise StageError(
             f"--region {region} is empty or outside the {size}x{size} image; give 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}"
         )
-    keep = torch.ones(size, size, dtype=torch.bool)
-    keep[y0:y1, x0:x1] = False
-    return keep
+    return box_keep(size, x0, y0, x1, y1)
 
 
 def mask_keep(path: Path, size: int) -> torch.Tensor:
@@ -76,23 +74,13 @@ def mask_keep(path: Path, size: int) -> torch.Tensor:
 
 def outpaint_keep(side: str, size: int, grid: int, tokens: int | None) -> torch.Tensor:
     """--outpaint SIDE with --outpaint-size tokens (None: 2 for the border, half the grid for a side)."""
-    if side not in SIDES:
-        raise StageError(f"--outpaint must be one of {', '.join(SIDES)}, got {side!r}")
+    if side not in OUTPAINT:
+        raise StageError(f"--outpaint must be one of {', '.join(OUTPAINT)}, got {side!r}")
     tokens = tokens if tokens is not None else (2 if side == "border" else grid // 2)
     limit = (grid - 1) // 2 if side == "border" else grid - 1
     if not 1 <= tokens <= limit:
         raise StageError(f"--outpaint-size for {side} must be in [1, {limit}] tokens on a {grid}x{grid} grid, got {tokens}")
-    p = tokens * (size // grid)
-    keep = torch.ones(size, size, dtype=torch.bool)
-    if side in ("left", "border"):
-        keep[:, :p] = False
-    if side in ("right", "border"):
-        keep[:, size - p :] = False
-    if side in ("top", "border"):
-        keep[:p] = False
-    if side in ("bottom", "border"):
-        keep[size - p :] = False
-    return keep
+    return side_keep(size, SIDES if side == "border" else (side,), tokens * (size // grid))
 
 
 def check_keep(keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -219,6 +219,27 @@ def sample_images(
 # ---------------------------------------------------------------- editing: inpainting, outpainting, class edits
 
 
+SIDES = ("left", "right", "top", "bottom")
+
+
+def box_keep(size: int, x0: int, y0: int, x1: int, y1: int) -> Tensor:
+    """A pixel mask bool [size size] (True = keep) that regenerates the box [x0, x1) x [y0, y1), in pixels."""
+    keep = torch.ones(size, size, dtype=torch.bool)
+    keep[y0:y1, x0:x1] = False
+    return keep
+
+
+def side_keep(size: int, sides: tuple[str, ...], width: int) -> Tensor:
+    """A pixel mask bool [size size] (True = keep) that regenerates a strip `width` pixels wide along
+    each of `sides` (SIDES): outpainting."""
+    keep = torch.ones(size, size, dtype=torch.bool)
+    strips = {"left": (slice(None), slice(0, width)), "right": (slice(None), slice(size - width, None)),
+              "top": (slice(0, width), slice(None)), "bottom": (slice(size - width, None), slice(None))}  # fmt: skip
+    for side in sides:
+        keep[strips[side]] = False
+    return keep
+
+
 def token_keep(keep_pixels: Tensor, grid_hw: tuple[int, int]) -> Tensor:
     """The token positions to keep for a pixel mask: keep_pixels bool [n H W] (True = keep) ->
     bool [n h w]. A token is kept iff every pixel of its patch is kept, i.e. regenerated iff its
