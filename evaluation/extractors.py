@@ -78,8 +78,8 @@ class Extractor:
 
     @property
     def key(self) -> list[str]:
-        """What a cached result must match: name and weights hash, and the mode unless fp32 (so that
-        the keys written before modes still hold)."""
+        """What a cached result must match: name and weights hash, and the mode unless fp32 (fp32 is
+        the plain computation, and its key stays the bare [name, hash] that cached results carry)."""
         return [self.name, self.hash] + ([self.mode] if self.mode != "fp32" else [])
 
     def fidelity_kwargs(self) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def register_classifier(cfg: ClassifierConfig, state: dict[str, torch.Tensor], d
 
 class FastInceptionV3(FeatureExtractorInceptionV3):
     """torch-fidelity's Inception (same weights, same resize) with channels-last convolutions and/or
-    bf16 autocast; features come out float32 as before. One subclass per mode is registered."""
+    bf16 autocast; features come out float32, as the plain extractor's do. One subclass per mode is registered."""
 
     mode: str
 

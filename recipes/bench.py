@@ -44,7 +44,7 @@ class SpeedPath:
 
 
 NEW = SpeedPath("new", attention="auto", precision={})
-# before the speed rules: SDPA's own kernel everywhere, the tokenizer in fp32 on a CPU ("auto")
+# the path without the speed rules, to compare against: SDPA's own kernel everywhere, the tokenizer in fp32 on a CPU ("auto")
 TODAY = SpeedPath("today", attention="sdpa", precision={"tokenizer": "auto"})
 
 

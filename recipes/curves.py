@@ -72,7 +72,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             options = opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
             spec = SampleSpec(generator=g, options=options, num=m.n, seed=opts.seed, batch_size=opts.batch_size)
             label = f"{g} step {step}"
-            # the folder names of the first learning curves (AR: "-s0-"), so that their samples are reused
+            # a curve folder names AR "-s0-" (not its forward passes): a name that stays put keeps its samples reusable
             folder = run.samples_dir / "curve" / f"{spec.folder_name(steps if g == 'diffusion' else 0)}-step{step}"
             samples = generate(run, spec, out=folder, on_batch=bar(f"sample {label}"), snapshot=path)
             metrics = m.of_samples(samples, label)

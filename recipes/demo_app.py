@@ -1,4 +1,4 @@
-"""The Gradio page of `vqdiff demo RUN` (issue 23): sample a run's generators and watch the diffusion
+"""The Gradio page of `vqdiff demo RUN`: sample a run's generators and watch the diffusion
 refine its grid step by step; inpaint or outpaint an uploaded image.
 
 Gradio is an optional extra (`pip install -e ".[demo]"`) and is imported here alone. The page is

@@ -1,4 +1,4 @@
-"""Edits of real images (issue 23): inpainting, outpainting and class edits, for `vqdiff edit` and
+"""Edits of real images: inpainting, outpainting and class edits, for `vqdiff edit` and
 `vqdiff evaluate --edits`.
 
 A pixel mask `keep` (bool [H W], True = keep) says what stays; `vqdiff.pipeline.token_keep` turns

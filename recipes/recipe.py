@@ -138,8 +138,8 @@ def section_defaults(section: str) -> dict[str, Any]:
 
 
 SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
-# the values that meant "off" in the recipe.toml of run folders written before off was None (a key left
-# out): such a run folder stays readable, and the option is None, its one spelling, from here on
+# "off" has one spelling, None (the key left out); these values also read as off, so that a
+# recipe.toml that spells off as 0, 1.0 or "" still loads and means the same
 OFF_BEFORE_NONE = {("evaluate", "top_k"): 0, ("evaluate", "top_p"): 1.0, ("diffusion", "sample_schedule"): ""}
 
 
@@ -284,7 +284,7 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
         merged = section_defaults(section)
         for k, v in given.items():
             if OFF_BEFORE_NONE.get((section, k), ...) == v:
-                v = None  # a recipe.toml written before off was None (left out) reads as off
+                v = None  # another spelling of off (OFF_BEFORE_NONE)
             default = merged.get(k)
             if default is not None and not _same_type(default, v):
                 raise RecipeError(f"{section}.{k} = {v!r}: expected a {type(default).__name__}")
@@ -296,8 +296,8 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
 
 
 def validate(recipe: Recipe) -> None:
-    """Check every section before any stage runs: a bad `diffusion.corruption` used to surface only
-    after the tokenizer and AR had trained (minutes on shapes, an hour on mnist)."""
+    """Check every section before any stage runs: a bad key of a later stage (e.g. `diffusion.corruption`)
+    must not wait until the stages before it have trained (minutes on shapes, an hour on mnist)."""
     recipe.data  # DataSection checks itself
     recipe.build(TokenizerExtras, "tokenizer")
     recipe.build(EvaluateSection, "evaluate")

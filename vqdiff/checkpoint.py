@@ -2,10 +2,11 @@
 
 `config.json` carries `kind`, `format_version` and the model's dataclass config, so a folder is
 enough to rebuild the model (nanoGPT's lesson): `load_model(folder)` looks the kind up in
-`vqdiff.registry`. Weights come from the plain module (never a compiled or DDP-wrapped one:
-nanoGPT issue #325) and are loaded with `strict=True` (taming's `strict=False` silently dropped
-weights). Every write goes through `vqdiff.io.atomic_write` (a temp file, then `os.replace`), so a
-kill never leaves half a checkpoint behind.
+`vqdiff.registry`. Weights come from the plain module (never a compiled or DDP-wrapped one, whose
+keys carry an `_orig_mod.` or `module.` prefix that every loader would have to strip) and are
+loaded with `strict=True` (`strict=False` silently drops the weights that do not match). Every
+write goes through `vqdiff.io.atomic_write` (a temp file, then `os.replace`), so a kill never
+leaves half a checkpoint behind.
 """
 
 from __future__ import annotations

@@ -309,8 +309,8 @@ class DiffusionTransformer(nn.Module):
 
         known: long [n h w] in [0, k) and keep: bool [n h w], a partial grid (inpainting,
         outpainting, class edits): the kept positions keep their known ids, exactly, for every
-        sampler and corruption, and only the others are sampled (see `vqdiff.samplers`). Without
-        them (or with an all-False keep) the same generator gives the same ids as before.
+        sampler and corruption, and only the others are sampled (see `vqdiff.samplers`). An
+        all-False keep gives the ids of no partial grid, for the same generator.
         """
         run, sampling = self._sampler(options)
         grid = samplers.time_grid(self.schedule, options.steps, sampling)

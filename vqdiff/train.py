@@ -82,7 +82,7 @@ class TrainConfig:
     keep_every: int = 0  # > 0: keep the weights every N steps in OUT/history/ (learning curves); 0 = off
 
     def __post_init__(self) -> None:
-        # steps = 0 used to exit 0 without a model; checkpoint_every or log_every = 0 divided by zero
+        # each is a count or a period: 0 steps would train no model, a period of 0 divides by zero
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,4 +1,4 @@
-"""`vqdiff edit RUN IMAGES...`: inpainting, outpainting and class edits of real images (issue 23).
+"""`vqdiff edit RUN IMAGES...`: inpainting, outpainting and class edits of real images.
 
 The images are resized to the run's image size (short side, bicubic, centre crop, as a `folder`
 dataset is); exactly one of --region, --mask and --outpaint says what to regenerate (see
