@@ -137,7 +137,7 @@ def test_cfg_guided_batch(monkeypatch):
     model.trunk.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
     guided = model.sample(4, SampleOptions(steps=4, cfg=3.0), labels=torch.tensor([0, 1, 2, 0]), generator=gen(0))
     assert calls == [8] * 4  # one pass on the doubled batch per step
-    # cfg_scale = 0 keeps only the unconditional half: the null class
+    # cfg = 0 keeps only the unconditional half: the null class
     uncond = model.sample(4, SampleOptions(steps=4, cfg=0.0), labels=2, generator=gen(1))
     assert torch.equal(uncond, model.sample(4, SampleOptions(steps=4), generator=gen(1)))
     assert not torch.equal(guided, model.sample(4, SampleOptions(steps=4, cfg=3.0), labels=1, generator=gen(0)))
