@@ -7,7 +7,7 @@ It knows nothing of generators: images in (uint8 [n c h w]), numbers out.
 """
 
 from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe, accuracy, train_classifier
-from evaluation.common import CACHE_ENV, EvaluationError, resolve_cache_dir
+from evaluation.common import EvaluationError
 from evaluation.extractors import (
     INCEPTION_ENV,
     INCEPTION_MODES,
@@ -20,6 +20,7 @@ from evaluation.extractors import (
     resolve_inception_weights,
 )
 from evaluation.metrics import UInt8Images, class_accuracy, compute_metrics, extract_features, reference_cache_name
+from vqdiff.data import CACHE_ENV, resolve_cache_dir
 
 __all__ = [
     "CACHE_ENV",

@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evaluation.common import EvaluationError, Progress, sha256_json
-from vqdiff.checkpoint import CheckpointError, file_digest, load_tensors, read_json, save_tensors, write_json
+from vqdiff.errors import CheckpointError
+from vqdiff.io import file_digest, load_tensors, read_json, save_tensors, write_json
 from vqdiff.data import ImageSet, from_uint8
+from vqdiff.classify import fit_classifier
+from vqdiff.distributed import seeded
 from vqdiff.schedules import warmup_cosine
-from vqdiff.train import seeded
 
 ARCH = "cnn3-bn-v1"  # part of the cache key: change it when `Classifier` changes
 WEIGHTS_FILE = "model.safetensors"
@@ -156,26 +157,21 @@ def _train(train_set: ImageSet, cfg: ClassifierConfig, device: torch.device, pro
     labels = train_set.labels.to(device)
     n = len(train_set)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, r.steps))
-    perm, pos = torch.randperm(n, generator=g), 0
-    # cudnn picks non-deterministic kernels unless told otherwise; the hash must not depend on luck
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
-        for step in range(r.steps):
-            if pos + r.batch_size > n:  # epochs of permutations: every image once per epoch
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # epochs of permutations: every image once per epoch
+        perm, pos = torch.randperm(n, generator=g), 0
+        while True:
+            if pos + r.batch_size > n:
                 perm, pos = torch.randperm(n, generator=g), 0
             idx = perm[pos : pos + r.batch_size]
             pos += r.batch_size
-            if data is not None:
-                images = from_uint8(data[idx.to(device)])
-            else:
-                images = from_uint8(train_set.images_uint8(idx)).to(device)
-            loss = F.cross_entropy(model(images), labels[idx.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress is not None:
-                progress(step + 1, r.steps)
+            images = from_uint8(data[idx.to(device)]) if data is not None else from_uint8(train_set.images_uint8(idx)).to(device)
+            yield images, labels[idx.to(device)]
+
+    stream = batches()
+    # cudnn picks non-deterministic kernels unless told otherwise; the hash must not depend on luck
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        fit_classifier(model, opt, lambda step: next(stream), lambda step: r.lr * _lr_factor(step, r.steps), r.steps, progress)
     return model.eval()
 
 

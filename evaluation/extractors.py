@@ -31,9 +31,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe, load_or_train
-from evaluation.common import EvaluationError, Progress, resolve_cache_dir
-from vqdiff.checkpoint import default_device, file_digest
-from vqdiff.data import DataError, ImageSet, load_dataset
+from evaluation.common import EvaluationError, Progress
+from vqdiff.data import DataError, ImageSet, load_dataset, resolve_cache_dir
+from vqdiff.distributed import default_device
+from vqdiff.io import file_digest
 from vqdiff.precision import amx_bf16
 
 INCEPTION_ENV = "VQDIFF_INCEPTION_WEIGHTS"
@@ -77,8 +78,8 @@ class Extractor:
 
     @property
     def key(self) -> list[str]:
-        """What a cached result must match: name and weights hash, and the mode unless fp32 (so that
-        the keys written before modes still hold)."""
+        """What a cached result must match: name and weights hash, and the mode unless fp32 (fp32 is
+        the plain computation, and its key stays the bare [name, hash] that cached results carry)."""
         return [self.name, self.hash] + ([self.mode] if self.mode != "fp32" else [])
 
     def fidelity_kwargs(self) -> dict[str, Any]:
@@ -160,7 +161,7 @@ def register_classifier(cfg: ClassifierConfig, state: dict[str, torch.Tensor], d
 
 class FastInceptionV3(FeatureExtractorInceptionV3):
     """torch-fidelity's Inception (same weights, same resize) with channels-last convolutions and/or
-    bf16 autocast; features come out float32 as before. One subclass per mode is registered."""
+    bf16 autocast; features come out float32, as the plain extractor's do. One subclass per mode is registered."""
 
     mode: str
 

@@ -29,9 +29,10 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.utils import create_feature_extractor
 
-from evaluation.common import EvaluationError, Progress, resolve_cache_dir, sha256_tensor
+from evaluation.common import EvaluationError, Progress, sha256_tensor
 from evaluation.extractors import Extractor, inception_offline_message
 import vqdiff.distributed as distributed
+from vqdiff.data import resolve_cache_dir
 
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to n for small sets
 KID_SUBSETS = 100

@@ -22,10 +22,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from evaluation import Classifier, ClassifierConfig, extract_features, get_extractor, inception_available
-from recipes.recipe import Recipe
-from recipes.run import check_generator, software_versions, sync
+from recipes.recipe import Recipe, check_generator
+from recipes.run import software_versions, sync
 from recipes.stages import generator_config, memory_estimate, random_batch
 from vqdiff.memory import available_bytes
+from vqdiff.options import DEFAULTS
 from vqdiff.precision import model_autocast, sample_dtype, use_attention, use_sample_precision
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 from vqdiff.train import make_optimizer
@@ -135,12 +136,13 @@ def sample_call(models: BenchModels, kind: str, b: int, cfg: float, steps: int, 
     model = models.generators[kind]
     gen = torch.Generator().manual_seed(0)  # on the CPU, as `vqdiff.pipeline` samples
     labels = 3 if cfg != 1.0 else None
+    options = DEFAULTS.replace(steps=steps, cfg=cfg)
     if kind == "ar":
-        call = lambda: model.sample(b, labels=labels, cfg_scale=cfg, use_cache=cache, generator=gen)  # noqa: E731
-        info = {"kv_cache": cache, "steps": None, "forward_passes": model.forward_passes()}
+        call = lambda: model.sample(b, options, labels=labels, use_cache=cache, generator=gen)  # noqa: E731
+        info = {"kv_cache": cache, "steps": None, "forward_passes": model.forward_passes(options)}
     else:
-        call = lambda: model.sample(b, steps=steps, labels=labels, cfg_scale=cfg, generator=gen)  # noqa: E731
-        info = {"kv_cache": None, "steps": steps, "forward_passes": steps}
+        call = lambda: model.sample(b, options, labels=labels, generator=gen)  # noqa: E731
+        info = {"kv_cache": None, "steps": steps, "forward_passes": model.forward_passes(options)}
     return call, {"batch": b, "cfg": cfg, **info}
 
 

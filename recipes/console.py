@@ -29,7 +29,7 @@ from evaluation import EvaluationError
 from recipes.lock import RunFolderError
 from recipes.recipe import RecipeError
 from recipes.run import StageError
-from vqdiff.checkpoint import CheckpointError
+from vqdiff.errors import CheckpointError
 from vqdiff.compress import CompressError
 from vqdiff.data import DataError
 from vqdiff.options import OptionError

@@ -13,7 +13,7 @@ from recipes.report import plot_curve
 from recipes.run import Run, StageError
 from recipes.sampling import SampleSpec, generate
 from recipes.stages import test_bits_per_token
-from vqdiff.checkpoint import load_tensors, write_json
+from vqdiff.io import load_tensors, write_json
 from vqdiff.distributed import is_main
 from vqdiff.train import HISTORY_DIR
 
@@ -69,10 +69,10 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     points = []
     for g, snaps in found.items():
         for step, seconds, path in snaps:
-            options = opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
+            options = opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
             spec = SampleSpec(generator=g, options=options, num=m.n, seed=opts.seed, batch_size=opts.batch_size)
             label = f"{g} step {step}"
-            # the folder names of the first learning curves (AR: "-s0-"), so that their samples are reused
+            # a curve folder names AR "-s0-" (not its forward passes): a name that stays put keeps its samples reusable
             folder = run.samples_dir / "curve" / f"{spec.folder_name(steps if g == 'diffusion' else 0)}-step{step}"
             samples = generate(run, spec, out=folder, on_batch=bar(f"sample {label}"), snapshot=path)
             metrics = m.of_samples(samples, label)

@@ -1,4 +1,4 @@
-"""The Gradio page of `vqdiff demo RUN` (issue 23): sample a run's generators and watch the diffusion
+"""The Gradio page of `vqdiff demo RUN`: sample a run's generators and watch the diffusion
 refine its grid step by step; inpaint or outpaint an uploaded image.
 
 Gradio is an optional extra (`pip install -e ".[demo]"`) and is imported here alone. The page is
@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from recipes.run import GENERATORS, Run, StageError
-from recipes.sampling import SampleSpec, recipe_options
+from recipes.recipe import GENERATORS, resolve_options
+from recipes.run import Run, StageError
+from recipes.sampling import SampleSpec
 from vqdiff.checkpoint import CONFIG_FILE
 from vqdiff.data import SHAPES_CLASSES, from_uint8, to_uint8
 from vqdiff.options import MASK_SAMPLERS, OptionError
-from vqdiff.pipeline import decode_partial, edit_images, sample_images
+from vqdiff.pipeline import box_keep, decode_partial, edit_images, sample_images, side_keep
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: it reads this at import
 import gradio as gr  # noqa: E402
@@ -81,17 +82,10 @@ def to_tensor(image, image_size: int, channels: int) -> torch.Tensor:
 def region_keep(size: int, mode: str, box: tuple[float, float, float, float], side: str, amount: float) -> torch.Tensor:
     """keep bool [1 S S] (True = keep). inpaint: the box x0, y0, x1, y1 (fractions of the side) is
     regenerated; outpaint: a strip of `amount` of the side is regenerated on `side`."""
-    keep = torch.ones(1, size, size, dtype=torch.bool)
     if mode == "inpaint":
         x0, y0, x1, y1 = (round(v * size) for v in box)
-        x0, x1, y0, y1 = min(x0, x1), max(x0, x1), min(y0, y1), max(y0, y1)
-        keep[:, y0:y1, x0:x1] = False
-    else:
-        s = max(1, round(amount * size))
-        index = {"top": (slice(None), slice(0, s)), "bottom": (slice(None), slice(size - s, None)),
-                 "left": (slice(None), slice(None), slice(0, s)), "right": (slice(None), slice(None), slice(size - s, None))}  # fmt: skip
-        keep[index[side]] = False
-    return keep
+        return box_keep(size, min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))[None]
+    return side_keep(size, (side,), max(1, round(amount * size)))[None]
 
 
 def outpaint_shift(images: torch.Tensor, side: str, amount: float) -> torch.Tensor:
@@ -158,20 +152,20 @@ class Demo:
 
     def __init__(self, run_dir: Path, device: str | None = None):
         self.run = Run(Path(run_dir), device=device or "cpu")
+        self.recipe = self.run.read_recipe()  # first: a run folder without a readable recipe.toml is refused in one line
         self.device = self.run.torch_device
         self.tokenizer = self.run.load_tokenizer(self.device).eval()
         self.kinds = [k for k in GENERATORS if (self.run.model_dir(k) / CONFIG_FILE).exists()]
         if not self.kinds:
             raise StageError(f"no generator in {self.run.run_dir}; run `vqdiff train diffusion` (or ar) first")
         self.models = {k: self.run.load_generator(k, self.device).eval() for k in self.kinds}
-        recipe = self.run.read_recipe()
-        self.dataset = recipe.data.dataset
-        self.image_size = recipe.data.image_size
+        self.dataset = self.recipe.data.dataset
+        self.image_size = self.recipe.data.image_size
         self.channels = self.tokenizer_channels()
         self.num_classes = max(m.cfg.num_classes for m in self.models.values())
         names = CLASS_NAMES.get(self.dataset, ())
         self.class_names = [names[i] if i < len(names) else str(i) for i in range(self.num_classes)]
-        self.default_sampler = recipe_options(self.run, "diffusion").sampler
+        self.default_sampler = resolve_options(self.recipe, "diffusion").sampler
         self.scale = upscale_factor(self.image_size)
 
     def tokenizer_channels(self) -> int:
@@ -188,24 +182,17 @@ class Demo:
         class_ = None
         if class_name not in (None, "", RANDOM_CLASS) and model.cfg.num_classes:
             class_ = self.class_names.index(class_name)
-        options = recipe_options(
-            self.run, kind, temperature=float(temperature), steps=int(steps), sampler=sampler,
+        options = resolve_options(
+            self.recipe, kind, temperature=float(temperature), steps=int(steps), sampler=sampler,
             cfg=float(cfg) if model.cfg.num_classes else None,
         )  # fmt: skip
         spec = SampleSpec(generator=kind, options=options, num=int(num), seed=int(seed), class_=class_)
         spec.validate()
         return spec
 
-    def _sampling_args(self, spec: SampleSpec) -> dict[str, Any]:
-        model = self.models[spec.generator]
-        return dict(
-            steps=spec.options.steps if model.takes_steps else None, temperature=spec.options.temperature,
-            labels=spec.class_, cfg_scale=spec.options.cfg, seed=spec.seed, **spec.model_options(model.sample_options),
-        )  # fmt: skip
-
     def _every(self, spec: SampleSpec) -> int:
         """Stream every k-th frame: every step of the diffusion, at most MAX_FRAMES for AR's one per token."""
-        passes = self.models[spec.generator].forward_passes(spec.options.steps if spec.generator == "diffusion" else None)
+        passes = self.models[spec.generator].forward_passes(spec.options)
         return max(1, math.ceil(passes / MAX_FRAMES))
 
     # ------------------------------------------------------------ sample
@@ -218,10 +205,10 @@ class Demo:
             yield gr.skip(), gr.skip(), f"**error:** {e}"
             return
         model, every = self.models[spec.generator], self._every(spec)
-        total = model.forward_passes(spec.options.steps if model.takes_steps else None)
+        total = model.forward_passes(spec.options)
         frames: list[torch.Tensor] = []  # the first sample after each streamed step
         t0, step = time.perf_counter(), 0
-        work = lambda callback: sample_images(model, self.tokenizer, spec.num, callback=callback, **self._sampling_args(spec))  # noqa: E731
+        work = lambda callback: sample_images(model, self.tokenizer, spec.num, spec.options, labels=spec.class_, seed=spec.seed, callback=callback)  # noqa: E731
         try:
             for what, value in stream(work):
                 if what == "frame":
@@ -277,7 +264,9 @@ class Demo:
             return
         model, shown = self.models[spec.generator], masked(x, keep)
         every, step, t0 = self._every(spec), 0, time.perf_counter()
-        work = lambda callback: edit_images(model, self.tokenizer, x.to(self.device), keep.to(self.device), callback=callback, **self._sampling_args(spec))  # noqa: E731
+        work = lambda callback: edit_images(  # noqa: E731
+            model, self.tokenizer, x.to(self.device), keep.to(self.device), spec.options, labels=spec.class_, seed=spec.seed, callback=callback
+        )
         try:
             for what, value in stream(work):
                 if what == "frame":

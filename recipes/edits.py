@@ -1,4 +1,4 @@
-"""Edits of real images (issue 23): inpainting, outpainting and class edits, for `vqdiff edit` and
+"""Edits of real images: inpainting, outpainting and class edits, for `vqdiff edit` and
 `vqdiff evaluate --edits`.
 
 A pixel mask `keep` (bool [H W], True = keep) says what stays; `vqdiff.pipeline.token_keep` turns
@@ -31,14 +31,15 @@ import torch
 from recipes.evaluate import Measuring, bars_of
 from recipes.images import save_grid, save_pngs, save_trajectory_gif
 from recipes.run import Run, StageError
-from vqdiff.checkpoint import write_json
+from recipes.sampling import extra_options
+from vqdiff.io import write_json
 from vqdiff.data import from_uint8, load_image, save_tokens, to_uint8
 from vqdiff.distributed import is_main
-from vqdiff.pipeline import decode, edit_images, encode, token_keep
+from vqdiff.options import READS, SampleOptions
+from vqdiff.pipeline import SIDES, box_keep, decode, edit_images, encode, side_keep, token_keep
 from vqdiff.tokenizer import psnr
 
-SIDES = ("left", "right", "top", "bottom", "border")
-GIF_SAMPLES = 16
+OUTPAINT = (*SIDES, "border")  # --outpaint: a side, or all four
 
 
 # ------------------------------------------------------------------ masks
@@ -54,9 +55,7 @@ def region_keep(region: str, size: int) -> torch.Tensor:
         raise StageError(
             f"--region {region} is empty or outside the {size}x{size} image; give 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}"
         )
-    keep = torch.ones(size, size, dtype=torch.bool)
-    keep[y0:y1, x0:x1] = False
-    return keep
+    return box_keep(size, x0, y0, x1, y1)
 
 
 def mask_keep(path: Path, size: int) -> torch.Tensor:
@@ -75,23 +74,13 @@ def mask_keep(path: Path, size: int) -> torch.Tensor:
 
 def outpaint_keep(side: str, size: int, grid: int, tokens: int | None) -> torch.Tensor:
     """--outpaint SIDE with --outpaint-size tokens (None: 2 for the border, half the grid for a side)."""
-    if side not in SIDES:
-        raise StageError(f"--outpaint must be one of {', '.join(SIDES)}, got {side!r}")
+    if side not in OUTPAINT:
+        raise StageError(f"--outpaint must be one of {', '.join(OUTPAINT)}, got {side!r}")
     tokens = tokens if tokens is not None else (2 if side == "border" else grid // 2)
     limit = (grid - 1) // 2 if side == "border" else grid - 1
     if not 1 <= tokens <= limit:
         raise StageError(f"--outpaint-size for {side} must be in [1, {limit}] tokens on a {grid}x{grid} grid, got {tokens}")
-    p = tokens * (size // grid)
-    keep = torch.ones(size, size, dtype=torch.bool)
-    if side in ("left", "border"):
-        keep[:, :p] = False
-    if side in ("right", "border"):
-        keep[:, size - p :] = False
-    if side in ("top", "border"):
-        keep[:p] = False
-    if side in ("bottom", "border"):
-        keep[size - p :] = False
-    return keep
+    return side_keep(size, SIDES if side == "border" else (side,), tokens * (size // grid))
 
 
 def check_keep(keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -139,20 +128,10 @@ def write_edit(
     write_json(folder / "edit.json", record)
 
 
-def record_frames(frames: list[torch.Tensor]):
-    """A callback for edit_images that keeps the first GIF_SAMPLES grids of the first batch at every step."""
-
-    def record(start: int, step: int, ids: torch.Tensor) -> None:
-        if start == 0:
-            frames.append(ids[:GIF_SAMPLES].cpu())
-
-    return record
-
-
-def run_edit(model, tokenizer, images, keep, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def run_edit(model, tokenizer, images, keep, options: SampleOptions, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """edit_images, with the library's ValueError for a region the generator cannot edit as a StageError."""
     try:
-        return edit_images(model, tokenizer, images, keep, **kw)
+        return edit_images(model, tokenizer, images, keep, options, **kw)
     except ValueError as e:
         raise StageError(str(e)) from None
 
@@ -184,7 +163,7 @@ def task_applies(task: str, generator: str, grid: tuple[int, int]) -> bool:
     return generator == "diffusion" and (task != "border" or min(grid) > 4)
 
 
-def measure_edit(m, model, tokenizer, task: str, generator: str, settings: dict[str, Any], labels) -> dict[str, Any]:
+def measure_edit(m, model, tokenizer, task: str, generator: str, options: SampleOptions, seed: int, labels) -> dict[str, Any]:
     """One (generator, task) on the first n test images of `m` (recipes.evaluate.Measuring)."""
     images = from_uint8(m.first_test())
     n, grid = len(images), tokenizer.grid
@@ -194,7 +173,7 @@ def measure_edit(m, model, tokenizer, task: str, generator: str, settings: dict[
     known = encode(tokenizer, images)
     recon = decode(tokenizer, known)
     t0 = time.perf_counter()
-    ids, out = run_edit(model, tokenizer, images, keep, labels=labels, **settings)
+    ids, out = run_edit(model, tokenizer, images, keep, options, labels=labels, seed=seed)
     seconds = time.perf_counter() - t0
     kept = tokens[None].expand(n, -1, -1)
     pixels = keep[:, None].expand_as(images)
@@ -229,9 +208,10 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
     n = m.n
     rows = []
     for g, model in models.items():
-        o = opts.sample_options(g, temperature=opts.temperatures[0], steps=max(opts.steps), sampler=opts.samplers[0])
-        settings: dict[str, Any] = {"temperature": o.temperature, "seed": opts.seed, "cfg_scale": o.cfg, **o.changed(model.sample_options)}
-        if model.takes_steps:
+        o = opts.setting_options(recipe, g, temperature=opts.temperatures[0], steps=max(opts.steps), sampler=opts.samplers[0])
+        # what edits.json and the caches record of the setting ("cfg_scale" is their key for o.cfg)
+        settings: dict[str, Any] = {"temperature": o.temperature, "seed": opts.seed, "cfg_scale": o.cfg, **extra_options(o, g)}
+        if "steps" in READS[g]:
             settings["steps"] = o.steps
         labels = m.test_set.labels[:n] if model.cfg.num_classes > 0 else None  # complete under the true class
         for task in TASKS:
@@ -242,7 +222,7 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
                 "extractor": m.extractor.key, "real": m.reference, "conditional": labels is not None,
             }  # fmt: skip
             row = run.cached(
-                run.report_dir / "edits" / f"{g}-{task}.json", key, lambda: measure_edit(m, model, tokenizer, task, g, settings, labels)
+                run.report_dir / "edits" / f"{g}-{task}.json", key, lambda: measure_edit(m, model, tokenizer, task, g, o, opts.seed, labels)
             )
             rows.append({**row, "settings": settings})
     report = {

@@ -11,14 +11,15 @@ import torch
 from evaluation import (
     INCEPTION_MODES, ClassifierRecipe, Extractor, class_accuracy, compute_metrics, get_extractor, has_labels, inception_available,
 )  # fmt: skip
-from recipes.recipe import EvaluateSection, Recipe
+from recipes.recipe import EvaluateSection, Recipe, check_generator, resolve_options
 from recipes.report import reference_note, setting, write_report
-from recipes.run import GENERATORS, Run, StageError, check_generator, software_versions
+from recipes.run import Run, StageError, software_versions
 from recipes.sampling import Samples, SampleSpec, generate
-from vqdiff.checkpoint import read_config, read_json
+from vqdiff.checkpoint import read_config
+from vqdiff.io import read_json
 from vqdiff.data import from_uint8, to_uint8
 from vqdiff.distributed import is_main
-from vqdiff.options import DEFAULTS, SampleOptions
+from vqdiff.options import DEFAULTS, READS, SampleOptions
 from vqdiff.pipeline import decode, encode
 
 
@@ -39,14 +40,13 @@ class EvalOptions(EvaluateSection):
             opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]), sample_schedule=d["sample_schedule"]
         )
         opts = dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
-        opts.validate()
+        opts.validate(recipe)
         return opts
 
-    def validate(self) -> None:
-        """What SampleOptions does not check, then a SampleOptions for every setting (its one message)."""
+    def validate(self, recipe: Recipe) -> None:
+        """What SampleOptions does not check, then the SampleOptions of every setting (its one message)."""
         for g in self.generators:
-            if g not in GENERATORS:
-                raise StageError(f"unknown generator {g!r}; choose from ar, diffusion")
+            check_generator(g)
         if not self.generators:
             raise StageError("no generators to evaluate")
         if self.num < 2:
@@ -66,17 +66,16 @@ class EvalOptions(EvaluateSection):
         for steps in (*self.steps, self.curve_steps, self.gif_steps):
             for temperature in self.temperatures:
                 for sampler in self.samplers:
-                    self.sample_options("diffusion", temperature=temperature, steps=steps, sampler=sampler)
+                    self.setting_options(recipe, "diffusion", temperature=temperature, steps=steps, sampler=sampler)
 
-    def sample_options(self, generator: str, *, temperature: float, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
-        """The SampleOptions of one setting: the shared options, and for diffusion its sampler (None:
-        the default, for corruptions with one sampler), eta for the ancestral one, the sample schedule."""
-        diffusion = generator == "diffusion"
-        sampler = (sampler or DEFAULTS.sampler) if diffusion else DEFAULTS.sampler
-        return SampleOptions(
-            temperature=temperature, steps=steps or DEFAULTS.steps, top_k=self.top_k, top_p=self.top_p, cfg=self.cfg,
-            sampler=sampler, eta=self.eta if diffusion and sampler == "ancestral" else DEFAULTS.eta,
-            sample_schedule=self.sample_schedule if diffusion else None,
+    def setting_options(self, recipe: Recipe, generator: str, *, temperature: float, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
+        """The SampleOptions of one setting, from the one resolver: this evaluation's cfg, top_k, top_p
+        and sample schedule with the setting's temperature, steps and sampler (None: the default, for
+        corruptions with one sampler). The settings compare samplers, so eta goes to the ancestral one."""
+        sampler = sampler or DEFAULTS.sampler
+        return resolve_options(
+            recipe, generator, temperature=temperature, steps=steps, sampler=sampler, cfg=self.cfg, top_k=self.top_k,
+            top_p=self.top_p, eta=self.eta if sampler == "ancestral" else None, sample_schedule=self.sample_schedule,
         )  # fmt: skip
 
 
@@ -212,23 +211,23 @@ def _context(run: Run, opts: EvalOptions, m: Measuring) -> dict[str, Any]:
     return run.cached(run.report_dir / "context.json", key, compute)
 
 
-def _settings(run: Run, opts: EvalOptions, g: str, diffusion_kind: str | None):
+def _settings(recipe: Recipe, opts: EvalOptions, g: str, diffusion_kind: str | None):
     """(report row, SampleOptions) of every setting of generator `g`."""
     # one sampler per setting, except the mask corruption, which compares its samplers
     samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
-    steps_list = opts.steps if check_generator(g).takes_steps else (None,)
+    steps_list = opts.steps if "steps" in READS[g] else (None,)
     # what the report row names: a sample schedule for diffusion (None: the trained one)
     chosen = {"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}
     for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
         row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
-        yield row, opts.sample_options(g, temperature=temperature, steps=steps, sampler=sampler)
+        yield row, opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
 
 
-def _measure_settings(run: Run, opts: EvalOptions, m: Measuring, diffusion_kind: str | None) -> list[dict[str, Any]]:
+def _measure_settings(run: Run, recipe: Recipe, opts: EvalOptions, m: Measuring, diffusion_kind: str | None) -> list[dict[str, Any]]:
     """Sample every setting of every generator and measure it: the report's rows."""
     results = []
     for g in opts.generators:
-        for row, options in _settings(run, opts, g, diffusion_kind):
+        for row, options in _settings(recipe, opts, g, diffusion_kind):
             spec = SampleSpec(generator=g, options=options, num=m.n, seed=opts.seed, batch_size=opts.batch_size)
             label = setting(row)  # the report's name for this setting, also on the progress bars
             samples = generate(run, spec, on_batch=m.bar(f"sample {label}"))
@@ -249,12 +248,12 @@ def _measure_settings(run: Run, opts: EvalOptions, m: Measuring, diffusion_kind:
     return results
 
 
-def _trajectory_gif(run: Run, opts: EvalOptions, diffusion_kind: str | None) -> str | None:
+def _trajectory_gif(run: Run, recipe: Recipe, opts: EvalOptions, diffusion_kind: str | None) -> str | None:
     """The report's GIF of the diffusion at work (16 samples, gif_steps steps), relative to RUN."""
     if "diffusion" not in opts.generators:
         return None
     sampler = opts.samplers[0] if diffusion_kind == "mask" else None
-    options = opts.sample_options("diffusion", temperature=opts.temperatures[0], steps=opts.gif_steps, sampler=sampler)
+    options = opts.setting_options(recipe, "diffusion", temperature=opts.temperatures[0], steps=opts.gif_steps, sampler=sampler)
     spec = SampleSpec(generator="diffusion", options=options, num=16, seed=opts.seed)
     samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
     return str((samples.folder / "trajectory.gif").relative_to(run.run_dir))
@@ -286,8 +285,8 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     n, extractor = m.n, m.extractor
     ctx = _context(run, opts, m)
     diffusion_kind = read_config(run.model_dir("diffusion"), "diffusion")[1].corruption if "diffusion" in opts.generators else None
-    results = _measure_settings(run, opts, m, diffusion_kind)
-    gif = _trajectory_gif(run, opts, diffusion_kind)
+    results = _measure_settings(run, recipe, opts, m, diffusion_kind)
+    gif = _trajectory_gif(run, recipe, opts, diffusion_kind)
     tok_metrics, bits = _model_metrics(run, opts)
     report = {
         "run": str(run.run_dir),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from vqdiff.checkpoint import atomic_write
+from vqdiff.io import atomic_write
 from vqdiff.data import to_uint8
 from vqdiff.pipeline import decode_partial
 
 SAMPLE_PNG = re.compile(r"\d{6}\.png")  # 000000.png, 000001.png, ...: one per sample
+GIF_SAMPLES = 16  # a trajectory GIF shows the first 16 samples of the first batch
 
 
 def _picture(images: torch.Tensor, nrow: int):
@@ -48,6 +50,17 @@ def clear_sample_pngs(folder: Path) -> None:
     for p in folder.iterdir():
         if SAMPLE_PNG.fullmatch(p.name):
             p.unlink()
+
+
+def frame_recorder(frames: list[torch.Tensor]) -> Callable[[int, int, torch.Tensor], None]:
+    """A sampling callback (vqdiff.pipeline's callback(start, step, ids)) that appends the first
+    GIF_SAMPLES grids of the first batch to `frames` at every step: the frames of `save_trajectory_gif`."""
+
+    def record(start: int, step: int, ids: torch.Tensor) -> None:
+        if start == 0:
+            frames.append(ids[:GIF_SAMPLES].cpu())
+
+    return record
 
 
 @torch.no_grad()

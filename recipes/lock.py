@@ -1,7 +1,7 @@
 """One writer per run folder: an advisory `fcntl.flock` on `RUN/.lock`.
 
-Two trainings on one folder used to both exit 0, with every step twice in `log.jsonl` and a
-`recipe.toml` from one run beside the weights of the other. Every command that writes into a run
+Without it two trainings on one folder would both exit 0, with every step twice in `log.jsonl` and
+a `recipe.toml` from one run beside the weights of the other. Every command that writes into a run
 folder holds this lock for its whole duration; readers (e.g. `sample --out elsewhere`) do not take it.
 The lock dies with its process (the kernel drops a flock when the file is closed), so a kill -9
 never leaves a stale lock behind; the pid written into the file is only there to name the holder.

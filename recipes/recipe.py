@@ -18,15 +18,16 @@ from typing import Any
 
 from vqdiff.checkpoint import ConfigError, config_defaults, config_from_dict
 from vqdiff.data import DATASETS
-from vqdiff.options import DEFAULTS, OptionError, SampleOptions
-from vqdiff.registry import config_class
+from vqdiff.options import DEFAULTS, READS, OptionError, SampleOptions
+from vqdiff.registry import config_class, model_class
 from vqdiff.train import TrainConfig
 
 RECIPE_DIR = Path(__file__).parent
+GENERATORS = ("ar", "diffusion")
 
 
 class RecipeError(Exception):
-    """A bad recipe or --set; the message is one line."""
+    """A bad recipe, --set or generator name; the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ def section_defaults(section: str) -> dict[str, Any]:
 
 
 SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
-# the values that meant "off" in the recipe.toml of run folders written before off was None (a key left
-# out): such a run folder stays readable, and the option is None, its one spelling, from here on
+# "off" has one spelling, None (the key left out); these values also read as off, so that a
+# recipe.toml that spells off as 0, 1.0 or "" still loads and means the same
 OFF_BEFORE_NONE = {("evaluate", "top_k"): 0, ("evaluate", "top_p"): 1.0, ("diffusion", "sample_schedule"): ""}
 
 
@@ -283,7 +284,7 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
         merged = section_defaults(section)
         for k, v in given.items():
             if OFF_BEFORE_NONE.get((section, k), ...) == v:
-                v = None  # a recipe.toml written before off was None (left out) reads as off
+                v = None  # another spelling of off (OFF_BEFORE_NONE)
             default = merged.get(k)
             if default is not None and not _same_type(default, v):
                 raise RecipeError(f"{section}.{k} = {v!r}: expected a {type(default).__name__}")
@@ -295,14 +296,14 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
 
 
 def validate(recipe: Recipe) -> None:
-    """Check every section before any stage runs: a bad `diffusion.corruption` used to surface only
-    after the tokenizer and AR had trained (minutes on shapes, an hour on mnist)."""
+    """Check every section before any stage runs: a bad key of a later stage (e.g. `diffusion.corruption`)
+    must not wait until the stages before it have trained (minutes on shapes, an hour on mnist)."""
     recipe.data  # DataSection checks itself
     recipe.build(TokenizerExtras, "tokenizer")
     recipe.build(EvaluateSection, "evaluate")
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)
-    check_sampling(recipe)
+    _check_sampling(recipe)
     d, tok = recipe["data"], recipe["tokenizer"]
     # derived fields are only known once the data is loaded and the tokenizer trained; stand-ins that
     # are valid whenever the real values are (the real ones are checked against a stated value later)
@@ -319,19 +320,6 @@ def validate(recipe: Recipe) -> None:
         recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
 
 
-def check_sampling(recipe: Recipe) -> None:
-    """The sampling keys of [diffusion] and [evaluate], checked by SampleOptions (one message for each)."""
-    d, e = recipe["diffusion"], recipe["evaluate"]
-    try:
-        for sampler in [d["sampler"], *e["samplers"]]:
-            SampleOptions(sampler=sampler, eta=d["eta"] if sampler == "ancestral" else DEFAULTS.eta, sample_schedule=d["sample_schedule"])
-        for temperature in e["temperatures"]:
-            SampleOptions(temperature=temperature, cfg=e["cfg"], top_k=e["top_k"], top_p=e["top_p"])
-        SampleOptions(eta=d["eta"], sampler="ancestral")
-    except OptionError as err:
-        raise RecipeError(f"[diffusion] or [evaluate]: {err}") from None
-
-
 def _same_type(default: Any, value: Any) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
@@ -340,3 +328,48 @@ def _same_type(default: Any, value: Any) -> bool:
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
+
+
+# ------------------------------------------------------------------ sampling options: the one resolver
+
+
+def check_generator(kind: str) -> type:
+    """The model class of generator `kind`; a RecipeError names the choices."""
+    if kind not in GENERATORS:
+        raise RecipeError(f"unknown generator {kind!r}; choose ar or diffusion")
+    return model_class(kind)
+
+
+def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOptions:
+    """The SampleOptions of generator `kind`, built once, here, and passed down whole.
+
+    A value `given` (by its SampleOptions name; None = not given) wins over the recipe's, which
+    wins over the default (vqdiff.options.DEFAULTS). The recipe (None: a run folder without one)
+    gives the diffusion's sampler, its sample_schedule, and its eta when the sampler is the
+    ancestral one (remasking belongs to that sampler alone). The fields the generator does not
+    read (vqdiff.options.READS) stay at their defaults, given or not. A value out of range is an
+    OptionError that names it.
+    """
+    check_generator(kind)
+    given = {k: v for k, v in given.items() if v is not None}
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        d = recipe["diffusion"]
+        values = {"sampler": given.get("sampler", d["sampler"]), "sample_schedule": d["sample_schedule"]}
+        if values["sampler"] == "ancestral":
+            values["eta"] = d["eta"]
+    values.update(given)
+    return SampleOptions(**{k: v for k, v in values.items() if k in READS[kind]})
+
+
+def _check_sampling(recipe: Recipe) -> None:
+    """Every sampling setting the recipe names ([diffusion] sampler, eta and sample_schedule, each of
+    [evaluate] samplers and temperatures, its cfg, top_k and top_p), through the one resolver, so that
+    a bad one is refused before any stage runs, with the message the CLI would give."""
+    d, e = recipe["diffusion"], recipe["evaluate"]
+    try:
+        for sampler in dict.fromkeys([d["sampler"], *e["samplers"], "ancestral"]):  # ancestral: eta is checked too
+            for temperature in e["temperatures"] or [DEFAULTS.temperature]:
+                resolve_options(recipe, "diffusion", sampler=sampler, temperature=temperature, cfg=e["cfg"], top_k=e["top_k"], top_p=e["top_p"])
+    except OptionError as err:
+        raise RecipeError(f"[diffusion] or [evaluate]: {err}") from None

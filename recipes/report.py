@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vqdiff.checkpoint import atomic_write, write_json
+from vqdiff.io import atomic_write, write_json
 
 
 def _fmt(x: Any, digits: int = 2) -> str:

@@ -22,24 +22,12 @@ from typing import Any, Callable
 import torch
 import torchvision
 
-from recipes.recipe import Recipe, load_recipe
-from vqdiff.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    atomic_write,
-    file_digest,
-    load_model,
-    load_tensors,
-    read_config,
-    read_json,
-    write_json,
-)
+from recipes.recipe import Recipe, check_generator, load_recipe
+from vqdiff.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_config
+from vqdiff.io import atomic_write, file_digest, load_tensors, read_json, write_json
 from vqdiff.data import ImageSet, load_dataset, save_tokens
 from vqdiff.distributed import barrier, is_main, local_device
 from vqdiff.pipeline import encode
-from vqdiff.registry import model_class
-
-GENERATORS = ("ar", "diffusion")
 
 
 class StageError(Exception):
@@ -115,8 +103,12 @@ class Run:
 
     # ------------------------------------------------------------ recipe and data
 
-    def read_recipe(self) -> Recipe:
+    def read_recipe(self, missing_ok: bool = False) -> Recipe | None:
+        """RUN/recipe.toml. A file that cannot be parsed is a RecipeError that names it; a missing one
+        is a StageError, or None with missing_ok (the sampling options then have their defaults)."""
         if not self.recipe_path.exists():
+            if missing_ok:
+                return None
             raise StageError(f"{self.run_dir} is not a run folder (no recipe.toml); train a tokenizer into it first")
         return load_recipe(str(self.recipe_path))
 
@@ -216,13 +208,6 @@ class Run:
                 f"the {kind} generator in {self.model_dir(kind)} was trained on the tokens of another tokenizer "
                 f"(retrained since); delete {self.model_dir(kind)} to retrain it"
             )
-
-
-def check_generator(kind: str) -> type:
-    """The model class of generator `kind`; a StageError names the choices."""
-    if kind not in GENERATORS:
-        raise StageError(f"unknown generator {kind!r}; choose ar or diffusion")
-    return model_class(kind)
 
 
 # ------------------------------------------------------------------ the token cache

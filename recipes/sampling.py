@@ -16,16 +16,14 @@ from typing import Any
 
 import torch
 
-from recipes.images import save_grid, save_pngs, save_trajectory_gif
-from recipes.run import GENERATORS, Run, StageError, ensure_tokens, sync
-from vqdiff.checkpoint import load_tensors, write_json
+from recipes.images import frame_recorder, save_grid, save_pngs, save_trajectory_gif
+from recipes.recipe import check_generator
+from recipes.run import Run, StageError, ensure_tokens, sync
+from vqdiff.io import load_tensors, write_json
 from vqdiff.data import load_tokens, save_tokens
 from vqdiff.distributed import barrier, is_main
-from vqdiff.options import DEFAULTS, SampleOptions
+from vqdiff.options import DEFAULTS, READS, SampleOptions
 from vqdiff.pipeline import decode, draw_labels, sample_images
-
-GIF_SAMPLES = 16  # the trajectory GIF shows the first 16 samples of the first batch
-
 
 @dataclass(frozen=True)
 class SampleSpec:
@@ -42,8 +40,7 @@ class SampleSpec:
 
     def validate(self) -> None:
         """What SampleOptions does not check (it checked itself when it was built)."""
-        if self.generator not in GENERATORS:
-            raise StageError(f"unknown generator {self.generator!r}; choose ar or diffusion")
+        check_generator(self.generator)
         if self.num < 1:
             raise StageError(f"num must be >= 1, got {self.num}")
         if self.batch_size < 1:
@@ -53,18 +50,12 @@ class SampleSpec:
         if self.generator == "diffusion" and self.prefix_rows:
             raise StageError("--prefix-rows is for the ar generator")
 
-    def model_options(self, takes: tuple[str, ...]) -> dict[str, Any]:
-        """The options among `takes` (a generator's `sample_options`) that differ from their
-        defaults; the others have no meaning for that generator and are left out."""
-        out = self.options.changed(takes)
-        if "use_cache" in takes and not self.use_cache:
-            out["use_cache"] = False
-        return out
-
     def key(self) -> dict[str, Any]:
-        """The inputs as sample.json records them (flat, as before SampleOptions)."""
+        """The inputs as sample.json records them: one flat dict, the options' fields beside the spec's.
+        sample_schedule is left out while it is None (the trained schedule), so that a folder sampled
+        on the trained schedule keeps the key it was written with and is reused."""
         key = {"generator": self.generator, **asdict(self.options), **{k: v for k, v in asdict(self).items() if k not in ("generator", "options")}}
-        if self.options.sample_schedule is None:  # the key of the folders written before sample schedules
+        if self.options.sample_schedule is None:
             del key["sample_schedule"]
         return key
 
@@ -90,9 +81,11 @@ class SampleSpec:
 
 
 def _diffusion_extras(o: SampleOptions) -> list[str]:
+    """The folder name's parts for the diffusion's own options: each one that is not at its default
+    (the default sampler and schedule add nothing, so a default folder is plain GEN-tT-sS)."""
     extras = []
     if o.sampler != DEFAULTS.sampler:
-        extras.append(o.sampler)  # the default sampler keeps the names of the folders written before samplers
+        extras.append(o.sampler)
     if o.eta:
         extras.append(f"eta{o.eta:g}")
     if o.sample_schedule is not None:
@@ -102,20 +95,10 @@ def _diffusion_extras(o: SampleOptions) -> list[str]:
     return extras
 
 
-def recipe_options(run: Run, generator: str, **given: Any) -> SampleOptions:
-    """SampleOptions from the CLI's `given` values (None = not given); for diffusion the others come
-    from the run's recipe (diffusion.sampler, diffusion.eta, diffusion.sample_schedule); the rest are
-    the defaults. The diffusion options have no meaning for the next-token generator: they stay default."""
-    DIFFUSION_ONLY = ("sampler", "eta", "sample_schedule", "choice_temperature")
-    given = {k: v for k, v in given.items() if v is not None and (generator == "diffusion" or k not in DIFFUSION_ONLY)}
-    if generator != "diffusion":
-        return SampleOptions(**given)
-    section = run.read_recipe()["diffusion"] if run.recipe_path.exists() else {}
-    sampler = given.get("sampler", section.get("sampler", DEFAULTS.sampler))
-    from_recipe = {"sampler": sampler, "sample_schedule": section.get("sample_schedule")}
-    if sampler == "ancestral":
-        from_recipe["eta"] = section.get("eta", DEFAULTS.eta)
-    return SampleOptions(**{**from_recipe, **given})
+def extra_options(options: SampleOptions, kind: str) -> dict[str, Any]:
+    """The fields generator `kind` reads, besides temperature, steps and cfg, that differ from their
+    defaults: what edit.json ("options") and the edit caches record beside those three."""
+    return {k: getattr(options, k) for k in READS[kind] if k not in ("temperature", "steps", "cfg") and getattr(options, k) != getattr(DEFAULTS, k)}
 
 
 @dataclass
@@ -152,8 +135,7 @@ def generate(
     tokenizer = run.load_tokenizer(device)
     cfg = model.cfg
     check_fits(spec, cfg)
-    steps = spec.options.steps if model.takes_steps else None  # AR: one pass per token, whatever --steps said
-    passes = model.forward_passes(steps)
+    passes = model.forward_passes(spec.options)
     folder = out or run.samples_dir / spec.folder_name(passes)
     key = {
         "spec": spec.key(),
@@ -167,19 +149,13 @@ def generate(
         labels = saved if cfg.num_classes > 0 else None
         return Samples(ids, decode(tokenizer, ids), old["seconds"], old["forward_passes"], folder, key, labels)
 
-    options = spec.model_options(model.sample_options)
-    if spec.prefix_rows:
-        options["prefix"] = _prefixes(run, spec)
+    prefix = _prefixes(run, spec) if spec.prefix_rows else None
+    use_cache = spec.use_cache if spec.generator == "ar" else None  # the KV cache is the next-token generator's
     if spec.class_ is not None:
         labels = torch.full((spec.num,), spec.class_, dtype=torch.long)
     else:
         labels = draw_labels(cfg.num_classes, spec.num, spec.seed)
     frames: list[torch.Tensor] = []
-
-    def record(start: int, step: int, ids: torch.Tensor) -> None:
-        if start == 0:
-            frames.append(ids[:GIF_SAMPLES].cpu())
-
     # the folder is about to hold other samples: its marker goes first, so a kill leaves no stale
     # claim, and with it what describes the samples that were here (their FID, their trajectory).
     # Under torchrun every rank samples its share and rank 0 alone writes, once every rank has read
@@ -192,8 +168,8 @@ def generate(
     sync(device)
     t0 = time.perf_counter()
     ids, images = sample_images(
-        model, tokenizer, spec.num, steps=steps, temperature=spec.options.temperature, labels=labels, cfg_scale=spec.options.cfg,
-        seed=spec.seed, batch_size=spec.batch_size, callback=record if gif else None, on_batch=on_batch, **options,
+        model, tokenizer, spec.num, spec.options, labels=labels, seed=spec.seed, batch_size=spec.batch_size,
+        callback=frame_recorder(frames) if gif else None, on_batch=on_batch, prefix=prefix, use_cache=use_cache,
     )  # fmt: skip
     sync(device)
     seconds = time.perf_counter() - t0

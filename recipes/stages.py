@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from recipes.images import save_grid
-from recipes.recipe import Recipe
-from recipes.run import Run, StageError, check_generator, ensure_tokens, software_versions
-from vqdiff.checkpoint import CONFIG_FILE, is_complete, read_config, read_json, save_model, write_json
+from recipes.recipe import Recipe, check_generator
+from recipes.run import Run, StageError, ensure_tokens, software_versions
+from vqdiff.checkpoint import CONFIG_FILE, is_complete, read_config, save_model
 from vqdiff.data import ImageSet, load_tokens
-from vqdiff.distributed import barrier, is_distributed, is_main
+from vqdiff.distributed import barrier, is_distributed, is_main, seeded
+from vqdiff.io import read_json, write_json
 from vqdiff.memory import MemoryEstimate, available_bytes, estimate_step_memory, gib
 from vqdiff.perceptual import PerceptualRecipe, train_perceptual
 from vqdiff.pipeline import decode, encode, measure_tokenizer
@@ -21,7 +22,7 @@ from vqdiff.precision import autocast_dtype, model_autocast
 from vqdiff.pretrained import DiffusersTokenizer
 from vqdiff.registry import model_class
 from vqdiff.steps import TensorSource
-from vqdiff.train import is_trained, seeded, train
+from vqdiff.train import is_trained, train
 
 
 # ------------------------------------------------------------------ tokenizer

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.checkpoint import load_model, save_model
+from vqdiff.options import SampleOptions
 from vqdiff.steps import TensorSource
 from vqdiff.train import TRAIN_KEYS, TrainConfig, train
 
@@ -69,18 +70,18 @@ def test_shift_perfect_predictor_has_zero_loss(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kw",
+    "options,kw",
     [
-        {},
-        {"temperature": 0.7, "top_k": 5},
-        {"top_p": 0.8, "labels": torch.tensor([0, 1, 2, 0]), "cfg_scale": 2.5},
-        {"prefix": torch.randint(0, K, (4, 2, W), generator=torch.Generator().manual_seed(9)), "labels": 1},
+        ({}, {}),
+        ({"temperature": 0.7, "top_k": 5}, {}),
+        ({"top_p": 0.8, "cfg": 2.5}, {"labels": torch.tensor([0, 1, 2, 0])}),
+        ({}, {"prefix": torch.randint(0, K, (4, 2, W), generator=torch.Generator().manual_seed(9)), "labels": 1}),
     ],
 )
-def test_kv_cache_sampling_equals_uncached(kw):
+def test_kv_cache_sampling_equals_uncached(options, kw):
     model = make(num_classes=3)
-    cached = model.sample(4, generator=gen(0), **kw)
-    uncached = model.sample(4, generator=gen(0), use_cache=False, **kw)
+    cached = model.sample(4, SampleOptions(**options), generator=gen(0), **kw)
+    uncached = model.sample(4, SampleOptions(**options), generator=gen(0), use_cache=False, **kw)
     assert cached.shape == (4, H, W) and cached.dtype == torch.long
     assert torch.equal(cached, uncached)
     assert cached.min() >= 0 and cached.max() < K
@@ -92,8 +93,8 @@ def test_top_k_1_is_greedy():
     greedy = torch.zeros(3, H, W, dtype=torch.long)  # argmax decoding through forward()
     for i in range(H * W):
         greedy.view(3, -1)[:, i] = model(greedy, labels)[:, i].argmax(-1)
-    assert torch.equal(model.sample(3, top_k=1, labels=labels, generator=gen(5)), greedy)
-    assert torch.equal(model.sample(3, temperature=0, labels=labels), greedy)
+    assert torch.equal(model.sample(3, SampleOptions(top_k=1), labels=labels, generator=gen(5)), greedy)
+    assert torch.equal(model.sample(3, SampleOptions(temperature=0), labels=labels), greedy)
 
 
 def test_prefix_rows_are_kept():
@@ -112,12 +113,12 @@ def test_seeds_and_guidance():
     a = model.sample(6, generator=gen(0))
     assert torch.equal(a, model.sample(6, generator=gen(0)))
     assert not torch.equal(a, model.sample(6, generator=gen(1)))
-    # cfg_scale = 0 is the unconditional half of the doubled batch: the null class
-    guided = model.sample(6, labels=1, cfg_scale=0.0, generator=gen(2))
+    # cfg = 0 is the unconditional half of the doubled batch: the null class
+    guided = model.sample(6, SampleOptions(cfg=0.0), labels=1, generator=gen(2))
     assert torch.equal(guided, model.sample(6, generator=gen(2)))
-    assert model.forward_passes() == model.forward_passes(H * W) == H * W
-    with pytest.raises(ValueError, match="one forward pass per token"):
-        model.sample(2, steps=8)  # a step count the next-token generator cannot honour is an error, not ignored
+    # one forward pass per token, whatever the options' steps say: the next-token generator does not read them
+    assert model.forward_passes() == model.forward_passes(SampleOptions(steps=3)) == H * W
+    assert torch.equal(model.sample(6, SampleOptions(steps=3), generator=gen(0)), a)
 
 
 def test_callback_shows_the_grid_filling_in_raster_order():
@@ -139,9 +140,9 @@ def test_overfit_four_grids(tmp_path):
     cfg = TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup_steps=10, log_every=50, checkpoint_every=1000)
     trained = train(model, data, cfg, tmp_path, device="cpu").model
     labels = torch.arange(8) % 4
-    cond = trained.sample(8, temperature=0.5, labels=labels, generator=gen(0))
+    cond = trained.sample(8, SampleOptions(temperature=0.5), labels=labels, generator=gen(0))
     assert torch.equal(cond, grids[labels])
-    uncond = trained.sample(8, temperature=0.3, generator=gen(1))
+    uncond = trained.sample(8, SampleOptions(temperature=0.3), generator=gen(1))
     assert all((x == grids).flatten(1).all(1).any() for x in uncond)
     bits = trained.bits_per_token({"ids": grids, "labels": torch.arange(4)})
     assert bits["kind"] == "exact" and bits["bits_per_token"] < 0.5

@@ -9,7 +9,7 @@ from helpers import TINY, invoke, ok, one_line_error, sets
 
 from recipes import stages
 from recipes.curves import snapshots
-from vqdiff.checkpoint import load_tensors
+from vqdiff.io import load_tensors
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -374,6 +374,7 @@ def test_temperature_zero_is_argmax_and_one_message_in_every_layer(run):
 
     from recipes.run import Run
     from vqdiff.options import OptionError
+    from vqdiff.pipeline import sample_ids
 
     # two samples of one class at temperature 0: the argmax path, so the same grid twice
     ok(invoke("sample", run, "-g", "ar", "-n", 2, "--temperature", 0, "--class", 1))
@@ -385,4 +386,4 @@ def test_temperature_zero_is_argmax_and_one_message_in_every_layer(run):
     one_line_error(invoke("train", "tokenizer", "shapes", "--run-dir", run.parent / "x", "--set", "evaluate.temperatures=[-1.0]"), message)
     for kind in ("ar", "diffusion"):
         with pytest.raises(OptionError, match=re.escape(message)):
-            Run(run).load_generator(kind, "cpu").sample(2, steps=None if kind == "ar" else 2, temperature=-1.0)
+            sample_ids(Run(run).load_generator(kind, "cpu"), 2, steps=2, temperature=-1.0)

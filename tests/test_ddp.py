@@ -18,7 +18,8 @@ from vqdiff.data import make_shapes
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
 from vqdiff.steps import TensorSource
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import TrainConfig, seeded, train
+from vqdiff.distributed import seeded
+from vqdiff.train import TrainConfig, train
 
 STEPS = 4
 GRID = dict(codebook_size=16, grid_h=4, grid_w=4, num_classes=3, dim=32, depth=1, heads=2, class_dropout=0.3)
@@ -167,7 +168,7 @@ def _generators():
         ar = ARTransformer(ARConfig(**GRID)).eval()
     with seeded(2):
         diff = DiffusionTransformer(DiffusionConfig(**GRID)).eval()
-    return {"ar": (ar, None), "diffusion": (diff, 3)}
+    return {"ar": (ar, {}), "diffusion": (diff, {"steps": 3})}  # the options each one is sampled with
 
 
 def _sample_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -177,9 +178,9 @@ def _sample_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for name, (model, steps) in _generators().items():
+        for name, (model, options) in _generators().items():
             # 10 samples in batches of 3: 4 batches dealt 2 + 2, the last one short
-            ids = sample_ids(model, 10, steps=steps, seed=5, batch_size=3)
+            ids = sample_ids(model, 10, seed=5, batch_size=3, **options)
             torch.save(ids, os.path.join(out, f"{name}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -190,9 +191,9 @@ def test_sharded_sampling_gives_the_ids_of_one_process(tmp_path):
     from vqdiff.pipeline import sample_ids
 
     mp.spawn(_sample_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for name, (model, steps) in _generators().items():
-        one = sample_ids(model, 10, steps=steps, seed=5, batch_size=3)
+    for name, (model, options) in _generators().items():
+        one = sample_ids(model, 10, seed=5, batch_size=3, **options)
         assert one.shape == (10, 4, 4)
         for rank in (0, 1):  # every rank gets all the ids, in order
             assert torch.equal(torch.load(tmp_path / f"{name}-rank{rank}.pt"), one), (name, rank)
-        assert not torch.equal(one, sample_ids(model, 10, steps=steps, seed=6, batch_size=3))
+        assert not torch.equal(one, sample_ids(model, 10, seed=6, batch_size=3, **options))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import vqdiff.samplers as samplers
 from vqdiff.checkpoint import load_model, save_model
 from vqdiff.diffusion import CORRUPTIONS, DiffusionConfig, DiffusionTransformer
-from vqdiff.options import MASK_SAMPLERS
+from vqdiff.options import MASK_SAMPLERS, SampleOptions
 from vqdiff.samplers import halton_order
 from vqdiff.schedules import get_schedule
 from vqdiff.steps import TensorSource
@@ -113,8 +113,8 @@ def test_sampler_takes_exactly_steps_passes_and_leaves_no_mask(corruption, steps
     model = make(corruption)
     calls, trajectory = [], []
     model.trunk.register_forward_hook(lambda *args: calls.append(1))
-    out = model.sample(3, steps=steps, generator=gen(0), callback=lambda i, ids: trajectory.append((i, ids)))
-    assert len(calls) == steps == model.forward_passes(steps)
+    out = model.sample(3, SampleOptions(steps=steps), generator=gen(0), callback=lambda i, ids: trajectory.append((i, ids)))
+    assert len(calls) == steps == model.forward_passes(SampleOptions(steps=steps))
     assert [i for i, _ in trajectory] == list(range(steps))
     assert out.shape == (3, H, W) and out.dtype == torch.long
     assert out.min() >= 0 and out.max() < K
@@ -135,20 +135,20 @@ def test_cfg_guided_batch(monkeypatch):
     model = wake(make("mask", num_classes=3))
     calls = []
     model.trunk.register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
-    guided = model.sample(4, steps=4, labels=torch.tensor([0, 1, 2, 0]), cfg_scale=3.0, generator=gen(0))
+    guided = model.sample(4, SampleOptions(steps=4, cfg=3.0), labels=torch.tensor([0, 1, 2, 0]), generator=gen(0))
     assert calls == [8] * 4  # one pass on the doubled batch per step
-    # cfg_scale = 0 keeps only the unconditional half: the null class
-    uncond = model.sample(4, steps=4, labels=2, cfg_scale=0.0, generator=gen(1))
-    assert torch.equal(uncond, model.sample(4, steps=4, generator=gen(1)))
-    assert not torch.equal(guided, model.sample(4, steps=4, labels=1, cfg_scale=3.0, generator=gen(0)))
+    # cfg = 0 keeps only the unconditional half: the null class
+    uncond = model.sample(4, SampleOptions(steps=4, cfg=0.0), labels=2, generator=gen(1))
+    assert torch.equal(uncond, model.sample(4, SampleOptions(steps=4), generator=gen(1)))
+    assert not torch.equal(guided, model.sample(4, SampleOptions(steps=4, cfg=3.0), labels=1, generator=gen(0)))
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 def test_seeds(corruption):
     model = make(corruption)
-    a = model.sample(4, steps=4, generator=gen(0))
-    assert torch.equal(a, model.sample(4, steps=4, generator=gen(0)))
-    assert not torch.equal(a, model.sample(4, steps=4, generator=gen(1)))
+    a = model.sample(4, SampleOptions(steps=4), generator=gen(0))
+    assert torch.equal(a, model.sample(4, SampleOptions(steps=4), generator=gen(0)))
+    assert not torch.equal(a, model.sample(4, SampleOptions(steps=4), generator=gen(1)))
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
@@ -156,7 +156,7 @@ def test_samplers_reach_an_oracles_grid(corruption, monkeypatch):
     model = make(corruption)
     target = torch.randint(0, K, (4, N), generator=gen(3))
     oracle(model, monkeypatch, target)
-    out = model.sample(4, steps=6, generator=gen(0))
+    out = model.sample(4, SampleOptions(steps=6), generator=gen(0))
     assert torch.equal(out.flatten(1), target)
 
 
@@ -167,7 +167,7 @@ def test_uniform_sampler_changes_fewer_ids_when_colder(monkeypatch):
 
     def changes_per_step(temperature):
         trajectory = []
-        model.sample(8, steps=8, temperature=temperature, generator=gen(0), callback=lambda i, ids: trajectory.append(ids))
+        model.sample(8, SampleOptions(steps=8, temperature=temperature), generator=gen(0), callback=lambda i, ids: trajectory.append(ids))
         return sum(int((a != b).sum()) for a, b in zip(trajectory, trajectory[1:])) / (len(trajectory) - 1)
 
     cold, hot = changes_per_step(0.1), changes_per_step(3.0)
@@ -226,12 +226,12 @@ def test_overfit_four_grids(tmp_path):
     cfg = TrainConfig(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, log_every=100, checkpoint_every=1000)
     trained = train(model, data, cfg, tmp_path, device="cpu").model
     labels = torch.arange(8) % 4
-    cond = trained.sample(8, steps=8, temperature=0.5, labels=labels, generator=gen(0))
+    cond = trained.sample(8, SampleOptions(steps=8, temperature=0.5), labels=labels, generator=gen(0))
     assert torch.equal(cond, grids[labels])
     # unconditional: from one decoded id the model must infer the grid, an association per
     # (cell, id) that 400 steps do not always finish learning; over 10 training seeds 13-16 of
     # 16 samples were exact copies (an untrained or broken sampler gives none)
-    uncond = trained.sample(16, steps=8, temperature=0.1, generator=gen(1))
+    uncond = trained.sample(16, SampleOptions(steps=8, temperature=0.1), generator=gen(1))
     copies = sum(bool((x == grids).flatten(1).all(1).any()) for x in uncond)
     assert copies >= 10, copies
     bits = trained.bits_per_token({"ids": grids, "labels": torch.arange(4)}, gen(2))
@@ -266,7 +266,7 @@ def fixed(model, monkeypatch, logits):
 
 def trajectory_of(model, n, steps, **options):
     frames = []
-    out = model.sample(n, steps=steps, generator=gen(0), callback=lambda i, ids: frames.append(ids.flatten(1)), **options)
+    out = model.sample(n, SampleOptions(steps=steps, **options), generator=gen(0), callback=lambda i, ids: frames.append(ids.flatten(1)))
     return out, frames
 
 
@@ -320,7 +320,7 @@ def test_sample_schedule_sets_how_many_stay_masked_and_the_models_time(sampler):
     named, _ = trajectory_of(model, n, steps, sampler=sampler, sample_schedule="linear")
     assert torch.equal(trained, named)
     with pytest.raises(ValueError, match="unknown sample schedule"):
-        model.sample(2, steps=2, sampler=sampler, sample_schedule="exp")
+        model.sample(2, SampleOptions(steps=2, sampler=sampler, sample_schedule="exp"))
 
 
 def test_ancestral_eta_zero_is_plain_ancestral_and_eta_remasks():
@@ -377,7 +377,7 @@ def test_ancestral_is_unbiased_and_greedy_confidence_decoding_is_not(monkeypatch
     n = 3000
 
     def marginals(**options):
-        out = model.sample(n, steps=N, generator=gen(1), **options).flatten(1)
+        out = model.sample(n, SampleOptions(steps=N, **options), generator=gen(1)).flatten(1)
         return F.one_hot(out, K).float().mean(0)  # [N K]
 
     tolerance = 4 * math.sqrt(0.25 / n)  # 4 standard errors of a frequency
@@ -408,18 +408,18 @@ def test_diffusion_top_k_one_is_argmax(sampler, monkeypatch):
     model = make("mask")
     logits = torch.randn(N, K, generator=gen(2))
     fixed(model, monkeypatch, logits)
-    out = model.sample(8, steps=4, sampler=sampler, top_k=1, generator=gen(0)).flatten(1)
+    out = model.sample(8, SampleOptions(steps=4, sampler=sampler, top_k=1), generator=gen(0)).flatten(1)
     assert torch.equal(out, logits.argmax(-1).expand(8, N))
 
 
 def test_bad_sampler_options_are_refused():
     model = make("mask")
     with pytest.raises(ValueError, match="unknown sampler 'greedy'"):
-        model.sample(2, steps=2, sampler="greedy")
+        model.sample(2, SampleOptions(steps=2, sampler="greedy"))
     with pytest.raises(ValueError, match="eta"):
-        model.sample(2, steps=2, sampler="ancestral", eta=2.0)
+        model.sample(2, SampleOptions(steps=2, sampler="ancestral", eta=2.0))
     with pytest.raises(ValueError, match="temperature"):
-        model.sample(2, steps=2, temperature=math.inf)
+        model.sample(2, SampleOptions(steps=2, temperature=math.inf))
 
 
 def test_the_samplers_tables_name_the_options_samplers():
@@ -434,5 +434,5 @@ def test_temperature_zero_is_argmax_for_every_sampler(monkeypatch):
         model = make(corruption)
         fixed(model, monkeypatch, logits)
         for sampler in MASK_SAMPLERS if corruption == "mask" else (MASK_SAMPLERS[0],):
-            out = model.sample(4, steps=N, sampler=sampler, temperature=0, generator=gen(0)).flatten(1)
+            out = model.sample(4, SampleOptions(steps=N, sampler=sampler, temperature=0), generator=gen(0)).flatten(1)
             assert torch.equal(out, logits.argmax(-1).expand(4, N)), (corruption, sampler)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+from vqdiff.options import SampleOptions
 
 K, H, W = 16, 4, 4
 
@@ -44,8 +45,8 @@ def test_kept_positions_never_change(corruption, sampler, eta, steps):
     known, keep = partial_grid(n)
     frames = []
     ids = model.sample(
-        n, steps=steps, temperature=1.0, sampler=sampler, eta=eta, known=known, keep=keep, labels=torch.tensor([0, 1, 2, 0, 1]),
-        cfg_scale=2.0, generator=torch.Generator().manual_seed(3), callback=lambda i, x: frames.append(x),
+        n, SampleOptions(steps=steps, temperature=1.0, sampler=sampler, eta=eta, cfg=2.0), known=known, keep=keep,
+        labels=torch.tensor([0, 1, 2, 0, 1]), generator=torch.Generator().manual_seed(3), callback=lambda i, x: frames.append(x),
     )  # fmt: skip
     assert len(frames) == steps
     for x in frames:  # at every step, not only at the end
@@ -62,9 +63,9 @@ def test_nothing_kept_is_the_unconstrained_sampler(corruption, sampler, eta):
     model = diffusion(corruption)
     n = 4
     kw = dict(steps=5, temperature=1.0, sampler=sampler, eta=eta)
-    a = model.sample(n, generator=torch.Generator().manual_seed(5), **kw)
-    b = model.sample(n, generator=torch.Generator().manual_seed(5), known=torch.zeros(n, H, W, dtype=torch.long),
-                     keep=torch.zeros(n, H, W, dtype=torch.bool), **kw)  # fmt: skip
+    a = model.sample(n, SampleOptions(**kw), generator=torch.Generator().manual_seed(5))
+    b = model.sample(n, SampleOptions(**kw), generator=torch.Generator().manual_seed(5), known=torch.zeros(n, H, W, dtype=torch.long),
+                     keep=torch.zeros(n, H, W, dtype=torch.bool))  # fmt: skip
     assert torch.equal(a, b)
 
 
@@ -76,7 +77,7 @@ def test_mask_samplers_fill_the_free_positions_on_the_schedule():
     keep[:, :2] = True
     for sampler in ("maskgit", "halton"):
         frames = []
-        model.sample(2, steps=4, sampler=sampler, known=known, keep=keep, generator=torch.Generator().manual_seed(0),
+        model.sample(2, SampleOptions(steps=4, sampler=sampler), known=known, keep=keep, generator=torch.Generator().manual_seed(0),
                      callback=lambda i, x: frames.append(x))  # fmt: skip
         masked = [int((f == model.mask_id).sum(dim=(1, 2))[0]) for f in frames]
         assert masked[-1] == 0 and all(a > b for a, b in zip(masked, masked[1:])), (sampler, masked)
@@ -86,9 +87,9 @@ def test_mask_samplers_fill_the_free_positions_on_the_schedule():
 def test_partial_grid_is_checked():
     model = diffusion("mask")
     with pytest.raises(ValueError, match="both"):
-        model.sample(2, steps=2, keep=torch.zeros(2, H, W, dtype=torch.bool))
+        model.sample(2, SampleOptions(steps=2), keep=torch.zeros(2, H, W, dtype=torch.bool))
     with pytest.raises(ValueError, match="must be"):
-        model.sample(2, steps=2, known=torch.zeros(2, H, 3, dtype=torch.long), keep=torch.zeros(2, H, 3, dtype=torch.bool))
+        model.sample(2, SampleOptions(steps=2), known=torch.zeros(2, H, 3, dtype=torch.long), keep=torch.zeros(2, H, 3, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- the next-token generator

@@ -9,7 +9,8 @@ from vqdiff.data import make_shapes
 from vqdiff.precision import enable_tf32
 from vqdiff.sampling_ops import rand, randint
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import TrainConfig, make_optimizer, seeded, train
+from vqdiff.distributed import seeded
+from vqdiff.train import TrainConfig, make_optimizer, train
 
 
 def test_tf32_is_switched_on_for_cuda_only():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vqdiff.options import DEFAULTS, MAX_STEPS, MASK_SAMPLERS, OptionError, SampleOptions
+from vqdiff.options import DEFAULTS, FIELDS, MAX_STEPS, MASK_SAMPLERS, READS, OptionError, SampleOptions
 
 
 @pytest.mark.parametrize(
@@ -37,11 +37,17 @@ def test_defaults_and_off():
     assert SampleOptions(cfg=0).cfg == 0  # the unconditional model
 
 
-def test_changed_names_only_what_differs_and_what_the_generator_takes():
+def test_replace_checks_and_without_changes_is_the_same_object():
     o = SampleOptions(top_k=5, sampler="halton", temperature=0.5)
-    assert o.changed(("top_k", "top_p", "prefix", "use_cache")) == {"top_k": 5}  # AR's options; prefix is no option
-    assert o.changed(("sampler", "eta", "top_k")) == {"sampler": "halton", "top_k": 5}
-    assert o.replace(top_k=None).changed(("top_k",)) == {}
+    assert o.replace() is o
+    assert o.replace(top_k=None).top_k is None and o.top_k == 5  # a new object; o is frozen
+    with pytest.raises(OptionError, match="top-k"):
+        o.replace(top_k=0)
+
+
+def test_reads_names_fields_of_the_options():
+    assert set(READS["diffusion"]) == set(FIELDS)  # the diffusion generator reads every field
+    assert set(READS["ar"]) == {"temperature", "top_k", "top_p", "cfg"}  # no steps, no sampler
 
 
 def test_a_recipe_toml_written_before_off_was_none_reads_as_off(tmp_path):

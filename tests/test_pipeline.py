@@ -5,6 +5,7 @@ import torch
 
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.pipeline import batch_seed, decode, decode_partial, draw_labels, encode, sample_ids, sample_images
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
 
@@ -26,19 +27,19 @@ def generator(kind, num_classes=0):
     return DiffusionTransformer(DiffusionConfig(**sizes)).eval()
 
 
-@pytest.mark.parametrize("kind,steps", [("ar", None), ("diffusion", 3)])
+@pytest.mark.parametrize("kind,steps", [("ar", 3), ("diffusion", 3)])  # the ar generator takes one pass per token whatever steps is
 def test_one_call_for_both_generators(kind, steps):
     gen, tok = generator(kind, num_classes=3), tokenizer()
-    ids, images = sample_images(gen, tok, 5, steps=steps, seed=1, batch_size=2, cfg_scale=2.0)
+    ids, images = sample_images(gen, tok, 5, steps=steps, seed=1, batch_size=2, cfg=2.0)
     assert ids.shape == (5, H, H) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < K
     assert images.shape == (5, 1, SIZE, SIZE) and images.abs().max() <= 1
     assert torch.equal(images, decode(tok, ids))
-    again, _ = sample_images(gen, tok, 5, steps=steps, seed=1, batch_size=2, cfg_scale=2.0)
-    other, _ = sample_images(gen, tok, 5, steps=steps, seed=2, batch_size=2, cfg_scale=2.0)
+    again, _ = sample_images(gen, tok, 5, steps=steps, seed=1, batch_size=2, cfg=2.0)
+    other, _ = sample_images(gen, tok, 5, steps=steps, seed=2, batch_size=2, cfg=2.0)
     assert torch.equal(ids, again) and not torch.equal(ids, other)
 
 
-@pytest.mark.parametrize("kind,steps", [("ar", None), ("diffusion", 3)])
+@pytest.mark.parametrize("kind,steps", [("ar", 3), ("diffusion", 3)])  # the ar generator takes one pass per token whatever steps is
 def test_batch_j_is_a_function_of_seed_and_j_alone(kind, steps):
     """The rule a sharded run relies on: batch j's noise comes from batch_seed(seed, j), its labels
     from the first draw of `seed`, so any process can make batch j by itself."""
@@ -48,7 +49,7 @@ def test_batch_j_is_a_function_of_seed_and_j_alone(kind, steps):
     for j, start in enumerate(range(0, 7, 3)):
         stop = min(start + 3, 7)
         alone = gen.sample(
-            stop - start, steps=steps, labels=labels[start:stop], generator=torch.Generator().manual_seed(batch_seed(5, j))
+            stop - start, SampleOptions(steps=steps), labels=labels[start:stop], generator=torch.Generator().manual_seed(batch_seed(5, j))
         )
         assert torch.equal(ids[start:stop], alone)
 
@@ -95,7 +96,7 @@ def test_noise_comes_from_a_cpu_generator_whatever_the_model_device(monkeypatch)
     """The CPU-generator design of vqdiff.sampling_ops: the same seed gives the same noise on any device."""
     gen, seen = generator("diffusion"), []
 
-    def spy(n, **kw):
+    def spy(n, options, **kw):
         seen.append(kw["generator"].device)
         return torch.zeros(n, H, H, dtype=torch.long)
 
@@ -104,3 +105,24 @@ def test_noise_comes_from_a_cpu_generator_whatever_the_model_device(monkeypatch)
     monkeypatch.setattr(type(gen), "device", property(lambda self: torch.device("cuda")))
     sample_ids(gen, 3, steps=2, batch_size=2)
     assert seen == [torch.device("cpu")] * 2
+
+
+def test_one_options_object_reaches_every_batch_and_overrides_apply_once(monkeypatch):
+    gen, seen = generator("diffusion"), []
+
+    def spy(n, options, **kw):
+        seen.append(options)
+        return torch.zeros(n, H, H, dtype=torch.long)
+
+    monkeypatch.setattr(gen, "sample", spy)
+    sample_ids(gen, 5, batch_size=2)
+    assert len(seen) == 3 and all(o is DEFAULTS for o in seen)  # no override: the object itself
+    mine, seen[:] = SampleOptions(steps=2, sampler="halton"), []
+    sample_ids(gen, 5, mine, batch_size=2)
+    assert all(o is mine for o in seen)
+    seen.clear()
+    sample_ids(gen, 5, mine, batch_size=2, temperature=0.5)
+    assert seen[0] == mine.replace(temperature=0.5) and all(o is seen[0] for o in seen)  # replaced once, then shared
+    assert mine.temperature == DEFAULTS.temperature  # options are never changed in place
+    with pytest.raises(TypeError):
+        sample_ids(gen, 2, cfg_scale=2.0)  # not a SampleOptions field

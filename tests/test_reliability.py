@@ -156,7 +156,7 @@ def test_concurrent_write_recipe_and_stale_temp_files(tmp_path):
 
 def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     """Atomic writes go through mkstemp (mode 0600); the file a user gets must have open()'s mode."""
-    from vqdiff.checkpoint import write_json
+    from vqdiff.io import write_json
 
     write_json(tmp_path / "a.json", {"x": 1})
     Run(tmp_path).write_recipe(load_recipe("shapes"))

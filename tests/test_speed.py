@@ -7,9 +7,10 @@ import torch
 import vqdiff.precision as precision_mod
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+from vqdiff.options import SampleOptions
 from vqdiff.precision import attention_path, autocast_dtype, model_autocast, sample_dtype, use_attention, use_sample_precision
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import seeded
+from vqdiff.distributed import seeded
 from vqdiff.trunk import KVCache
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -138,7 +139,7 @@ def test_attention_paths_agree_in_kv_cache_sampling(amp, tol):
         outs = []
         for path in PATHS:
             with use_attention(path):
-                outs.append(ar.sample(3, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(5)))
+                outs.append(ar.sample(3, SampleOptions(cfg=2.0), labels=1, generator=torch.Generator().manual_seed(5)))
         assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -169,12 +170,12 @@ def test_sampling_precision_rule_and_its_override(monkeypatch, native, expected)
 
         mod = ar_mod if model.kind == "ar" else diffusion_mod
         monkeypatch.setattr(mod, "sample_logits", spy)
-        steps = {} if model.kind == "ar" else {"steps": 4}
-        model.sample(2, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), **steps)
+        options = SampleOptions(cfg=2.0, steps=4)
+        model.sample(2, options, labels=1, generator=torch.Generator().manual_seed(0))
         assert set(seen_in) == {expected or torch.float32}, model.kind
         assert seen_logits and set(seen_logits) == {torch.float32}, model.kind
         seen_in.clear()
         with use_sample_precision("fp32"):
-            model.sample(2, labels=1, cfg_scale=2.0, generator=torch.Generator().manual_seed(0), **steps)
+            model.sample(2, options, labels=1, generator=torch.Generator().manual_seed(0))
         assert set(seen_in) == {torch.float32}, model.kind
         hook.remove()

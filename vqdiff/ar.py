@@ -35,8 +35,6 @@ class ARConfig(TrunkConfig):
 
 class ARTransformer(nn.Module):
     kind = "ar"  # its name in vqdiff.registry and in config.json
-    takes_steps = False  # one forward pass per token: no step count to sweep
-    sample_options = ("top_k", "top_p", "prefix", "use_cache")  # what `sample` takes besides the shared arguments
 
     def __init__(self, cfg: ARConfig) -> None:
         super().__init__()
@@ -64,60 +62,50 @@ class ARTransformer(nn.Module):
         loss = F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"))
         return loss, {"bits_per_token": loss.item() / math.log(2)}
 
-    def forward_passes(self, steps: int | None = None) -> int:
-        """Forward passes per sample: one per token, h * w. `steps` may only restate that number:
-        the next-token generator has no step count to choose."""
-        num = self.cfg.grid_h * self.cfg.grid_w
-        if steps is not None and steps != num:
-            raise ValueError(f"the ar generator takes one forward pass per token: steps must be None or {num}, got {steps}")
-        return num
+    def forward_passes(self, options: SampleOptions = DEFAULTS) -> int:
+        """Forward passes per sample: one per token, h * w, whatever `options.steps` says."""
+        return self.cfg.grid_h * self.cfg.grid_w
 
     @torch.no_grad()
     @sampling_autocast
     def sample(
         self,
         n: int,
+        options: SampleOptions = DEFAULTS,
         *,
-        steps: int | None = None,
-        temperature: float = DEFAULTS.temperature,
         labels: Tensor | int | None = None,
-        cfg_scale: float = DEFAULTS.cfg,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
         prefix: Tensor | None = None,
         use_cache: bool = True,
         known: Tensor | None = None,
         keep: Tensor | None = None,
     ) -> Tensor:
-        """Sample n grids: long [n h w] in [0, k). The signature is the diffusion generator's, plus
-        the options of next-token sampling (top_k, top_p, prefix, use_cache).
+        """Sample n grids: long [n h w] in [0, k). The call is the diffusion generator's, plus what only
+        next-token sampling takes (prefix, use_cache).
 
-        steps: None, or h * w (see `forward_passes`). temperature >= 0 (0 = greedy); top_k / top_p
-        filter before sampling. labels: long [n] or one int, in [0, num_classes); None samples with
-        the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond) on a doubled
-        batch. callback(step_index, ids long [n h w]) is called after every token, the cells not
-        generated yet holding k (as a diffusion trajectory holds mask_id = k). prefix: long [n r w],
-        its r rows are kept exactly and the rest is generated. use_cache=False recomputes the whole
-        sequence at every step (slow; gives the same ids as the cached path for the same generator).
+        options: the fields this generator reads (vqdiff.options.READS["ar"]): temperature >= 0 (0 =
+        greedy), top_k / top_p (filter before sampling), cfg (cfg != 1 with labels mixes uncond +
+        cfg * (cond - uncond) on a doubled batch); it takes one pass per token and ignores `steps`.
+        labels: long [n] or one int, in [0, num_classes); None samples with the null class.
+        callback(step_index, ids long [n h w]) is called after every token, the cells not generated
+        yet holding k (as a diffusion trajectory holds mask_id = k). prefix: long [n r w], its r rows
+        are kept exactly and the rest is generated. use_cache=False recomputes the whole sequence at
+        every step (slow; gives the same ids as the cached path for the same generator).
         known: long [n h w] and keep: bool [n h w], a partial grid as the diffusion generator takes
         it, limited to what a next-token model can do: the kept positions of each sample must be a
         prefix in raster order, of any length (`suffix_start`); a ValueError says so otherwise.
         """
-        self.forward_passes(steps)
-        SampleOptions(temperature=temperature, top_k=top_k, top_p=top_p, cfg=cfg_scale)  # the one check of each option
-        cfg = self.cfg
-        h, w, num = cfg.grid_h, cfg.grid_w, cfg.grid_h * cfg.grid_w
-        device = self.device
-        labels = sample_labels(labels, n, cfg.num_classes, device)
-        labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
+        h, w, k = self.cfg.grid_h, self.cfg.grid_w, self.cfg.codebook_size
+        num, device = h * w, self.device
+        labels = sample_labels(labels, n, self.cfg.num_classes, device)
+        labels, guided = guidance_labels(labels, self.cfg.num_classes, options.cfg)
         ids = torch.zeros(n, 0, dtype=torch.long, device=device)  # [n i] decoded so far
         if prefix is not None:
             if prefix.dim() != 3 or prefix.shape[0] != n or prefix.shape[2] != w or prefix.shape[1] > h:
                 raise ValueError(f"prefix must be long [{n} r {w}] with r <= {h}, got {list(prefix.shape)}")
-            if prefix.numel() and (prefix.min() < 0 or prefix.max() >= cfg.codebook_size):
-                raise ValueError(f"prefix ids must be in [0, {cfg.codebook_size})")
+            if prefix.numel() and (prefix.min() < 0 or prefix.max() >= k):
+                raise ValueError(f"prefix ids must be in [0, {k})")
             ids = rearrange(prefix.to(device).long(), "n r w -> n (r w)")
         forced = None  # [n N] bool, with `known`: cells past the shortest prefix that a longer one keeps
         if keep is not None or known is not None:
@@ -140,14 +128,14 @@ class ARTransformer(nn.Module):
             else:
                 logits = self.trunk(double(ids), labels)[:, -1].float()
             if guided:
-                logits = cfg_mix(logits, cfg_scale)
-            nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                logits = cfg_mix(logits, options.cfg)
+            nxt = sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
             if forced is not None:
                 nxt = torch.where(forced[:, i], known[:, i], nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             pending = nxt[:, None]
             if callback is not None:
-                rest = torch.full((n, num - ids.shape[1]), cfg.codebook_size, dtype=torch.long, device=device)
+                rest = torch.full((n, num - ids.shape[1]), k, dtype=torch.long, device=device)
                 callback(i, rearrange(torch.cat([ids, rest], 1), "n (h w) -> n h w", h=h))
         return rearrange(ids, "n (h w) -> n h w", h=h, w=w)
 

@@ -2,48 +2,34 @@
 
 `config.json` carries `kind`, `format_version` and the model's dataclass config, so a folder is
 enough to rebuild the model (nanoGPT's lesson): `load_model(folder)` looks the kind up in
-`vqdiff.registry`. Weights come from the plain module (never a compiled or DDP-wrapped one:
-nanoGPT issue #325) and are loaded with `strict=True` (taming's `strict=False` silently dropped
-weights). Every write goes to a temp file and is `os.replace`d, so a kill never leaves half a
-checkpoint behind.
+`vqdiff.registry`. Weights come from the plain module (never a compiled or DDP-wrapped one, whose
+keys carry an `_orig_mod.` or `module.` prefix that every loader would have to strip) and are
+loaded with `strict=True` (`strict=False` silently drops the weights that do not match). Every
+write goes through `vqdiff.io.atomic_write` (a temp file, then `os.replace`), so a kill never
+leaves half a checkpoint behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import pickle
-import tempfile
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqdiff.errors import CheckpointError
+from vqdiff.io import atomic_write, load_tensors, read_json, save_tensors, write_json
 from vqdiff.registry import MODELS, config_class, model_class
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """`device`, else CUDA when there is one, else the CPU."""
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def file_digest(path: str | Path, chars: int = 12) -> str:
-    """sha256 of a file, short hex (12 chars = 48 bits, plenty to tell weights apart)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:chars]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -92,79 +78,6 @@ def config_defaults(cls: type) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             out[f.name] = f.default_factory()  # type: ignore[misc]
     return out
-
-
-# ---------------------------------------------------------------- atomic writes
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask can only be read by setting it
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp) on a unique temp file beside `path`, then `os.replace` it onto `path`: a kill
-    leaves the old file or the new one, never half of one. Every file vqdiff writes goes through here."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the mode open() would: 0666 less the umask
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(Path(path), w)
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file atomically (e.g. a compressed .vqd file or a PNG)."""
-
-    def w(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(Path(path), w)
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupt ({e})") from None
-
-
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e}); delete it to retrain") from None
 
 
 # ---------------------------------------------------------------- models

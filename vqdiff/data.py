@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vqdiff.checkpoint import load_tensors, save_tensors
+from vqdiff.io import load_tensors, save_tensors
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder", "shapes")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -35,6 +35,20 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path("~/.cache/vqdiff/data").expanduser()
+
+
+CACHE_ENV = "VQDIFF_CACHE"
+
+
+def resolve_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where vqdiff caches what it computed once (decoded image folders, the evaluation's classifier
+    and reference features): `cache_dir`, else `$VQDIFF_CACHE`, else `~/.cache/vqdiff`."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/vqdiff").expanduser()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -179,11 +193,6 @@ def _resize_uint8(data: torch.Tensor, size: int) -> torch.Tensor:
 # ------------------------------------------------------------------ folder
 
 FOLDER_CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
-
-
-def resolve_cache_dir() -> Path:
-    """`$VQDIFF_CACHE`, else `~/.cache/vqdiff` (the same folder the evaluation caches use)."""
-    return Path(os.environ.get("VQDIFF_CACHE") or "~/.cache/vqdiff").expanduser()
 
 
 def folder_files(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:

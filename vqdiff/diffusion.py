@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import vqdiff.samplers as samplers
 from vqdiff.distributed import batch_positions, batch_ratio
-from vqdiff.options import DEFAULTS, OptionError, SampleOptions
+from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.precision import sampling_autocast
 from vqdiff.sampling_ops import cfg_mix, check_partial_grid, guidance_labels, rand, randint, sample_labels, sample_logits, train_labels
 from vqdiff.schedules import Schedule, get_schedule
@@ -82,8 +82,6 @@ def _per_sample(x: Tensor) -> Tensor:
 
 class DiffusionTransformer(nn.Module):
     kind = "diffusion"  # its name in vqdiff.registry and in config.json
-    takes_steps = True  # the number of forward passes is the caller's choice
-    sample_options = ("sampler", "choice_temperature", "eta", "top_k", "top_p", "sample_schedule")  # `sample`'s **options (see `_sampler`)
 
     def __init__(self, cfg: DiffusionConfig) -> None:
         super().__init__()
@@ -275,70 +273,65 @@ class DiffusionTransformer(nn.Module):
 
     # ------------------------------------------------------------ sampling
 
-    def forward_passes(self, steps: int) -> int:
-        """Forward passes per sample: exactly `steps`."""
-        return steps
+    def forward_passes(self, options: SampleOptions = DEFAULTS) -> int:
+        """Forward passes per sample: exactly `options.steps`."""
+        return options.steps
 
-    def _denoise(self, x: Tensor, labels: Tensor | None, guided: bool, cfg_scale: float, t: float) -> Tensor:
-        """One forward pass in a sampler: x long [n N] at noise level t -> logits float [n N k]."""
+    def _denoise(self, x: Tensor, labels: Tensor | None, guided: bool, cfg: float, t: float) -> Tensor:
+        """One forward pass in a sampler: x long [n N] at noise level t -> logits float [n N k];
+        cfg is the guidance scale (used when `guided`)."""
         tt = torch.full((x.shape[0],), t, device=x.device)
         if guided:  # [cond; uncond] on a doubled batch, one pass
             x, tt = torch.cat([x, x]), torch.cat([tt, tt])
         logits = self.trunk(x, labels, t=tt if self.cfg.time_conditioning else None)[:, 1:].float()
-        return cfg_mix(logits, cfg_scale) if guided else logits
+        return cfg_mix(logits, cfg) if guided else logits
 
     @torch.no_grad()
     @sampling_autocast
     def sample(
         self,
         n: int,
+        options: SampleOptions = DEFAULTS,
         *,
-        steps: int,
-        temperature: float = DEFAULTS.temperature,
         labels: Tensor | int | None = None,
-        cfg_scale: float = DEFAULTS.cfg,
         generator: torch.Generator | None = None,
         callback: Callable[[int, Tensor], None] | None = None,
         known: Tensor | None = None,
         keep: Tensor | None = None,
-        **options: Any,
     ) -> Tensor:
-        """Sample n grids in exactly `steps` forward passes: long [n h w] in [0, k).
+        """Sample n grids in exactly `options.steps` forward passes: long [n h w] in [0, k).
 
-        temperature >= 0 (0 = argmax). labels: long [n] or one int, in [0, num_classes); None
-        samples with the null class. cfg_scale != 1 with labels mixes uncond + s * (cond - uncond).
-        callback(step_index, ids long [n h w]) is called after every step (still-masked positions
-        hold mask_id = k), e.g. to record the trajectory. `options` choose and tune the sampler
-        (`sampler`, `choice_temperature`, `eta`, `top_k`, `top_p`, `sample_schedule`: see `_sampler`); all
-        of them are checked by vqdiff.options.SampleOptions (an OptionError, a ValueError), and one it does
-        not know is a TypeError.
+        options: every field (vqdiff.options.READS["diffusion"]): temperature >= 0 (0 = argmax),
+        top_k / top_p, cfg (cfg != 1 with labels mixes uncond + cfg * (cond - uncond)), and the
+        sampler's choice and settings (`sampler`, `choice_temperature`, `eta`, `sample_schedule`: see
+        `_sampler`). The object is read as it is, checked when it was built. labels: long [n] or one
+        int, in [0, num_classes); None samples with the null class. callback(step_index, ids long
+        [n h w]) is called after every step (still-masked positions hold mask_id = k), e.g. to record
+        the trajectory.
 
         known: long [n h w] in [0, k) and keep: bool [n h w], a partial grid (inpainting,
         outpainting, class edits): the kept positions keep their known ids, exactly, for every
-        sampler and corruption, and only the others are sampled (see `vqdiff.samplers`). Without
-        them (or with an all-False keep) the same generator gives the same ids as before.
+        sampler and corruption, and only the others are sampled (see `vqdiff.samplers`). An
+        all-False keep gives the ids of no partial grid, for the same generator.
         """
-        if steps is None:
-            raise OptionError("the diffusion generator needs steps (its number of forward passes)")
-        opts = SampleOptions(steps=steps, temperature=temperature, cfg=cfg_scale, **options)
-        run, sampling = self._sampler(opts)
-        grid = samplers.time_grid(self.schedule, steps, sampling)
-        cfg = self.cfg
-        labels = sample_labels(labels, n, cfg.num_classes, self.device)
-        labels, guided = guidance_labels(labels, cfg.num_classes, cfg_scale)
+        run, sampling = self._sampler(options)
+        grid = samplers.time_grid(self.schedule, options.steps, sampling)
+        h = self.cfg.grid_h
+        labels = sample_labels(labels, n, self.cfg.num_classes, self.device)
+        labels, guided = guidance_labels(labels, self.cfg.num_classes, options.cfg)
 
         def denoise(x: Tensor, t: float) -> Tensor:
-            return self._denoise(x, labels, guided, cfg_scale, t)
+            return self._denoise(x, labels, guided, options.cfg, t)
 
         def draw(logits: Tensor) -> Tensor:
-            return sample_logits(logits, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, generator=generator)
+            return sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
 
         def report(i: int, x: Tensor) -> None:
             if callback is not None:
-                callback(i, rearrange(x, "n (h w) -> n h w", h=cfg.grid_h).clone())
+                callback(i, rearrange(x, "n (h w) -> n h w", h=h).clone())
 
         x = run(n, grid, denoise, draw, generator, report, **self._partial(n, known, keep))
-        return rearrange(x, "n (h w) -> n h w", h=cfg.grid_h)
+        return rearrange(x, "n (h w) -> n h w", h=h)
 
     def _partial(self, n: int, known: Tensor | None, keep: Tensor | None) -> dict[str, Tensor]:
         """known and keep checked and flattened for a sampler ({} without a partial grid)."""
@@ -350,7 +343,7 @@ class DiffusionTransformer(nn.Module):
         # the free positions' known ids are never read; 0 there keeps them in range
         return {"known": flat(known.masked_fill(~keep, 0)), "keep": flat(keep)}
 
-    def _sampler(self, opts: SampleOptions) -> tuple[Callable[..., Tensor], Schedule | None]:
+    def _sampler(self, options: SampleOptions) -> tuple[Callable[..., Tensor], Schedule | None]:
         """The dispatch: (run(n, grid, denoise, draw, generator, report) -> ids long [n N], the
         sampling schedule). A new sampler goes in vqdiff.samplers' tables.
 
@@ -370,6 +363,6 @@ class DiffusionTransformer(nn.Module):
           randomly per sample, as many per step as the schedule says (Halton-MaskGIT).
         """
         corruption = self.cfg.corruption
-        run = samplers.MASK_SAMPLERS[opts.sampler] if corruption == "mask" else samplers.CORRUPTION_SAMPLERS[corruption]
-        sampling = get_schedule(opts.sample_schedule) if opts.sample_schedule else None
-        return functools.partial(run, self, opts=opts), sampling
+        run = samplers.MASK_SAMPLERS[options.sampler] if corruption == "mask" else samplers.CORRUPTION_SAMPLERS[corruption]
+        sampling = get_schedule(options.sample_schedule) if options.sample_schedule else None
+        return functools.partial(run, self, options=options), sampling

@@ -61,9 +61,23 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Build a model under a fixed seed (`with seeded(cfg.seed): model = Model(mcfg)`), leaving the
+    caller's global RNG as it was: the same recipe gives the same initial weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, else CUDA when there is one, else the CPU."""
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def local_device(device: str | torch.device | None) -> torch.device:
-    """The device of this rank: under torchrun on CUDA, cuda:LOCAL_RANK."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device of this rank: `default_device`, and under torchrun on CUDA, cuda:LOCAL_RANK."""
+    dev = default_device(device or None)
     if dev.type == "cuda" and dev.index is None and is_distributed():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev

@@ -1,7 +1,10 @@
 """`SampleOptions`: the one home of every sampling default and of its check.
 
-The CLI (`vqdiff sample`, `vqdiff evaluate`), the recipes and the library build one of these, so a
-default is written once and a bad value is refused with the same one-line message everywhere.
+One object travels whole from where the options enter to the sampler: the recipes resolve it once
+(`recipes.recipe.resolve_options`: the command line over the recipe over `DEFAULTS`), a notebook
+changes `DEFAULTS` with `replace`, and `model.sample(n, options)` reads the fields it needs (`READS`)
+without rebuilding it. So a default is written once and a bad value is refused with the same
+one-line message everywhere.
 
 - `temperature` >= 0 and finite; 0 is argmax (greedy) for both generators.
 - `steps`: diffusion forward passes, 1 to MAX_STEPS; the next-token generator takes one per token.
@@ -44,12 +47,8 @@ class SampleOptions:
         check(self)
 
     def replace(self, **changes: Any) -> "SampleOptions":
-        return dataclasses.replace(self, **changes)
-
-    def changed(self, names: tuple[str, ...]) -> dict[str, Any]:
-        """The options among `names` (a generator's `sample_options`; names that are no option here are
-        skipped) that differ from their defaults, as keyword arguments."""
-        return {k: getattr(self, k) for k in names if hasattr(DEFAULTS, k) and getattr(self, k) != getattr(DEFAULTS, k)}
+        """These options with `changes` (checked again); without changes, this same object."""
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 def _finite(name: str, value: float, extra: str = "") -> None:
@@ -60,7 +59,7 @@ def _finite(name: str, value: float, extra: str = "") -> None:
 def check(o: SampleOptions) -> None:
     """Refuse an option out of range with one line that names it."""
     _finite("temperature", o.temperature, " (0 = argmax)")
-    if not 1 <= o.steps <= MAX_STEPS:
+    if o.steps is None or not 1 <= o.steps <= MAX_STEPS:
         raise OptionError(f"steps must be in [1, {MAX_STEPS}] (one forward pass each), got {o.steps}")
     if o.top_k is not None and o.top_k < 1:
         raise OptionError(f"top-k must be >= 1 (leave it out for no top-k), got {o.top_k}")
@@ -79,3 +78,8 @@ def check(o: SampleOptions) -> None:
 
 
 DEFAULTS = SampleOptions()
+FIELDS = tuple(f.name for f in dataclasses.fields(SampleOptions))
+# The fields each generator reads; the others mean nothing to it, and the recipes leave them at their
+# defaults for it (so that two settings a generator cannot tell apart share one samples folder). The
+# next-token generator takes one forward pass per token (no steps) and has no sampler to choose.
+READS: dict[str, tuple[str, ...]] = {"ar": ("temperature", "top_k", "top_p", "cfg"), "diffusion": FIELDS}

@@ -16,22 +16,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LabelledImages(Protocol):
-    """What training needs of a vqdiff.data.ImageSet (named here, not imported: data imports the models)."""
-
-    name: str
-    num_classes: int
-
-    def __len__(self) -> int: ...
-
-    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]: ...
+from vqdiff.classify import fit_classifier
+from vqdiff.data import ImageSet
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -84,7 +75,7 @@ class PerceptualRecipe:
     seed: int = 0
 
 
-def train_perceptual(net: PerceptualNet, train_set: LabelledImages, recipe: PerceptualRecipe = PerceptualRecipe(), device: str | torch.device = "cpu", holdout: int = 1000) -> dict:
+def train_perceptual(net: PerceptualNet, train_set: ImageSet, recipe: PerceptualRecipe = PerceptualRecipe(), device: str | torch.device = "cpu", holdout: int = 1000) -> dict:
     """Train `net` to classify `train_set` (random flips; AdamW, cosine decay), freeze it, and return
     {"accuracy": on the last `holdout` train images it did not see, "seconds", "steps", "parameters"}."""
     if train_set.num_classes < 2:
@@ -96,17 +87,17 @@ def train_perceptual(net: PerceptualNet, train_set: LabelledImages, recipe: Perc
         torch.manual_seed(recipe.seed)
         classifier = nn.Sequential(net, nn.Linear(net.out_dim, train_set.num_classes)).to(device).train()
     opt = torch.optim.AdamW(classifier.parameters(), lr=recipe.lr, weight_decay=0.05)
-    for step in range(recipe.steps):
-        for group in opt.param_groups:
-            group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
-        batch = train_set.batch(torch.randint(0, n_train, (recipe.batch_size,), generator=g))
-        x = batch["images"].to(device)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:  # random images, randomly flipped
+        b = train_set.batch(torch.randint(0, n_train, (recipe.batch_size,), generator=g))
+        x = b["images"].to(device)
         flip = torch.rand(len(x), generator=g) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
-        loss = F.cross_entropy(classifier(x), batch["labels"].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return torch.where(flip.to(device)[:, None, None, None], x.flip(3), x), b["labels"].to(device)
+
+    def lr_at(step: int) -> float:  # cosine decay to 0
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+
+    fit_classifier(classifier, opt, batch, lr_at, recipe.steps)
     classifier.eval().requires_grad_(False)
     held = torch.arange(n_train, len(train_set))
     correct = 0

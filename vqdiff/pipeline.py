@@ -2,13 +2,17 @@
 
     from vqdiff.checkpoint import load_model
     from vqdiff.pipeline import sample_images
-    tokenizer, generator = load_model("runs/quickstart/tokenizer"), load_model("runs/quickstart/diffusion")
-    ids, images = sample_images(generator, tokenizer, 64, steps=8, seed=0)   # long [64 h w], float [64 c H W]
+    tokenizer, model = load_model("runs/quickstart/tokenizer"), load_model("runs/quickstart/diffusion")
+    ids, images = sample_images(model, tokenizer, 64, steps=8, seed=0)   # long [64 h w], float [64 c H W]
 
-Both generators share one `sample(n, *, steps, temperature, labels, cfg_scale, generator,
-callback, **options)`; `sample_images` batches it, draws the class labels, splits per-sample
-options (an AR `prefix`) by batch, and decodes. Like diffusers' pipelines it takes the models and
-the settings and returns tensors; writing PNGs is the caller's business (`recipes/`).
+Both generators share one `sample(n, options, *, labels, generator, callback, ...)`, with one
+`vqdiff.options.SampleOptions` that they read and never rebuild. `sample_images` takes such an
+object (default `DEFAULTS`) and applies keyword overrides to it once (`options.replace(steps=8)`),
+batches the calls, draws the class labels, splits per-sample inputs (an AR `prefix`, a partial
+grid) by batch, and decodes. Like diffusers' pipelines it takes the models and the settings and
+returns tensors; writing PNGs is the caller's business (`recipes/`).
+
+A model is `model`; `generator` is always a `torch.Generator`, the source of the random draws.
 
 Determinism (the rule, so that a sharded run can reproduce it): the noise of batch j (samples
 [j * batch_size, (j + 1) * batch_size)) comes from a CPU `torch.Generator` seeded with
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 
 from vqdiff.data import ImageSet
 from vqdiff.distributed import gather_batches, my_batches
-from vqdiff.options import DEFAULTS
+from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.quantize import codebook_stats
 from vqdiff.tokenizer import psnr
 
@@ -53,44 +57,48 @@ def draw_labels(num_classes: int, n: int, seed: int) -> Tensor | None:
 
 @torch.no_grad()
 def sample_ids(
-    generator: nn.Module,
+    model: nn.Module,
     n: int,
+    options: SampleOptions = DEFAULTS,
     *,
-    steps: int | None = None,
-    temperature: float = DEFAULTS.temperature,
     labels: Tensor | int | None = None,
-    cfg_scale: float = DEFAULTS.cfg,
     seed: int = 0,
     batch_size: int = 64,
     callback: Callback | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     random_classes: bool = True,
-    **options: Any,
+    prefix: Tensor | None = None,
+    known: Tensor | None = None,
+    keep: Tensor | None = None,
+    use_cache: bool | None = None,
+    **overrides: Any,
 ) -> Tensor:
     """n token grids: long [n h w] in [0, k), on the CPU. See `sample_images` for the arguments;
-    random_classes=False samples with the null class where labels is None. Per-sample tensors among
-    the options ([n ...]: an AR prefix, a partial grid's known and keep) are split like the labels."""
+    random_classes=False samples with the null class where labels is None. The per-sample inputs
+    ([n ...]: an AR prefix, a partial grid's known and keep) are split like the labels; they and
+    use_cache go to `model.sample` only when given (a model that does not take one is a TypeError)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    options = options.replace(**overrides)  # the one place keyword overrides meet the options
     if labels is None and random_classes:
-        labels = draw_labels(generator.cfg.num_classes, n, seed)
+        labels = draw_labels(model.cfg.num_classes, n, seed)
     elif isinstance(labels, int):
         labels = torch.full((n,), labels, dtype=torch.long)
+    given = {"prefix": prefix, "known": known, "keep": keep, "use_cache": use_cache}
+    inputs = {k: v for k, v in given.items() if v is not None}
     out = []
     num_batches = -(-n // batch_size)
     for j in my_batches(num_batches):  # all of them in one process; this rank's share under torchrun
         start, stop = j * batch_size, min((j + 1) * batch_size, n)
-        batch_options = {k: v[start:stop] if isinstance(v, Tensor) and len(v) == n else v for k, v in options.items()}
+        batch_inputs = {k: v[start:stop] if isinstance(v, Tensor) and len(v) == n else v for k, v in inputs.items()}
         report = (lambda i, x, start=start: callback(start, i, x)) if callback is not None else None
-        ids = generator.sample(
+        ids = model.sample(
             stop - start,
-            steps=steps,
-            temperature=temperature,
+            options,
             labels=labels[start:stop] if labels is not None else None,
-            cfg_scale=cfg_scale,
             generator=torch.Generator().manual_seed(batch_seed(seed, j)),
             callback=report,
-            **batch_options,
+            **batch_inputs,
         )
         out.append(ids.cpu())
         if on_batch is not None:
@@ -171,35 +179,37 @@ def decode_partial(tokenizer: nn.Module, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_images(
-    generator: nn.Module,
+    model: nn.Module,
     tokenizer: nn.Module,
     n: int,
+    options: SampleOptions = DEFAULTS,
     *,
-    steps: int | None = None,
-    temperature: float = DEFAULTS.temperature,
     labels: Tensor | int | None = None,
-    cfg_scale: float = DEFAULTS.cfg,
     seed: int = 0,
     batch_size: int = 64,
     callback: Callback | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    **options: Any,
+    prefix: Tensor | None = None,
+    use_cache: bool | None = None,
+    **overrides: Any,
 ) -> tuple[Tensor, Tensor]:
     """Sample n images: (ids long [n h w] in [0, k), images float [n c H W] in [-1, 1]), both on the CPU.
 
-    - generator: an `ARTransformer` or a `DiffusionTransformer`; tokenizer: anything with
+    - model: an `ARTransformer` or a `DiffusionTransformer`; tokenizer: anything with
       `encode`/`decode` (a `VQTokenizer`, a `DiffusersTokenizer`). Both on the device to use.
-    - steps: forward passes for diffusion; None for AR (one pass per token).
+    - options: a `vqdiff.options.SampleOptions` (temperature, steps, top_k, top_p, cfg, the diffusion
+      sampler's choice and settings); `overrides`, its field names as keywords (steps=8,
+      temperature=0.9, cfg=3.0), replace those fields once (`options.replace`). The ar generator
+      reads temperature, top_k, top_p and cfg, and takes one pass per token whatever `steps` is.
     - labels: long [n] or one int in [0, num_classes); None draws random classes from `seed` for a
-      class-conditional generator. cfg_scale != 1 applies classifier-free guidance.
+      class-conditional model. cfg != 1 applies classifier-free guidance.
     - callback(start, step, ids) after every step of every batch (`start` is the batch's first
       sample): record a trajectory with it. on_batch(done, n) after every batch: a progress bar.
-    - options go to `generator.sample`: AR `top_k`, `top_p`, `prefix` (long [n r w]), `use_cache`;
-      diffusion `choice_temperature` and the sampler's options.
+    - AR only: prefix (long [n r w], rows kept exactly), use_cache (False recomputes every step).
     """
     ids = sample_ids(
-        generator, n, steps=steps, temperature=temperature, labels=labels, cfg_scale=cfg_scale, seed=seed,
-        batch_size=batch_size, callback=callback, on_batch=on_batch, **options,
+        model, n, options, labels=labels, seed=seed, batch_size=batch_size, callback=callback,
+        on_batch=on_batch, prefix=prefix, use_cache=use_cache, **overrides,
     )  # fmt: skip
     # decoded in decode's own batches, not the sampling ones: the same ids give the same pixels to the
     # last bit whoever decodes them (batched convolutions round differently for other batch sizes)
@@ -207,6 +217,27 @@ def sample_images(
 
 
 # ---------------------------------------------------------------- editing: inpainting, outpainting, class edits
+
+
+SIDES = ("left", "right", "top", "bottom")
+
+
+def box_keep(size: int, x0: int, y0: int, x1: int, y1: int) -> Tensor:
+    """A pixel mask bool [size size] (True = keep) that regenerates the box [x0, x1) x [y0, y1), in pixels."""
+    keep = torch.ones(size, size, dtype=torch.bool)
+    keep[y0:y1, x0:x1] = False
+    return keep
+
+
+def side_keep(size: int, sides: tuple[str, ...], width: int) -> Tensor:
+    """A pixel mask bool [size size] (True = keep) that regenerates a strip `width` pixels wide along
+    each of `sides` (SIDES): outpainting."""
+    keep = torch.ones(size, size, dtype=torch.bool)
+    strips = {"left": (slice(None), slice(0, width)), "right": (slice(None), slice(size - width, None)),
+              "top": (slice(0, width), slice(None)), "bottom": (slice(size - width, None), slice(None))}  # fmt: skip
+    for side in sides:
+        keep[strips[side]] = False
+    return keep
 
 
 def token_keep(keep_pixels: Tensor, grid_hw: tuple[int, int]) -> Tensor:
@@ -225,34 +256,32 @@ def token_keep(keep_pixels: Tensor, grid_hw: tuple[int, int]) -> Tensor:
 
 @torch.no_grad()
 def edit_images(
-    generator: nn.Module,
+    model: nn.Module,
     tokenizer: nn.Module,
     images: Tensor,
     keep: Tensor,
+    options: SampleOptions = DEFAULTS,
     *,
-    steps: int | None = None,
-    temperature: float = DEFAULTS.temperature,
     labels: Tensor | int | None = None,
-    cfg_scale: float = DEFAULTS.cfg,
     seed: int = 0,
     paste_back: bool = False,
     callback: Callback | None = None,
     batch_size: int = 64,
-    **options: Any,
+    **overrides: Any,
 ) -> tuple[Tensor, Tensor]:
     """Regenerate part of each image and keep the rest: inpainting, outpainting, class edits.
 
     - images float [n c H W] in [-1, 1]; keep bool [n H W], the pixels to keep (True).
     - The images are encoded; the tokens whose patch holds any edited pixel (`token_keep`) are
-      sampled again by the generator, the others keep the encoded ids exactly; then all are decoded.
+      sampled again by the model, the others keep the encoded ids exactly; then all are decoded.
       The decoder sees every token (the kept pixels come out as the tokenizer reconstructs them,
       nudged by the new tokens near them); paste_back=True copies the kept pixels of `images` over
       the output.
     - labels: long [n] or one int, the class to generate under (a class edit with another one);
       None samples with the null class (no class), unlike `sample_images`, which draws random ones.
-    - steps, temperature, cfg_scale, options (sampler, eta, top_k, ...) as in `sample_images`. The
-      ar generator can only regenerate a raster-order suffix of the token grid; any other region is
-      a ValueError.
+    - options and overrides (steps, temperature, cfg, sampler, eta, top_k, ...) as in
+      `sample_images`. The ar generator can only regenerate a raster-order suffix of the token
+      grid; any other region is a ValueError.
     - The noise of batch j comes from `batch_seed(seed, j)`, as in `sample_ids`: the same seed gives
       the same images. callback(start, step, ids) after every step, as in `sample_images`.
 
@@ -264,8 +293,8 @@ def edit_images(
     known = encode(tokenizer, images, batch_size)  # [n h w]
     kept = token_keep(keep.cpu(), tuple(known.shape[1:]))
     ids = sample_ids(
-        generator, n, steps=steps, temperature=temperature, labels=labels, cfg_scale=cfg_scale, seed=seed,
-        batch_size=batch_size, callback=callback, random_classes=False, known=known, keep=kept, **options,
+        model, n, options, labels=labels, seed=seed, batch_size=batch_size, callback=callback, random_classes=False,
+        known=known, keep=kept, **overrides,
     )  # fmt: skip
     edited = decode(tokenizer, ids)
     if paste_back:

@@ -1,21 +1,22 @@
 """The samplers of the diffusion generator, one function each: `sample` picks one in
 `DiffusionTransformer._sampler` and calls it as
 
-    run(model, n, grid, denoise, draw, generator, report, **its options) -> ids long [n N]
+    run(model, n, grid, denoise, draw, generator, report, options=options) -> ids long [n N]
 
 with `grid` the `Grid` of `time_grid`, `denoise(x long [n N], t) -> logits float [n N k]` (one
 forward pass at the model's time t, guidance included), `draw(logits) -> ids` (temperature, top-k,
-top-p, from `generator`) and `report(i, x)` after step i. Each takes exactly `grid.steps` forward
-passes; time runs from t = 1 (noise) down to 0.
+top-p, from `generator`), `report(i, x)` after step i, and `options` the caller's SampleOptions,
+unchanged (a sampler reads its own fields: `eta`, `choice_temperature`, ...). Each takes exactly
+`grid.steps` forward passes; time runs from t = 1 (noise) down to 0.
 
 A partial grid (inpainting, outpainting, class edits): every sampler also takes `known` (long
 [n N], ids in [0, k)) and `keep` (bool [n N]). Kept positions hold their known ids from the start
 and are never changed (never remasked, clamped after every step); only the other, free positions
 are sampled, and the mask samplers spread the schedule's reveals over the free positions alone,
 so that all of them are filled by the last step. The random draws do not depend on `keep`: they
-have the shapes and the order of an unconstrained call, so keep=None and an all-False keep give
-the same ids for the same generator, bit for bit (tests/test_edit.py), and a call without a
-partial grid draws exactly what it drew before partial grids existed.
+have the shapes and the order of an unconstrained call, so that keep=None and an all-False keep
+give the same ids for the same generator, bit for bit (tests/test_edit.py): a partial grid
+changes what is kept, never which random numbers are drawn.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def free_count(keep: Tensor) -> Tensor:
 
 
 def maskgit(
-    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, options: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """MaskGIT (Chang et al. 2022, Sec. 3.2): start all-mask; at step i sample x0 with the
@@ -137,7 +138,7 @@ def maskgit(
         masked = x == model.mask_id
         x0 = draw(logits)  # [n N]
         confidence = logits.double().log_softmax(-1).gather(-1, x0[..., None])[..., 0]
-        noise_scale = opts.choice_temperature * opts.temperature * (1 - (i + 1) / steps)
+        noise_scale = options.choice_temperature * options.temperature * (1 - (i + 1) / steps)
         if noise_scale > 0:
             confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
         confidence = confidence.masked_fill(~masked, float("inf"))
@@ -156,7 +157,7 @@ def maskgit(
 
 
 def ancestral(
-    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, options: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """MDLM ancestral sampling (Sahoo et al. 2024, eq. 7): from t to s < t each masked token
@@ -169,7 +170,7 @@ def ancestral(
     with prob (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t); eta = 0 is MDLM exactly. The cap
     keeps both probabilities in [0, 1], and sigma = 0 at the last step (s = 0) leaves no mask.
     Kept positions of a partial grid are never remasked."""
-    eta = opts.eta
+    eta = options.eta
     x = clamp_kept(all_masked(model, n), known, keep)
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
@@ -192,7 +193,7 @@ def ancestral(
 
 
 def halton(
-    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, options: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """Halton-MaskGIT (Besnier et al., ICLR 2025): reveal positions in a Halton
@@ -229,7 +230,7 @@ def halton(
 
 
 def uniform(
-    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, options: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """Refinement from uniform noise: at step i (t = 1 - i/steps -> s = 1 - (i+1)/steps) sample
@@ -258,7 +259,7 @@ def uniform(
 
 
 def mask_and_replace(
-    model, n: int, grid: Grid, denoise, draw, generator, report, opts: SampleOptions, *,
+    model, n: int, grid: Grid, denoise, draw, generator, report, options: SampleOptions, *,
     known: Tensor | None = None, keep: Tensor | None = None,
 ) -> Tensor:
     """VQ-Diffusion (Gu et al. 2022, eq. 11): start all-mask; at each step sample
@@ -271,10 +272,10 @@ def mask_and_replace(
     for i in range(grid.steps):
         t, s = grid.times[i], grid.times[i + 1]
         logits = denoise(x, t)
-        if opts.temperature == 0:
+        if options.temperature == 0:
             p0 = F.one_hot(logits.argmax(-1), k).double()
         else:
-            p0 = filter_logits(logits.double() / opts.temperature, opts.top_k, opts.top_p).softmax(-1)
+            p0 = filter_logits(logits.double() / options.temperature, options.top_k, options.top_p).softmax(-1)
         tt, ss = torch.full((n,), t, device=x.device), torch.full((n,), s, device=x.device)
         x_t = x if keep is None else x.masked_fill(keep, model.mask_id)
         probs = model.posterior(x_t, p0, tt, ss)  # [n N k+1]

@@ -103,13 +103,13 @@ def sample_logits(
     return (logits + gumbel(logits.shape, device=logits.device, generator=generator)).argmax(-1)
 
 
-def cfg_mix(logits: Tensor, cfg_scale: float) -> Tensor:
+def cfg_mix(logits: Tensor, cfg: float) -> Tensor:
     """Classifier-free guidance on a doubled batch: `[cond; uncond]` [2b ...] -> [b ...].
 
-    uncond + s * (cond - uncond): s = 1 is the conditional model, s = 0 the unconditional one.
+    uncond + cfg * (cond - uncond): cfg = 1 is the conditional model, cfg = 0 the unconditional one.
     """
     cond, uncond = logits.float().chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    return uncond + cfg * (cond - uncond)
 
 
 # ---------------------------------------------------------------- class labels
@@ -155,9 +155,10 @@ def train_labels(batch: dict[str, Tensor], num_classes: int, class_dropout: floa
     return labels
 
 
-def guidance_labels(labels: Tensor | None, num_classes: int, cfg_scale: float) -> tuple[Tensor | None, bool]:
-    """(labels for the trunk, guided): doubles the labels to `[labels; null]` when CFG is on."""
-    guided = labels is not None and cfg_scale != 1.0
+def guidance_labels(labels: Tensor | None, num_classes: int, cfg: float) -> tuple[Tensor | None, bool]:
+    """(labels for the trunk, guided): doubles the labels to `[labels; null]` when guidance is on
+    (cfg, the guidance scale, != 1)."""
+    guided = labels is not None and cfg != 1.0
     if guided:
         labels = torch.cat([labels, torch.full_like(labels, null_class(num_classes))])
     return labels, guided

@@ -40,15 +40,9 @@ import torch
 from torch import nn
 
 import vqdiff.distributed as dist_
-from vqdiff.checkpoint import (
-    CheckpointError,
-    config_to_dict,
-    load_train_state,
-    save_model,
-    save_tensors,
-    save_train_state,
-    unwrap,
-)
+from vqdiff.checkpoint import config_to_dict, load_train_state, save_model, save_train_state, unwrap
+from vqdiff.errors import CheckpointError
+from vqdiff.io import save_tensors
 from vqdiff.precision import PRECISIONS, bf16_emulated, enable_tf32, model_autocast
 from vqdiff.schedules import warmup_cosine
 from vqdiff.steps import (
@@ -88,7 +82,7 @@ class TrainConfig:
     keep_every: int = 0  # > 0: keep the weights every N steps in OUT/history/ (learning curves); 0 = off
 
     def __post_init__(self) -> None:
-        # steps = 0 used to exit 0 without a model; checkpoint_every or log_every = 0 divided by zero
+        # each is a count or a period: 0 steps would train no model, a period of 0 divides by zero
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,15 +111,6 @@ TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 class TrainingDiverged(FloatingPointError):
     """A non-finite loss stopped training; the message is one line that says which step was kept."""
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Build a model under a fixed seed (`with seeded(cfg.seed): model = Model(mcfg)`), leaving the
-    caller's global RNG as it was: the same recipe gives the same initial weights in every process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from vqdiff.ar import ARConfig, ARTransformer
 from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
-from vqdiff.options import SampleOptions
+from vqdiff.options import DEFAULTS
 from vqdiff.precision import native_bf16, use_attention
 
 PATHS = ("sdpa", "math")
@@ -61,11 +61,11 @@ def main() -> None:
                 print(f"train {kind:9s} {g}x{g} {name} batch {args.batch}: " + ", ".join(f"{p} {1000 * s:.0f} ms" for p, s in zip(PATHS, row)), flush=True)
             model.eval()
             gen = torch.Generator().manual_seed(0)
-            opts = {"ar": {}, "diffusion": {"steps": 16}}[kind]
+            options = DEFAULTS.replace(steps=16, cfg=3.0)  # the ar generator takes one pass per token, whatever steps is
             row = []
             for path in PATHS:
                 with use_attention(path):
-                    row.append(seconds(lambda: model.sample(args.sample, labels=3, cfg_scale=3.0, generator=gen, **opts), 1))
+                    row.append(seconds(lambda: model.sample(args.sample, options, labels=3, generator=gen), 1))
             print(f"sample {kind:9s} {g}x{g} fp32 {args.sample} images, cfg 3: " + ", ".join(f"{p} {args.sample / s:.1f} img/s" for p, s in zip(PATHS, row)), flush=True)
 
 

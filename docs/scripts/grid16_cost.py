@@ -12,6 +12,7 @@ import torch
 
 from recipes.bench import build_models, bench_training, timeit
 from recipes.recipe import load_recipe
+from vqdiff.options import DEFAULTS
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
             rows = [x for x in bench_training(m, r, dev, min_seconds=3.0) if x["model"] != "tokenizer"]
             ar, diff = m.generators["ar"], m.generators["diffusion"]
             s_ar = timeit(lambda: ar.sample(64, use_cache=True, generator=gen, labels=labels), dev, 2.0)
-            s_df = timeit(lambda: diff.sample(64, steps=16, generator=gen, labels=labels), dev, 2.0)
+            s_df = timeit(lambda: diff.sample(64, DEFAULTS.replace(steps=16), generator=gen, labels=labels), dev, 2.0)
             row = {
                 "round": rnd, "grid": list(m.tokenizer.grid),
                 **{f"{x['model']}_seconds_per_step": round(1 / x["steps_per_second"], 3) for x in rows},

@@ -15,7 +15,8 @@ from recipes.commands.codec import bench_compress
 from recipes.commands.common import DeviceOpt, SetOpt
 from recipes.console import console, edge, out
 from recipes.recipe import load_recipe
-from vqdiff.checkpoint import default_device, write_json
+from vqdiff.distributed import default_device
+from vqdiff.io import write_json
 
 
 class BenchGroup(TyperGroup):

@@ -15,7 +15,7 @@ from recipes.codec import SUFFIX, Codec, _check_files, find_codec, png_bytes, ru
 from recipes.console import console, edge, fail
 from recipes.console import out as stdout  # `out` is the commands' output folder
 from recipes.run import StageError
-from vqdiff.checkpoint import write_bytes
+from vqdiff.io import write_bytes
 from vqdiff.compress import CompressError, read_header
 from vqdiff.data import load_image  # the folder dataset's loader: compress sees what training saw
 

@@ -1,4 +1,4 @@
-"""`vqdiff demo RUN`: a local web page (Gradio) to sample a run's generators and edit images (issue 23)."""
+"""`vqdiff demo RUN`: a local web page (Gradio) to sample a run's generators and edit images."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`vqdiff edit RUN IMAGES...`: inpainting, outpainting and class edits of real images (issue 23).
+"""`vqdiff edit RUN IMAGES...`: inpainting, outpainting and class edits of real images.
 
 The images are resized to the run's image size (short side, bicubic, centre crop, as a `folder`
 dataset is); exactly one of --region, --mask and --outpaint says what to regenerate (see
@@ -19,9 +19,12 @@ import typer
 from recipes import edits
 from recipes.commands.common import CfgOpt, DeviceOpt, GifOpt, RunArg, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run
 from recipes.console import console, edge, out
+from recipes.images import frame_recorder
 from recipes.lock import run_lock
+from recipes.recipe import resolve_options
 from recipes.run import Run, StageError
-from recipes.sampling import SampleSpec, check_fits, recipe_options
+from recipes.sampling import SampleSpec, check_fits, extra_options
+from vqdiff.options import READS
 
 
 def _keep(region: str | None, mask: Path | None, outpaint: str | None, outpaint_size: int | None, size: int, grid_h: int):
@@ -37,7 +40,7 @@ def _keep(region: str | None, mask: Path | None, outpaint: str | None, outpaint_
     return edits.outpaint_keep(outpaint, size, grid_h, outpaint_size), f"outpaint-{outpaint}"
 
 
-def _record(r: Run, spec: SampleSpec, model, images: list[Path], given: dict[str, Any], tokens, options, paste_back: bool) -> dict[str, Any]:
+def _record(r: Run, spec: SampleSpec, images: list[Path], given: dict[str, Any], tokens, paste_back: bool) -> dict[str, Any]:
     """edit.json: what made the edited images."""
     return {
         "run": str(r.run_dir),
@@ -47,11 +50,11 @@ def _record(r: Run, spec: SampleSpec, model, images: list[Path], given: dict[str
         "kept_tokens": tokens.int().tolist(),  # [h][w], 1 = kept exactly, 0 = regenerated
         "generator": spec.generator,
         "class": spec.class_,
-        "steps": spec.options.steps if model.takes_steps else None,
+        "steps": spec.options.steps if "steps" in READS[spec.generator] else None,
         "temperature": spec.options.temperature,
         "seed": spec.seed,
         "cfg": spec.options.cfg,
-        "options": options,
+        "options": extra_options(spec.options, spec.generator),
         "paste_back": paste_back,
         "generator_hash": r.weights_hash(spec.generator),
         "tokenizer_hash": r.tokenizer_hash,
@@ -91,18 +94,18 @@ def edit(
     with edge():
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
-        options = recipe_options(Run(run), generator, temperature=temperature, steps=steps, cfg=cfg, sampler=sampler)
+        recipe = Run(run).read_recipe()  # a StageError when RUN is not a run folder
+        options = resolve_options(recipe, generator, temperature=temperature, steps=steps, cfg=cfg, sampler=sampler)
         spec = SampleSpec(generator=generator, options=options, num=len(images), seed=seed, class_=class_)
         spec.validate()
         r = open_run(run, None, device)
-        r.read_recipe()  # a StageError when RUN is not a run folder
         model, tokenizer = r.load_generator(generator), r.load_tokenizer()
         size, grid = tokenizer.cfg.image_size, tuple(tokenizer.grid)
         check_fits(spec, model.cfg)  # the class, as `vqdiff sample` checks it
         keep, what = _keep(region, mask, outpaint, outpaint_size, size, grid[0])
         tokens = edits.check_keep(keep, grid)
         inputs = edits.load_images(images, size, tokenizer.cfg.channels)
-        n, kwargs, frames = len(inputs), spec.model_options(model.sample_options), []
+        n, frames = len(inputs), []
         folder = out_dir or r.run_dir / "edits" / (f"{generator}-{what}" + (f"-c{class_}" if class_ is not None else ""))
         if folder.exists() and not folder.is_dir():
             raise StageError(f"--out {folder} is a file; give a folder")
@@ -110,13 +113,12 @@ def edit(
         writes_run = folder.resolve().is_relative_to(r.run_dir.resolve())
         with run_lock(r.run_dir, create=False) if writes_run else contextlib.nullcontext():
             ids, outputs = edits.run_edit(
-                model, tokenizer, inputs, keep[None].expand(n, -1, -1), steps=options.steps if model.takes_steps else None,
-                temperature=options.temperature, labels=labels, cfg_scale=options.cfg, seed=seed, paste_back=paste_back,
-                callback=edits.record_frames(frames) if gif else None, **kwargs,
+                model, tokenizer, inputs, keep[None].expand(n, -1, -1), options, labels=labels, seed=seed,
+                paste_back=paste_back, callback=frame_recorder(frames) if gif else None,
             )  # fmt: skip
             given = {"region": region, "mask": str(mask) if mask is not None else None, "outpaint": outpaint,
                      "outpaint_size": outpaint_size, "image_size": size, "grid": list(grid)}  # fmt: skip
-            record = _record(r, spec, model, images, given, tokens, kwargs, paste_back)
+            record = _record(r, spec, images, given, tokens, paste_back)
             edits.write_edit(folder, inputs, ids, outputs, record, model.cfg.codebook_size, tokenizer, frames, labels)
         edited = int((~tokens).sum())
         out.print(f"{n} images, {edited} of {tokens.numel()} tokens regenerated by {generator} -> {folder}", soft_wrap=True)

@@ -13,8 +13,9 @@ from recipes.commands.common import (
     writer_lock,
 )  # fmt: skip
 from recipes.console import batch_logger, console, edge, fail, out, progress_bars
+from recipes.recipe import resolve_options
 from recipes.run import Run, tokens_current
-from recipes.sampling import SampleSpec, generate, recipe_options
+from recipes.sampling import SampleSpec, generate
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -51,9 +52,9 @@ def sample(
     with edge():
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
-        options = recipe_options(
-            Run(run), generator, temperature=temperature, steps=steps, top_k=top_k, top_p=top_p, cfg=cfg,
-            sampler=sampler, eta=eta, sample_schedule=sample_schedule, choice_temperature=choice_temperature,
+        options = resolve_options(
+            Run(run).read_recipe(missing_ok=True), generator, temperature=temperature, steps=steps, top_k=top_k,
+            top_p=top_p, cfg=cfg, sampler=sampler, eta=eta, sample_schedule=sample_schedule, choice_temperature=choice_temperature,
         )  # fmt: skip
         spec = SampleSpec(
             generator=generator, options=options, num=num, seed=seed, class_=class_, prefix_rows=prefix_rows,

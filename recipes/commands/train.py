@@ -18,8 +18,8 @@ from recipes.commands.common import (
 from recipes.commands.evaluate import evaluate_and_print
 from recipes.console import batch_logger, edge, out, progress_bars, train_logger
 from recipes.evaluate import EvalOptions
-from recipes.recipe import Recipe
-from recipes.run import GENERATORS, Run, encode_dataset, ensure_tokens
+from recipes.recipe import GENERATORS, Recipe
+from recipes.run import Run, encode_dataset, ensure_tokens
 from vqdiff.distributed import barrier, is_main
 
 train_app = typer.Typer(help="Train one model of a recipe.", no_args_is_help=True)

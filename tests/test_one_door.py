@@ -1,0 +1,126 @@
+"""One door for sampling: SampleOptions is resolved once (the command line over the recipe over the
+defaults) and that same object reaches the sampler; a recipe.toml that cannot be parsed is refused."""
+
+import shutil
+
+import pytest
+import torch
+from demo_helpers import build_tiny_run
+from helpers import TINY, invoke, ok, one_line_error
+
+import recipes.commands.sample as sample_command
+import vqdiff.samplers as samplers
+from recipes.recipe import RecipeError, load_recipe, resolve_options
+from vqdiff.ar import ARTransformer
+from vqdiff.options import DEFAULTS, FIELDS, READS, OptionError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return build_tiny_run(tmp_path_factory.mktemp("door") / "shapes")
+
+
+@pytest.fixture
+def resolved(monkeypatch):
+    """Every SampleOptions the `vqdiff sample` command resolves, in order."""
+    built = []
+
+    def spy(*args, **kw):
+        built.append(resolve_options(*args, **kw))
+        return built[-1]
+
+    monkeypatch.setattr(sample_command, "resolve_options", spy)
+    return built
+
+
+# ------------------------------------------------------------------ the same object, from the CLI to the sampler
+
+
+def test_temperature_reaches_the_diffusion_sampler_as_the_resolved_object(run, tmp_path, monkeypatch, resolved):
+    seen = []
+    for name, sampler in list(samplers.MASK_SAMPLERS.items()):
+        def spy(*args, options, _sampler=sampler, **kw):
+            seen.append(options)
+            return _sampler(*args, options=options, **kw)
+
+        monkeypatch.setitem(samplers.MASK_SAMPLERS, name, spy)
+    ok(invoke("sample", run, "-n", 3, "--batch-size", 2, "--steps", 2, "--temperature", 0.7, "--out", tmp_path / "d"))
+    assert len(resolved) == 1 and resolved[0].temperature == 0.7 and resolved[0].steps == 2
+    assert len(seen) == 2 and all(o is resolved[0] for o in seen)  # one call per batch, the resolver's own object
+
+
+def test_temperature_reaches_the_ar_sampling_loop_as_the_resolved_object(run, tmp_path, monkeypatch, resolved):
+    seen, sample = [], ARTransformer.sample
+
+    def spy(self, n, options, **kw):
+        seen.append(options)
+        return sample(self, n, options, **kw)
+
+    monkeypatch.setattr(ARTransformer, "sample", spy)
+    ok(invoke("sample", run, "-g", "ar", "-n", 3, "--batch-size", 2, "--temperature", 0.7, "--out", tmp_path / "a"))
+    assert len(resolved) == 1 and resolved[0].temperature == 0.7
+    assert len(seen) == 2 and all(o is resolved[0] for o in seen)
+
+
+# ------------------------------------------------------------------ the resolver
+
+
+def test_the_command_line_wins_over_the_recipe_which_wins_over_the_defaults():
+    recipe = load_recipe("shapes", ["diffusion.sampler=ancestral", "diffusion.eta=0.3", "diffusion.sample_schedule=cubic"])
+    o = resolve_options(recipe, "diffusion")
+    assert (o.sampler, o.eta, o.sample_schedule, o.temperature) == ("ancestral", 0.3, "cubic", DEFAULTS.temperature)
+    o = resolve_options(recipe, "diffusion", eta=0.5, temperature=0.7, sample_schedule="linear")
+    assert (o.sampler, o.eta, o.sample_schedule, o.temperature) == ("ancestral", 0.5, "linear", 0.7)
+    o = resolve_options(recipe, "diffusion", sampler="halton", temperature=None)  # None: not given
+    assert (o.sampler, o.eta, o.sample_schedule, o.temperature) == ("halton", 0.0, "cubic", DEFAULTS.temperature)  # eta is the ancestral sampler's
+    assert resolve_options(None, "diffusion") == DEFAULTS  # a run folder without a recipe: the defaults
+    assert resolve_options(None, "diffusion", steps=4, cfg=2.0) == DEFAULTS.replace(steps=4, cfg=2.0)
+
+
+def test_the_fields_a_generator_does_not_read_stay_at_their_defaults():
+    recipe = load_recipe("shapes", ["diffusion.sampler=ancestral", "diffusion.eta=0.3", "diffusion.sample_schedule=cubic"])
+    o = resolve_options(recipe, "ar", temperature=0.5, top_k=3, cfg=2.0, steps=4, sampler="halton", eta=0.9, choice_temperature=1.0)
+    assert o == DEFAULTS.replace(temperature=0.5, top_k=3, cfg=2.0)
+    assert all(getattr(o, f) == getattr(DEFAULTS, f) for f in FIELDS if f not in READS["ar"])
+
+
+def test_the_resolver_refuses_in_one_line():
+    with pytest.raises(RecipeError, match="unknown generator 'gan'"):
+        resolve_options(None, "gan")
+    with pytest.raises(OptionError, match="temperature must be finite"):
+        resolve_options(None, "ar", temperature=-1.0)
+    with pytest.raises(OptionError, match="eta"):
+        resolve_options(None, "diffusion", eta=0.5)  # remasking without the ancestral sampler
+    with pytest.raises(RecipeError, match="unknown sampler 'x'"):
+        load_recipe("shapes", [*TINY, "evaluate.samplers=['x']"])  # the recipe's settings go through it too
+
+
+# ------------------------------------------------------------------ a recipe.toml that cannot be parsed
+
+
+@pytest.fixture(scope="module")
+def broken(run, tmp_path_factory):
+    """A copy of the tiny run whose recipe.toml is `[[[`, and one image to edit."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("broken") / "run"
+    shutil.copytree(run, path)
+    (path / "recipe.toml").write_text("[[[")
+    Image.fromarray(torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()).save(path.parent / "in.png")
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["sample", "--generator", "ar"], ["sample"], ["evaluate"], ["edit", "IMAGE", "--region", "0,0,8,8"], ["demo"]],
+)
+def test_an_unparsable_recipe_toml_is_refused_in_one_line_that_names_it(broken, command, monkeypatch):
+    if command[0] == "demo":
+        gradio = pytest.importorskip("gradio", reason='gradio is not installed (pip install -e ".[demo]")')
+
+        def launched(*args, **kw):
+            raise AssertionError("the demo started serving a run whose recipe.toml cannot be parsed")
+
+        monkeypatch.setattr(gradio.Blocks, "launch", launched)
+    args = [str(broken.parent / "in.png") if a == "IMAGE" else a for a in command[1:]]
+    one_line_error(invoke(command[0], broken, *args), str(broken / "recipe.toml"), "not valid TOML")
