@@ -98,15 +98,20 @@ _sample_forced: list[str] = []  # the innermost `use_sample_precision` override,
 
 
 @contextlib.contextmanager
-def use_sample_precision(precision: str) -> Iterator[None]:
-    """Sample in `precision` (one of PRECISIONS) inside the block instead of the rule's "fast"."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    _sample_forced.append(precision)
+def _override(stack: list[str], value: str, choices: tuple[str, ...], what: str) -> Iterator[None]:
+    """Push `value` (one of `choices`) on an override `stack` for the block; the innermost wins."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    stack.append(value)
     try:
         yield
     finally:
-        _sample_forced.pop()
+        stack.pop()
+
+
+def use_sample_precision(precision: str) -> contextlib.AbstractContextManager[None]:
+    """Sample in `precision` (one of PRECISIONS) inside the block instead of the rule's "fast"."""
+    return _override(_sample_forced, precision, PRECISIONS, "precision")
 
 
 def sample_dtype(device: torch.device) -> torch.dtype | None:
@@ -152,16 +157,9 @@ def _env_attention() -> str:
     return path
 
 
-@contextlib.contextmanager
-def use_attention(path: str) -> Iterator[None]:
+def use_attention(path: str) -> contextlib.AbstractContextManager[None]:
     """Force one attention path inside the block ("auto": the rule of `attention_path`)."""
-    if path not in ATTENTION_PATHS:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_PATHS)}, got {path!r}")
-    _forced.append(path)
-    try:
-        yield
-    finally:
-        _forced.pop()
+    return _override(_forced, path, ATTENTION_PATHS, "attention")
 
 
 def attention_path(device: torch.device, dtype: torch.dtype, keys: int, *, grad: bool | None = None) -> str:
