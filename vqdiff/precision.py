@@ -162,10 +162,10 @@ def use_attention(path: str) -> contextlib.AbstractContextManager[None]:
     return _override(_forced, path, ATTENTION_PATHS, "attention")
 
 
-def attention_path(device: torch.device, dtype: torch.dtype, keys: int, *, grad: bool | None = None) -> str:
+def attention_path(device: torch.device, dtype: torch.dtype, keys: int) -> str:
     """The attention kernel for queries of `dtype` over `keys` key positions: "sdpa" (SDPA's own
-    choice: flash attention on CPU and CUDA) or "math" (SDPA's math backend). `grad`: whether
-    autograd records the call (default: `torch.is_grad_enabled()`).
+    choice: flash attention on CPU and CUDA) or "math" (SDPA's math backend). A backward follows
+    when autograd records the call (`torch.is_grad_enabled()`).
 
     The rule: the math path on a CPU in bf16 up to `CPU_BF16_MATH_KEYS` keys when a backward
     follows, SDPA's choice everywhere else. Why: SDPA's CPU flash kernel splits the keys into
@@ -178,8 +178,6 @@ def attention_path(device: torch.device, dtype: torch.dtype, keys: int, *, grad:
     forced = _forced[-1] if _forced else _env_attention()
     if forced != "auto":
         return forced
-    if grad is None:
-        grad = torch.is_grad_enabled()
-    if grad and device.type == "cpu" and dtype == torch.bfloat16 and keys <= CPU_BF16_MATH_KEYS:
+    if torch.is_grad_enabled() and device.type == "cpu" and dtype == torch.bfloat16 and keys <= CPU_BF16_MATH_KEYS:
         return "math"
     return "sdpa"
