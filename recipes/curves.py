@@ -14,6 +14,7 @@ from recipes.run import Run, StageError
 from recipes.sampling import SampleSpec, generate
 from recipes.stages import test_bits_per_token
 from vqdiff.io import load_tensors, write_json
+from vqdiff.options import NAMED_WHEN_SET
 from vqdiff.distributed import is_main
 from vqdiff.train import HISTORY_DIR
 
@@ -66,6 +67,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     )  # one space: a curve compares snapshots with each other
     m = Measuring.of(run, curve_opts, recipe, bar)
     temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
+    diffusion_options = opts.setting_options(recipe, "diffusion", temperature=temperature, steps=steps, sampler=sampler)
     points = []
     for g, snaps in found.items():
         for step, seconds, path in snaps:
@@ -84,7 +86,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     curve = {
         "extractor": m.extractor.name, "extractor_hash": m.extractor.hash, "num_samples": m.n,
         "temperature": temperature, "cfg": opts.cfg, "diffusion_steps": steps, "diffusion_sampler": sampler,
-        "diffusion_sample_schedule": opts.sample_schedule, "points": points,
+        **{f"diffusion_{k}": getattr(diffusion_options, k) for k in NAMED_WHEN_SET}, "points": points,
     }  # fmt: skip
     if not is_main():  # under torchrun rank 0 writes
         return curve

@@ -19,27 +19,27 @@ from vqdiff.checkpoint import read_config
 from vqdiff.io import read_json
 from vqdiff.data import from_uint8, to_uint8
 from vqdiff.distributed import is_main
-from vqdiff.options import DEFAULTS, READS, SampleOptions
+from vqdiff.options import DEFAULTS, FIELDS, READS, SampleOptions
 from vqdiff.pipeline import decode, encode
 
 
 @dataclass(frozen=True)
 class EvalOptions(EvaluateSection):
-    """The [evaluate] section (its defaults are the recipe's), plus what only the CLI gives and what
-    comes from the diffusion section."""
+    """The [evaluate] section (its defaults are the recipe's), plus what only the CLI gives: the
+    Inception weights, and the sampling options [evaluate] has no key for (`given`, by their
+    SampleOptions names: the diffusion's eta and sample schedule), which go to the one resolver
+    beside the recipe's diffusion section."""
 
     inception_weights: str | None = None
-    eta: float = DEFAULTS.eta  # ReMDM remasking for the ancestral sampler (diffusion.eta)
-    sample_schedule: str | None = DEFAULTS.sample_schedule  # the schedule the diffusion steps follow (diffusion.sample_schedule)
+    given: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **overrides: Any) -> "EvalOptions":
         opts = recipe.build(cls, "evaluate")
-        d = recipe["diffusion"]
-        opts = dataclasses.replace(
-            opts, samplers=opts.samplers or (d["sampler"],), eta=float(d["eta"]), sample_schedule=d["sample_schedule"]
-        )
-        opts = dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+        own = {f.name for f in dataclasses.fields(cls)}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        given = {k: overrides.pop(k) for k in list(overrides) if k in FIELDS and k not in own}
+        opts = dataclasses.replace(opts, samplers=opts.samplers or (recipe["diffusion"]["sampler"],), given=given, **overrides)
         opts.validate(recipe)
         return opts
 
@@ -70,12 +70,12 @@ class EvalOptions(EvaluateSection):
 
     def setting_options(self, recipe: Recipe, generator: str, *, temperature: float, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
         """The SampleOptions of one setting, from the one resolver: this evaluation's cfg, top_k, top_p
-        and sample schedule with the setting's temperature, steps and sampler (None: the default, for
+        and `given` with the setting's temperature, steps and sampler (None: the default, for
         corruptions with one sampler). The settings compare samplers, so eta goes to the ancestral one."""
         sampler = sampler or DEFAULTS.sampler
+        given = {k: v for k, v in self.given.items() if k != "eta" or sampler == "ancestral"}
         return resolve_options(
-            recipe, generator, temperature=temperature, steps=steps, sampler=sampler, cfg=self.cfg, top_k=self.top_k,
-            top_p=self.top_p, eta=self.eta if sampler == "ancestral" else None, sample_schedule=self.sample_schedule,
+            recipe, generator, temperature=temperature, steps=steps, sampler=sampler, cfg=self.cfg, top_k=self.top_k, top_p=self.top_p, **given,
         )  # fmt: skip
 
 
@@ -216,11 +216,9 @@ def _settings(recipe: Recipe, opts: EvalOptions, g: str, diffusion_kind: str | N
     # one sampler per setting, except the mask corruption, which compares its samplers
     samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
     steps_list = opts.steps if "steps" in READS[g] else (None,)
-    # what the report row names: a sample schedule for diffusion (None: the trained one)
-    chosen = {"sample_schedule": opts.sample_schedule} if g == "diffusion" and opts.sample_schedule else {}
     for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
-        row = {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **chosen}
-        yield row, opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
+        options = opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
+        yield {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **options.named(g)}, options
 
 
 def _measure_settings(run: Run, recipe: Recipe, opts: EvalOptions, m: Measuring, diffusion_kind: str | None) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vqdiff.io import atomic_write, write_json
+from vqdiff.options import NAMED_WHEN_SET
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -29,7 +30,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def setting(r: dict[str, Any]) -> str:
     s = r["generator"] + (f" {r['sampler']}" if r.get("sampler") else "") + f" t={r['temperature']:g}"
     s += f" s={r['steps']}" if r.get("steps") else ""
-    return s + (f" on {r['sample_schedule']}" if r.get("sample_schedule") else "")
+    return s + "".join(f" on {r[k]}" for k in NAMED_WHEN_SET if r.get(k))  # e.g. " on cosine": a sample schedule
 
 
 def best_sentence(results: list[dict[str, Any]]) -> list[str]:

@@ -51,13 +51,9 @@ class SampleSpec:
             raise StageError("--prefix-rows is for the ar generator")
 
     def key(self) -> dict[str, Any]:
-        """The inputs as sample.json records them: one flat dict, the options' fields beside the spec's.
-        sample_schedule is left out while it is None (the trained schedule), so that a folder sampled
-        on the trained schedule keeps the key it was written with and is reused."""
-        key = {"generator": self.generator, **asdict(self.options), **{k: v for k, v in asdict(self).items() if k not in ("generator", "options")}}
-        if self.options.sample_schedule is None:
-            del key["sample_schedule"]
-        return key
+        """The inputs as sample.json records them: one flat dict, the options' fields
+        (`SampleOptions.record`) beside the spec's."""
+        return {"generator": self.generator, **self.options.record(), **{k: v for k, v in asdict(self).items() if k not in ("generator", "options")}}
 
     def folder_name(self, forward_passes: int) -> str:
         o = self.options
@@ -76,23 +72,8 @@ class SampleSpec:
         if not self.use_cache:
             extras.append("nocache")
         if self.generator == "diffusion":
-            extras += _diffusion_extras(o)
+            extras += o.diffusion_tags()
         return "-".join([name, *extras])
-
-
-def _diffusion_extras(o: SampleOptions) -> list[str]:
-    """The folder name's parts for the diffusion's own options: each one that is not at its default
-    (the default sampler and schedule add nothing, so a default folder is plain GEN-tT-sS)."""
-    extras = []
-    if o.sampler != DEFAULTS.sampler:
-        extras.append(o.sampler)
-    if o.eta:
-        extras.append(f"eta{o.eta:g}")
-    if o.sample_schedule is not None:
-        extras.append(f"sched{o.sample_schedule}")
-    if o.sampler == DEFAULTS.sampler and o.choice_temperature != DEFAULTS.choice_temperature:
-        extras.append(f"ct{o.choice_temperature:g}")
-    return extras
 
 
 def extra_options(options: SampleOptions, kind: str) -> dict[str, Any]:

@@ -84,6 +84,26 @@ def test_the_fields_a_generator_does_not_read_stay_at_their_defaults():
     assert all(getattr(o, f) == getattr(DEFAULTS, f) for f in FIELDS if f not in READS["ar"])
 
 
+def test_evaluate_takes_the_cli_sampling_options_through_the_resolver_and_names_them_once():
+    from recipes.evaluate import EvalOptions, _settings
+    from recipes.sampling import SampleSpec
+
+    recipe = load_recipe("shapes", [*TINY, "diffusion.sample_schedule=cubic", "evaluate.samplers=['maskgit','ancestral']"])
+    opts = EvalOptions.from_recipe(recipe, eta=0.4, sample_schedule=None, num=4)  # None: not given
+    assert opts.given == {"eta": 0.4} and opts.num == 4
+    rows = list(_settings(recipe, opts, "diffusion", "mask"))
+    by_sampler = {row["sampler"]: (row, o) for row, o in rows}
+    # the recipe's schedule reaches every setting and names its row; eta goes to the ancestral sampler alone
+    assert {row["sample_schedule"] for row, _ in rows} == {"cubic"}
+    assert by_sampler["maskgit"][1].eta == 0.0 and by_sampler["ancestral"][1].eta == 0.4
+    spec = SampleSpec("diffusion", by_sampler["ancestral"][1])
+    assert spec.folder_name(8).endswith("-ancestral-eta0.4-schedcubic") and spec.key()["sample_schedule"] == "cubic"
+    opts = EvalOptions.from_recipe(recipe, sample_schedule="linear")
+    assert {row["sample_schedule"] for row, _ in _settings(recipe, opts, "diffusion", "mask")} == {"linear"}
+    assert all("sample_schedule" not in row for row, _ in _settings(recipe, opts, "ar", "mask"))  # AR reads no schedule
+    assert "sample_schedule" not in SampleSpec("diffusion", DEFAULTS).key()  # unset: left out of sample.json
+
+
 def test_the_resolver_refuses_in_one_line():
     with pytest.raises(RecipeError, match="unknown generator 'gan'"):
         resolve_options(None, "gan")

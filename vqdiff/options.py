@@ -50,6 +50,30 @@ class SampleOptions:
         """These options with `changes` (checked again); without changes, this same object."""
         return dataclasses.replace(self, **changes) if changes else self
 
+    def record(self) -> dict[str, Any]:
+        """Every field, as a sample.json records them; a field of NAMED_WHEN_SET only while it is set,
+        so that a folder sampled without it keeps the key it was written with and is reused."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in NAMED_WHEN_SET}
+
+    def named(self, kind: str) -> dict[str, Any]:
+        """The fields of NAMED_WHEN_SET that generator `kind` reads and that are set: what a report row
+        names beside its generator, sampler, temperature and steps."""
+        return {k: getattr(self, k) for k in NAMED_WHEN_SET if k in READS[kind] and getattr(self, k) is not None}
+
+    def diffusion_tags(self) -> list[str]:
+        """The samples folder name's parts for the diffusion's own options: each one that is not at its
+        default (the default sampler and schedule add nothing, so a default folder is plain GEN-tT-sS)."""
+        tags = []
+        if self.sampler != DEFAULTS.sampler:
+            tags.append(self.sampler)
+        if self.eta:
+            tags.append(f"eta{self.eta:g}")
+        if self.sample_schedule is not None:
+            tags.append(f"sched{self.sample_schedule}")
+        if self.sampler == DEFAULTS.sampler and self.choice_temperature != DEFAULTS.choice_temperature:
+            tags.append(f"ct{self.choice_temperature:g}")
+        return tags
+
 
 def _finite(name: str, value: float, extra: str = "") -> None:
     if not (math.isfinite(value) and value >= 0):
@@ -83,3 +107,5 @@ FIELDS = tuple(f.name for f in dataclasses.fields(SampleOptions))
 # defaults for it (so that two settings a generator cannot tell apart share one samples folder). The
 # next-token generator takes one forward pass per token (no steps) and has no sampler to choose.
 READS: dict[str, tuple[str, ...]] = {"ar": ("temperature", "top_k", "top_p", "cfg"), "diffusion": FIELDS}
+# Options that name a setting only when set (None = off): a report row and a sample.json carry them then
+NAMED_WHEN_SET = ("sample_schedule",)

@@ -30,7 +30,7 @@ SampleScheduleOpt = Annotated[
     typer.Option(
         "--sample-schedule",
         help="Diffusion: the schedule the steps follow, cosine | linear | square | cubic (how many tokens stay "
-        "masked after each step). [default: the recipe's diffusion.sample_schedule, else the trained schedule]",
+        "masked after each step). [default: the recipe's, else the trained schedule]",
     ),
 ]
 TemperatureOpt = Annotated[
