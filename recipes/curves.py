@@ -9,13 +9,16 @@ from typing import Any
 from safetensors import safe_open
 
 from recipes.evaluate import EvalOptions, Measuring, bars_of
-from recipes.report import plot_curve
+from recipes.report import plot_curve, plot_decoder_curve
 from recipes.run import Run, StageError
 from recipes.sampling import SampleSpec, generate
 from recipes.stages import test_bits_per_token
+from vqdiff.data import from_uint8, to_uint8
 from vqdiff.io import load_tensors, write_json
 from vqdiff.options import NAMED_WHEN_SET
 from vqdiff.distributed import is_main
+from vqdiff.pipeline import decode, encode
+from vqdiff.tokenizer import psnr
 from vqdiff.train import HISTORY_DIR
 
 
@@ -93,4 +96,42 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     run.report_dir.mkdir(parents=True, exist_ok=True)
     curve["plot"] = plot_curve(curve, run.report_dir, name=f"{recipe.name} ({recipe.data.dataset})")
     write_json(run.report_dir / "curve.json", curve)
+    return curve
+
+
+def decoder_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any] | None:
+    """rFID in every feature space and PSNR of the decoder refinement at each kept snapshot (and at
+    step 0, the tokenizer's own decoder), on the first `curve_num` (else `num`) test images against
+    the reference. None without kept snapshots (decoder.keep_every = 0). Writes RUN/report/
+    decoder_curve.json and decoder_curve.png; re-runs reuse each point."""
+    snaps = snapshots(run.run_dir, "decoder")
+    if not snaps or not run.refined():
+        return None
+    bar = bars_of(bars)
+    recipe = run.read_recipe()
+    m = Measuring.of(run, dataclasses.replace(opts, num=opts.curve_num or opts.num, both_spaces=True), recipe, bar)
+    images = m.first_test()
+    base = run.load_tokenizer(refined=False)
+    ids = encode(base, from_uint8(images))  # the same ids for every snapshot: the codes are frozen
+    refined = run.load_tokenizer()
+    points = []
+    for step, seconds, path in [(0, 0.0, None), *snaps]:
+        key = {"weights": run.file_hash(path) if path else run.tokenizer_hash, "spaces": [e.key for e in m.spaces], "n": m.n, "real": m.reference}
+
+        def compute() -> dict[str, Any]:
+            model = base
+            if path is not None:
+                refined.load_state_dict(load_tensors(path), strict=True)
+                model = refined.eval()
+            recon = to_uint8(decode(model, ids))
+            mse = (from_uint8(recon) - from_uint8(images)).pow(2).mean().item()
+            return {"rfids": m.fids(recon, f"decoder step {step}"), "psnr": psnr(mse)}
+
+        point = run.cached(run.report_dir / "decoder-curve" / f"step-{step:07d}.json", key, compute)
+        points.append({"step": step, "train_seconds": seconds, **point})
+    curve = {"num_images": m.n, "reference": m.reference_text(recipe), "spaces": [e.name for e in m.spaces], "points": points}
+    if is_main():
+        run.report_dir.mkdir(parents=True, exist_ok=True)
+        curve["plot"] = plot_decoder_curve(curve, run.report_dir, name=f"{recipe.name} ({recipe.data.dataset})")
+        write_json(run.report_dir / "decoder_curve.json", curve)
     return curve

@@ -218,7 +218,7 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
             if not task_applies(task, g, tokenizer.grid):
                 continue
             key = {
-                "generator": run.weights_hash(g), "tokenizer": run.tokenizer_hash, "settings": settings, "task": task,
+                "generator": run.weights_hash(g), "tokenizer": run.decoding_hash, "settings": settings, "task": task,
                 "extractor": m.extractor.key, "real": m.reference, "conditional": labels is not None,
             }  # fmt: skip
             row = run.cached(

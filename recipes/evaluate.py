@@ -205,7 +205,7 @@ def _context(run: Run, opts: EvalOptions, m: Measuring) -> dict[str, Any]:
                 "classifier_test_accuracy": m.test_accuracy()}  # fmt: skip
 
     key = {
-        "tokenizer": run.tokenizer_hash, "extractors": [e.key for e in m.spaces], "n": m.n, "real": m.reference,
+        "tokenizer": run.decoding_hash, "extractors": [e.key for e in m.spaces], "n": m.n, "real": m.reference,
         "classifier": m.classifier.key if m.classifier is not None else None,
     }  # fmt: skip
     return run.cached(run.report_dir / "context.json", key, compute)
@@ -259,7 +259,8 @@ def _trajectory_gif(run: Run, recipe: Recipe, opts: EvalOptions, diffusion_kind:
 
 def _model_metrics(run: Run, opts: EvalOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tokenizer metrics, bits per token of each generator) from their metrics.json."""
-    tok = read_json(run.metrics_path("tokenizer")) if run.metrics_path("tokenizer").exists() else {}
+    kind = "decoder" if run.refined() else "tokenizer"  # the metrics of the weights that decode
+    tok = read_json(run.metrics_path(kind)) if run.metrics_path(kind).exists() else {}
     bits = {}
     for g in opts.generators:
         if run.metrics_path(g).exists():
@@ -304,7 +305,10 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "isc_omitted": extractor.info.get("isc_omitted"),
         "floor_fid": ctx["floor_fid"],
         "floor_fids": ctx["floor_fids"],
-        "tokenizer": {"rfid": ctx["rfid"], "rfids": ctx["rfids"], "psnr": tok_metrics.get("psnr"), "codebook_usage": tok_metrics.get("codebook_usage")},
+        "tokenizer": {
+            "rfid": ctx["rfid"], "rfids": ctx["rfids"], "psnr": tok_metrics.get("psnr"), "codebook_usage": tok_metrics.get("codebook_usage"),
+            "refined_decoder": {"steps": tok_metrics["steps"], **tok_metrics["losses"]} if "losses" in tok_metrics else None,
+        },  # fmt: skip
         # the yardstick of each row's class_accuracy: the same classifier on the real test images
         "classifier_test_accuracy": ctx["classifier_test_accuracy"],
         "classifier_hash": m.classifier.hash if m.classifier is not None else None,
@@ -320,6 +324,8 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     }
     if (run.report_dir / "curve.json").exists():
         report["learning_curve"] = read_json(run.report_dir / "curve.json")
+    if run.refined() and (run.report_dir / "decoder_curve.json").exists():
+        report["decoder_curve"] = read_json(run.report_dir / "decoder_curve.json")
     if is_main():  # under torchrun every rank measured its share; rank 0 writes
         write_report(report, run.report_dir)
     return report

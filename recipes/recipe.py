@@ -101,6 +101,30 @@ class DiffusionExtras:
 
 
 @dataclass(frozen=True)
+class DecoderSection:
+    """[decoder]: the decoder refinement after the tokenizer (steps = 0: none). The encoder and the
+    codebook are frozen, so RUN/tokens and the generators stay valid, and the decoder learns MSE plus a
+    perceptual term plus the PatchGAN hinge loss with the adaptive weight (VQGAN's losses, switched on
+    after the reconstruction has settled, as the Stable Diffusion autoencoder fine-tunes its decoder).
+    Each key below is the TokenizerConfig field of the same name; the rest of [decoder] is its TrainConfig."""
+
+    steps: int = 0
+    perceptual_net: str = "classifier"  # classifier (vqdiff.perceptual, trained first) | random (seeded, untrained)
+    perceptual_weight: float = 0.1  # 0 = MSE and the adversarial loss alone
+    perceptual_width: int = 32
+    perceptual_steps: int = 600
+    disc: bool = True
+    disc_start: int = 0  # refinement steps before the adversarial loss switches on
+    disc_weight: float = 0.1
+    disc_width: int = 32
+    disc_layers: int = 2
+    lecam_weight: float = 0.0
+
+
+REFINED_FIELDS = tuple(f.name for f in dataclasses.fields(DecoderSection) if f.name != "steps")
+
+
+@dataclass(frozen=True)
 class TokenizerExtras:
     """Keys the tokenizer section takes besides TokenizerConfig and TrainConfig."""
 
@@ -118,6 +142,7 @@ class TokenizerExtras:
 SCHEMAS: dict[str, tuple[type, ...]] = {
     "data": (DataSection,),
     "tokenizer": (TokenizerExtras, TrainConfig),  # + TokenizerConfig, from the model registry
+    "decoder": (DecoderSection, TrainConfig),
     "ar": (GeneratorExtras, TrainConfig),  # + ARConfig
     "diffusion": (DiffusionExtras, GeneratorExtras, TrainConfig),  # + DiffusionConfig
     "evaluate": (EvaluateSection,),
@@ -137,7 +162,7 @@ def section_defaults(section: str) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-SECTIONS = ("data", "tokenizer", "ar", "diffusion", "evaluate")
+SECTIONS = ("data", "tokenizer", "decoder", "ar", "diffusion", "evaluate")
 # "off" has one spelling, None (the key left out); these values also read as off, so that a
 # recipe.toml that spells off as 0, 1.0 or "" still loads and means the same
 OFF_BEFORE_NONE = {("evaluate", "top_k"): 0, ("evaluate", "top_p"): 1.0, ("diffusion", "sample_schedule"): ""}
@@ -184,6 +209,15 @@ class Recipe:
         """
         self.check_derived(section, **derived)
         return self.build(config_class(section), section, **derived)
+
+    def refined_config(self, base: Any) -> Any:
+        """The TokenizerConfig of the decoder refinement of a tokenizer whose config is `base`: the same
+        model with frozen codes and the [decoder] section's losses."""
+        d = self.sections["decoder"]
+        try:
+            return dataclasses.replace(base, frozen_codes=True, **{k: d[k] for k in REFINED_FIELDS})
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"[decoder] {e}") from None
 
     def check_derived(self, section: str, **derived: Any) -> None:
         """Refuse a derived field (codebook_size, grid_h, ...) that the recipe states with another value."""
@@ -303,12 +337,16 @@ def validate(recipe: Recipe) -> None:
     recipe.build(EvaluateSection, "evaluate")
     for section in ("tokenizer", "ar", "diffusion"):
         recipe.train_config(section)
+    if recipe["decoder"]["steps"] > 0:
+        recipe.train_config("decoder")
     _check_sampling(recipe)
     d, tok = recipe["data"], recipe["tokenizer"]
     # derived fields are only known once the data is loaded and the tokenizer trained; stand-ins that
     # are valid whenever the real values are (the real ones are checked against a stated value later)
     channels = tok.get("channels") or (3 if d["dataset"] == "cifar10" else 1)
     tcfg = recipe.model_config("tokenizer", channels=channels, image_size=tok.get("image_size") or d["image_size"])
+    if recipe["decoder"]["steps"] > 0:
+        recipe.refined_config(tcfg)
     for section in ("ar", "diffusion"):
         s = recipe[section]
         stand_ins = {

@@ -202,6 +202,31 @@ def plot_curve(curve: dict[str, Any], report_dir: Path, *, name: str) -> str:
     return "learning_curve.png"
 
 
+def plot_decoder_curve(curve: dict[str, Any], report_dir: Path, *, name: str) -> str:
+    """The decoder refinement: rFID in each feature space (left axis) and PSNR (right) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = curve["points"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for space in curve["spaces"]:
+        ax.plot([p["step"] for p in pts], [p["rfids"][space] for p in pts], "o-", label=f"rFID ({space})")
+    twin = ax.twinx()
+    twin.plot([p["step"] for p in pts], [p["psnr"] for p in pts], "s:", color="grey", label="PSNR")
+    ax.set_xlabel("refinement steps (0: the tokenizer's own decoder)")
+    ax.set_ylabel("rFID")
+    twin.set_ylabel("PSNR (dB)")
+    ax.legend(fontsize=8, loc="upper left")
+    twin.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"{name}: decoder refinement ({curve['num_images']} test reconstructions)")
+    fig.tight_layout()
+    fig.savefig(report_dir / "decoder_curve.png", dpi=120)
+    plt.close(fig)
+    return "decoder_curve.png"
+
+
 def _save(fig, ax, report: dict[str, Any], report_dir: Path, title: str, name: str) -> str:
     """The FID axis, title and legend every plot shares; write the PNG and return its name."""
     import matplotlib.pyplot as plt
@@ -243,7 +268,7 @@ def _measurement_lines(report: dict[str, Any]) -> list[str]:
         f"- Data floor ({report['num_samples']} train images against the reference set): FID **{_fmt(report['floor_fid'])}**"
         + _in_other_spaces(report.get("floor_fids"), others),
         f"- Tokenizer: rFID **{_fmt(tok['rfid'])}**" + _in_other_spaces(tok.get("rfids"), others)
-        + f", PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['codebook_usage'], 3)}",
+        + f", PSNR {_fmt(tok['psnr'])} dB, codebook usage {_fmt(tok['codebook_usage'], 3)}" + _refined_text(tok.get("refined_decoder")),
     ]
     if report.get("classifier_test_accuracy") is not None:
         lines.append(
@@ -252,6 +277,14 @@ def _measurement_lines(report: dict[str, Any]) -> list[str]:
             f"the same classifier on the real test images: **{_fmt(report['classifier_test_accuracy'], 3)}**"
         )
     return lines
+
+
+def _refined_text(r: dict[str, Any] | None) -> str:
+    if not r:
+        return ""
+    perceptual = f"{r['perceptual_net']} perceptual network x {r['perceptual_weight']:g}" if r["perceptual_weight"] > 0 else "no perceptual term"
+    adversarial = f"PatchGAN hinge x {r['disc_weight']:g} (adaptive)" if r["disc"] else "no adversarial term"
+    return f"; the decoder refined for {r['steps']} steps on frozen codes (MSE, {perceptual}, {adversarial})"
 
 
 def _table_lines(report: dict[str, Any]) -> list[str]:
@@ -296,6 +329,12 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
     lines += ["", "## Plots", "", "![FID against steps](fid_vs_steps.png)", "", "![FID against speed](fid_vs_speed.png)", ""]
     if (report_dir / "learning_curve.png").exists():
         lines += ["## Learning curves", "", "![learning curves](learning_curve.png)", ""]
+    if report.get("decoder_curve"):
+        lines += ["## Decoder refinement", "", "| step | " + " | ".join(f"rFID {s}" for s in report["decoder_curve"]["spaces"]) + " | PSNR |",
+                  "| --- |" + " --- |" * (len(report["decoder_curve"]["spaces"]) + 1)]  # fmt: skip
+        for p in report["decoder_curve"]["points"]:
+            lines.append(f"| {p['step']} | " + " | ".join(_fmt(p["rfids"][s]) for s in report["decoder_curve"]["spaces"]) + f" | {_fmt(p['psnr'])} |")
+        lines += ["", "![decoder refinement](decoder_curve.png)", ""]
     lines += ["## Samples", ""]
     shown = set()
     for r in report["results"]:

@@ -3,6 +3,7 @@
 RUN/
   recipe.toml                      the resolved recipe
   tokenizer/ ar/ diffusion/        config.json, model.safetensors, train_state.pt, log.jsonl, metrics.json
+  decoder/                         the refined decoder (with the tokenizer's frozen encoder and codebook), base.json
   tokens/                          train.safetensors, test.safetensors, meta.json
   samples/GENERATOR-tTEMP-sSTEPS/  PNGs, grid.png, ids.safetensors, sample.json, trajectory.gif (diffusion)
   report/                          report.md, report.json, context.json, plots
@@ -28,6 +29,9 @@ from vqdiff.io import atomic_write, file_digest, load_tensors, read_json, write_
 from vqdiff.data import ImageSet, load_dataset, save_tokens
 from vqdiff.distributed import barrier, is_main, local_device
 from vqdiff.pipeline import encode
+
+
+BASE_FILE = "base.json"  # RUN/decoder/base.json: {"tokenizer_hash": the tokenizer the decoder refines}
 
 
 class StageError(Exception):
@@ -164,10 +168,28 @@ class Run:
 
     # ------------------------------------------------------------ models
 
-    def load_tokenizer(self, device: torch.device | str | None = None) -> torch.nn.Module:
-        if not (self.model_dir("tokenizer") / CONFIG_FILE).exists():
+    def load_tokenizer(self, device: torch.device | str | None = None, refined: bool = True) -> torch.nn.Module:
+        """The tokenizer that decodes: RUN/decoder/ when it holds a finished refinement of RUN/tokenizer/
+        (the same encoder and codebook, so the same ids), else RUN/tokenizer/; refined=False: always the latter."""
+        folder = self.model_dir("decoder") if refined and self.refined() else self.model_dir("tokenizer")
+        if not (folder / CONFIG_FILE).exists():
             raise StageError(f"no tokenizer in {self.run_dir}; run `vqdiff train tokenizer` first")
-        return load_model(self.model_dir("tokenizer"), device=device or self.torch_device)
+        return load_model(folder, device=device or self.torch_device)
+
+    def refined(self) -> bool:
+        """RUN/decoder/ holds a finished decoder refinement (`vqdiff train decoder`) of the tokenizer
+        that is there now; one of an older tokenizer is refused in one line."""
+        folder = self.model_dir("decoder")
+        if not ((folder / "metrics.json").exists() and (folder / WEIGHTS_FILE).exists() and (folder / CONFIG_FILE).exists()):
+            return False
+        if read_json(folder / BASE_FILE).get("tokenizer_hash") != self.tokenizer_hash:
+            raise StageError(f"{folder} refines another tokenizer (retrained since); delete {folder} to refine this one")
+        return True
+
+    @property
+    def decoding_hash(self) -> str:
+        """sha256 of the weights that decode (`load_tokenizer`): a sample cache keys on it."""
+        return self.weights_hash("decoder") if self.refined() else self.tokenizer_hash
 
     def tokenizer_meta(self) -> dict[str, Any]:
         """codebook_size and grid of the run's tokenizer, from its config alone."""
@@ -224,7 +246,7 @@ def tokens_current(run: Run) -> bool:
 def encode_dataset(run: Run, on_batch=None) -> dict[str, Any]:
     """Write the token grids of the train and test splits, with labels, to RUN/tokens/."""
     recipe = run.read_recipe()
-    model = run.load_tokenizer()
+    model = run.load_tokenizer(refined=False)
     meta: dict[str, Any] = {
         "tokenizer_hash": run.tokenizer_hash,
         "codebook_size": model.codebook_size,

@@ -121,7 +121,7 @@ def generate(
     key = {
         "spec": spec.key(),
         "generator_hash": run.file_hash(weights),
-        "tokenizer_hash": run.tokenizer_hash,
+        "tokenizer_hash": run.decoding_hash,
         "gif": gif,
     }
     old = run.fresh(folder / "sample.json", key)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from recipes.images import save_grid
-from recipes.recipe import Recipe, check_generator
-from recipes.run import Run, StageError, ensure_tokens, software_versions
+from recipes.recipe import REFINED_FIELDS, Recipe, check_generator
+from recipes.run import BASE_FILE, Run, StageError, ensure_tokens, software_versions
 from vqdiff.checkpoint import CONFIG_FILE, is_complete, read_config, save_model
 from vqdiff.data import ImageSet, load_tokens
 from vqdiff.distributed import barrier, is_distributed, is_main, seeded
@@ -73,12 +73,67 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
     return read_json(run.metrics_path("tokenizer"))
 
 
+# ------------------------------------------------------------------ decoder refinement
+
+
+def refine_decoder(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict[str, Any] | None:
+    """Refine the tokenizer's decoder into RUN/decoder/ (or resume), then measure it on the test split;
+    None when the recipe has no refinement (decoder.steps = 0). Returns its metrics.json.
+
+    The model is the run's tokenizer with frozen codes (`Recipe.refined_config`): its encoder and
+    codebook are copied and never change, so RUN/tokens and the generators stay valid, and from then
+    on `Run.load_tokenizer` decodes with the refined decoder."""
+    if recipe["decoder"]["steps"] <= 0:
+        return None
+    folder = run.model_dir("decoder")
+    tcfg = recipe.train_config("decoder")
+    base = run.load_tokenizer(refined=False)
+    if not isinstance(base, model_class("tokenizer")):
+        raise StageError("[decoder] the refinement is for a tokenizer trained here (tokenizer.kind = vqvae); set decoder.steps = 0")
+    if (folder / BASE_FILE).exists() and read_json(folder / BASE_FILE).get("tokenizer_hash") != run.tokenizer_hash:
+        raise StageError(f"{folder} refines another tokenizer (retrained since); delete {folder} to refine this one")
+    if run.refined() and is_trained(folder, tcfg.steps):
+        return read_json(run.metrics_path("decoder"))
+    if is_main():
+        write_json(folder / BASE_FILE, {"tokenizer_hash": run.tokenizer_hash})
+    train_set = run.load_split(recipe, "train")
+    with seeded(tcfg.seed):
+        model = model_class("tokenizer")(recipe.refined_config(base.cfg))
+    state = {k: v for k, v in base.state_dict().items() if k != "train_step"}  # disc_start counts refinement steps
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("discriminator.", "perceptual.", "lecam_ema", "train_step")) for k in missing), missing
+    check_memory("decoder", model, tcfg, run.torch_device)
+    prepare_perceptual(model, train_set, folder, run.torch_device)
+    t0 = time.perf_counter()
+    result = train(model, train_set, tcfg, folder, device=run.torch_device, on_log=on_log)
+    seconds = time.perf_counter() - t0
+    if is_main():
+        model = result.model.to(run.torch_device).eval()
+        test_set = run.load_split(recipe, "test")
+        metrics = evaluate_tokenizer(model, test_set, on_eval)
+        metrics.update(
+            train_seconds_this_call=round(seconds, 1), steps=result.step, resumed_from=result.resumed_from,
+            software=software_versions(), autocast=autocast_name("tokenizer", tcfg, run),
+            refined_from=run.tokenizer_hash, losses={k: recipe["decoder"][k] for k in REFINED_FIELDS},
+        )  # fmt: skip
+        if (folder / "perceptual.json").exists():
+            metrics["perceptual"] = read_json(folder / "perceptual.json")
+        write_json(run.metrics_path("decoder"), metrics)
+        save_reconstructions(model, test_set, folder / "reconstructions.png")
+    barrier()
+    return read_json(run.metrics_path("decoder"))
+
+
 def prepare_perceptual(model: torch.nn.Module, train_set: ImageSet, folder, device) -> None:
     """Train the tokenizer's perceptual network (vqdiff.perceptual) on the train split before its first
     step, and say which network it is in RUN/tokenizer/perceptual.json. A resume loads it from the
     checkpoint instead, with the rest of the tokenizer."""
     net = getattr(model, "perceptual", None)
     if net is None or (folder / "train_state.pt").exists():
+        return
+    if model.cfg.perceptual_net == "random":  # seeded with the model, never trained
+        if is_main():
+            write_json(folder / "perceptual.json", {"network": "PerceptualNet with seeded random weights, untrained (not Inception)", "parameters": sum(p.numel() for p in net.parameters())})
         return
     try:
         info = train_perceptual(net, train_set, PerceptualRecipe(steps=model.cfg.perceptual_steps, seed=0), device)
@@ -159,7 +214,7 @@ def recipe_meta(recipe: Recipe, run: Run) -> dict[str, Any]:
 def random_batch(kind: str, model: torch.nn.Module, b: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """A batch of b random items in the form `model.loss` takes (speed and memory do not depend on the values)."""
     cfg = model.cfg
-    if kind == "tokenizer":
+    if kind in ("tokenizer", "decoder"):
         return {"images": torch.rand(b, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1}
     return {
         "ids": torch.randint(0, cfg.codebook_size, (b, cfg.grid_h, cfg.grid_w), device=device),

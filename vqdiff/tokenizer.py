@@ -130,9 +130,13 @@ class TokenizerConfig:
     disc_width: int = 32
     disc_layers: int = 2
     lecam_weight: float = 0.0  # LeCAM regulariser of the discriminator (Tseng et al. 2021); 0 = off
-    perceptual_weight: float = 0.0  # the vqdiff.perceptual loss (a classifier trained on the data); 0 = off
+    perceptual_weight: float = 0.0  # the vqdiff.perceptual loss; 0 = off
+    perceptual_net: str = "classifier"  # classifier: trained on the data first | random: seeded random weights, untrained
     perceptual_width: int = 32
     perceptual_steps: int = 600  # classification steps that train the perceptual network, before the tokenizer
+    # decoder refinement: the encoder and the codebook are frozen (no gradient, no codebook update), so
+    # every image keeps its ids and only the decoder (and the discriminator) train
+    frozen_codes: bool = False
     quantizer: str = "vq"  # vq: the codebook of vqdiff.quantize | fsq: finite scalar quantization
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)  # quantizer = "fsq": levels per channel; codebook_size = their product
 
@@ -145,6 +149,8 @@ class TokenizerConfig:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.perceptual_net not in ("classifier", "random"):
+            raise ValueError(f"tokenizer.perceptual_net must be classifier or random, got {self.perceptual_net!r}")
         if self.quantizer not in ("vq", "fsq"):
             raise ValueError(f"tokenizer.quantizer must be vq or fsq, got {self.quantizer!r}")
         if self.quantizer == "fsq" and self.codebook_size != math.prod(self.fsq_levels):
@@ -189,6 +195,17 @@ class VQTokenizer(nn.Module):
         self.perceptual = PerceptualNet(cfg.channels, cfg.perceptual_width).requires_grad_(False) if cfg.perceptual_weight > 0 else None
         # training steps seen by `loss`, so the discriminator switches on at the same step after a resume
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        if cfg.frozen_codes:
+            self.encoder.requires_grad_(False)
+            self.quantizer.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "VQTokenizer":
+        """With frozen_codes the encoder and the quantizer stay in eval mode (no codebook statistics move)."""
+        super().train(mode)
+        if self.cfg.frozen_codes:
+            self.encoder.eval()
+            self.quantizer.eval()
+        return self
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -224,7 +241,8 @@ class VQTokenizer(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch {"images": float [b c H W] in [-1,1]} -> (loss, logs)."""
         x = batch["images"]
-        q = self.quantizer(self.encoder(x))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen_codes):
+            q = self.quantizer(self.encoder(x))
         rec = self.decoder(q.z_q)
         mse = F.mse_loss(rec.float(), x.float())
         logs = {"mse": mse.item(), "psnr": psnr(mse.item()), **q.logs}
@@ -233,7 +251,7 @@ class VQTokenizer(nn.Module):
             p = perceptual_distance(self.perceptual, rec, x)
             nll = nll + self.cfg.perceptual_weight * p
             logs["perceptual"] = p.item()
-        loss = nll + q.loss
+        loss = nll if self.cfg.frozen_codes else nll + q.loss  # frozen codes: the commitment term is a constant
         if self.discriminator is not None and self.training:
             loss = loss + self._adversarial(x, rec, nll, logs)
         if self.training:

@@ -57,7 +57,7 @@ def _record(r: Run, spec: SampleSpec, images: list[Path], given: dict[str, Any],
         "options": extra_options(spec.options, spec.generator),
         "paste_back": paste_back,
         "generator_hash": r.weights_hash(spec.generator),
-        "tokenizer_hash": r.tokenizer_hash,
+        "tokenizer_hash": r.decoding_hash,
     }
 
 

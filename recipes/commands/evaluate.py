@@ -11,7 +11,7 @@ from recipes.commands.common import (
     DataRootOpt, DeviceOpt, ExtractorOpt, InceptionOpt, RunArg, SampleScheduleOpt, open_run, progress_log, writer_lock,
 )  # fmt: skip
 from recipes.console import batch_logger, edge, fail, out, progress_bars
-from recipes.curves import learning_curve
+from recipes.curves import decoder_curve, learning_curve
 from recipes.edits import edits_markdown, evaluate_edits
 from recipes.evaluate import EvalOptions, evaluate as evaluate_run
 from recipes.report import results_table
@@ -55,6 +55,7 @@ def evaluate_and_print(run: Run, opts: EvalOptions, checkpoints: bool = False) -
     with progress_bars(log_path=progress_log(run)) as p:
         if checkpoints:  # first, so that the report shows the learning curves
             learning_curve(run, opts, bars=lambda d: batch_logger(p, d))
+        decoder_curve(run, opts, bars=lambda d: batch_logger(p, d))  # with decoder.keep_every > 0
         report = evaluate_run(run, opts, bars=lambda d: batch_logger(p, d))
     print_report(report)
     return report

@@ -16,7 +16,7 @@ from recipes.commands.common import (
     recipe_run, writer_lock,
 )  # fmt: skip
 from recipes.commands.evaluate import evaluate_and_print
-from recipes.console import batch_logger, edge, out, progress_bars, train_logger
+from recipes.console import batch_logger, edge, fail, out, progress_bars, train_logger
 from recipes.evaluate import EvalOptions
 from recipes.recipe import GENERATORS, Recipe
 from recipes.run import Run, encode_dataset, ensure_tokens
@@ -29,6 +29,12 @@ train_app = typer.Typer(help="Train one model of a recipe.", no_args_is_help=Tru
 def tokenizer_stage(p: Progress, r: Recipe, run: Run) -> dict[str, Any]:
     return stages.train_tokenizer(
         r, run, on_log=train_logger(p, "tokenizer", r["tokenizer"]["steps"], "img"), on_eval=batch_logger(p, "test split")
+    )
+
+
+def decoder_stage(p: Progress, r: Recipe, run: Run) -> dict[str, Any] | None:
+    return stages.refine_decoder(
+        r, run, on_log=train_logger(p, "decoder", r["decoder"]["steps"], "img"), on_eval=batch_logger(p, "test split")
     )
 
 
@@ -53,6 +59,24 @@ def train_tokenizer(
             f"tokenizer: psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['codebook_usage']:.3f}, "
             f"perplexity {metrics['perplexity']:.1f} -> {run.model_dir('tokenizer')}"
         )
+
+
+@train_app.command("decoder")
+def train_decoder(
+    recipe: RecipeArg, run_dir: RunDirOpt = None, set_: SetOpt = None, data_root: DataRootOpt = None, device: DeviceOpt = None
+) -> None:
+    """Refine the tokenizer's decoder (frozen encoder and codebook: the ids and RUN/tokens stay valid) with
+    the recipe's [decoder] losses, then write decoder/metrics.json and reconstructions.png."""
+    with edge():
+        r, run = recipe_run(recipe, run_dir, set_, data_root, device)
+        if r["decoder"]["steps"] <= 0:
+            fail(f"recipe {r.name} has no decoder refinement (decoder.steps = 0); give --set decoder.steps=N")
+        run.tokenizer_meta()  # fail before writing a recipe into a run without a tokenizer
+        with writer_lock(run.run_dir):
+            run.write_recipe(r)
+            with progress_bars(log_path=progress_log(run)) as p:
+                metrics = decoder_stage(p, r, run)
+        out.print(f"decoder: psnr {metrics['psnr']:.2f} dB (refined for {metrics['steps']} steps) -> {run.model_dir('decoder')}")
 
 
 def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None) -> None:
@@ -113,6 +137,11 @@ def _train_all(r: Recipe, run: Run, timings: dict[str, float]) -> None:
         t = time.perf_counter()
         ensure_tokens(run, batch_logger(p, "encode"))
         timings["encode"] = time.perf_counter() - t
+        if r["decoder"]["steps"] > 0:
+            t = time.perf_counter()
+            m = decoder_stage(p, r, run)
+            timings["decoder"] = time.perf_counter() - t
+            p.console.print(f"decoder: psnr {m['psnr']:.2f} dB after refinement")
         for kind in GENERATORS:
             t = time.perf_counter()
             m = generator_stage(p, kind, r, run)
@@ -129,7 +158,7 @@ def run_all(
     extractor: ExtractorOpt = None,
     inception_weights: InceptionOpt = None,
 ) -> None:
-    """Every stage in order: tokenizer, encode, ar, diffusion, evaluate. Finished stages are skipped,
+    """Every stage in order: tokenizer, encode, decoder (when the recipe refines it), ar, diffusion, evaluate. Finished stages are skipped,
     an interrupted one resumes."""
     with edge(), contextlib.ExitStack() as held:
         t0 = time.perf_counter()
