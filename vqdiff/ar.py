@@ -50,9 +50,8 @@ class ARTransformer(nn.Module):
 
         ids: long [b h w] in [0, k). labels: long [b] in [0, num_classes] (num_classes = null), or None.
         """
-        seq = rearrange(ids, "b h w -> b (h w)")
-        logits = self.trunk(seq, labels)  # [b 1+n k] over [class] + ids
-        return logits[:, :-1]  # the last position would predict cell n, past the grid
+        logits = self.trunk(self.trunk.to_positions(ids), labels)  # [b 1+n k] over [class] + ids ([b 1+n s k] with groups)
+        return self.trunk.to_cells(logits[:, :-1])  # the last position would predict past the grid
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Mean next-token cross-entropy in nats. batch: {"ids": long [b h w], "labels": long [b] (optional)}."""
@@ -63,8 +62,8 @@ class ARTransformer(nn.Module):
         return loss, {"bits_per_token": loss.item() / math.log(2)}
 
     def forward_passes(self, options: SampleOptions = DEFAULTS) -> int:
-        """Forward passes per sample: one per token, h * w, whatever `options.steps` says."""
-        return self.cfg.grid_h * self.cfg.grid_w
+        """Forward passes per sample: one per position (h * w, or h * w / g^2 with groups), whatever `options.steps` says."""
+        return self.trunk.grid_h * self.trunk.grid_w
 
     @torch.no_grad()
     @sampling_autocast
@@ -97,22 +96,32 @@ class ARTransformer(nn.Module):
         prefix in raster order, of any length (`suffix_start`); a ValueError says so otherwise.
         """
         h, w, k = self.cfg.grid_h, self.cfg.grid_w, self.cfg.codebook_size
-        num, device = h * w, self.device
+        trunk, device = self.trunk, self.device
+        num, slots = trunk.grid_h * trunk.grid_w, trunk.slots  # positions, and ids per position
+
+        def positions(grid: Tensor) -> Tensor:  # long [n h' w] cells -> [n i slots] positions
+            return trunk.to_positions(grid).reshape(grid.shape[0], -1, slots)
+
+        def feed(x: Tensor) -> Tensor:  # [n i slots] -> what the trunk takes
+            return x if slots > 1 else x[..., 0]
+
         labels = sample_labels(labels, n, self.cfg.num_classes, device)
         labels, guided = guidance_labels(labels, self.cfg.num_classes, options.cfg)
-        ids = torch.zeros(n, 0, dtype=torch.long, device=device)  # [n i] decoded so far
+        ids = torch.zeros(n, 0, slots, dtype=torch.long, device=device)  # [n i slots] decoded so far
         if prefix is not None:
             if prefix.dim() != 3 or prefix.shape[0] != n or prefix.shape[2] != w or prefix.shape[1] > h:
                 raise ValueError(f"prefix must be long [{n} r {w}] with r <= {h}, got {list(prefix.shape)}")
             if prefix.numel() and (prefix.min() < 0 or prefix.max() >= k):
                 raise ValueError(f"prefix ids must be in [0, {k})")
-            ids = rearrange(prefix.to(device).long(), "n r w -> n (r w)")
-        forced = None  # [n N] bool, with `known`: cells past the shortest prefix that a longer one keeps
+            if prefix.shape[1] % trunk.group:
+                raise ValueError(f"this generator reads {trunk.group}x{trunk.group} groups: the prefix rows must be a multiple of {trunk.group}")
+            ids = positions(prefix.to(device).long())
+        forced = None  # [n N] bool, with `known`: positions past the shortest prefix that a longer one keeps
         if keep is not None or known is not None:
             if prefix is not None:
                 raise ValueError("give either prefix or known and keep, not both")
             starts = self.suffix_start(known, keep, n)  # [n]
-            known = rearrange(known.to(device).long(), "n h w -> n (h w)")
+            known = positions(known.to(device).long())
             first = int(starts.min())
             ids = known[:, :first]
             forced = torch.arange(num, device=device)[None] < starts.to(device)[:, None]
@@ -120,32 +129,43 @@ class ARTransformer(nn.Module):
         def double(x: Tensor) -> Tensor:  # the same tokens for the cond and uncond halves
             return torch.cat([x, x]) if guided else x
 
-        cache = KVCache(self.trunk.seq_len) if use_cache else None
-        pending = ids  # tokens the cache has not seen yet (the whole prefix at first)
+        cache = KVCache(trunk.seq_len) if use_cache else None
+        pending = ids  # positions the cache has not seen yet (the whole prefix at first)
         for i in range(ids.shape[1], num):
             if cache is not None:
-                logits = self.next_logits(double(pending), labels, cache).float()  # [n k] (x2 if guided)
+                logits = self.next_logits(feed(double(pending)), labels, cache).float()  # [n k] ([n slots k]; x2 if guided)
             else:
-                logits = self.trunk(double(ids), labels)[:, -1].float()
+                logits = trunk(feed(double(ids)), labels)[:, -1].float()
             if guided:
                 logits = cfg_mix(logits, options.cfg)
+            logits = logits.reshape(-1, k)  # [(n slots) k]: the ids of one position are drawn independently
             nxt = sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
+            nxt = nxt.view(n, slots)
             if forced is not None:
-                nxt = torch.where(forced[:, i], known[:, i], nxt)
+                nxt = torch.where(forced[:, i, None], known[:, i], nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             pending = nxt[:, None]
             if callback is not None:
-                rest = torch.full((n, num - ids.shape[1]), k, dtype=torch.long, device=device)
-                callback(i, rearrange(torch.cat([ids, rest], 1), "n (h w) -> n h w", h=h))
-        return rearrange(ids, "n (h w) -> n h w", h=h, w=w)
+                rest = torch.full((n, num - ids.shape[1], slots), k, dtype=torch.long, device=device)
+                callback(i, self._grid(torch.cat([ids, rest], 1)))
+        return self._grid(ids)
+
+    def _grid(self, ids: Tensor) -> Tensor:
+        """long [n positions slots] -> the id grid [n h w]."""
+        cells = self.trunk.to_cells(ids if self.trunk.slots > 1 else ids[..., 0])
+        return cells.reshape(ids.shape[0], self.cfg.grid_h, self.cfg.grid_w)
 
     def suffix_start(self, known: Tensor | None, keep: Tensor | None, n: int) -> Tensor:
         """Where each sample's regenerated suffix starts in raster order: long [n] in [0, h*w],
-        the number of kept cells. keep bool [n h w] must keep a raster-order prefix (the free
+        the number of kept positions (cells; g x g groups with `group`). keep bool [n h w] must keep a raster-order prefix (the free
         cells form a suffix: the bottom rows, or the end of a row and all rows below); known long
         [n h w] holds the ids there. ValueError, one line, for any other region."""
         check_partial_grid(known, keep, n, self.cfg)
-        flat = rearrange(keep.cpu(), "n h w -> n (h w)")
+        flat = self.trunk.to_positions(keep.cpu())  # [n positions], or [n positions g^2] with groups
+        if flat.dim() == 3:
+            if not torch.equal(flat.all(-1), flat.any(-1)):
+                raise ValueError(f"this ar generator reads {self.trunk.group}x{self.trunk.group} groups: keep whole groups")
+            flat = flat.all(-1)
         starts = flat.sum(1)
         prefix = torch.arange(flat.shape[1])[None] < starts[:, None]
         if not torch.equal(flat, prefix):
@@ -156,9 +176,9 @@ class ARTransformer(nn.Module):
         return starts
 
     def next_logits(self, new: Tensor, labels: Tensor | None, cache: KVCache) -> Tensor:
-        """Logits float [b k] of the next grid cell, after feeding `new` through the KV cache.
+        """Logits float [b k] of the next grid position ([b g^2 k] with groups), after feeding `new` through the KV cache.
 
-        new: long [b m] in [0, k), the cells the cache has not seen yet (m = 0 on the first call,
+        new: long [b m] in [0, k) ([b m g^2] with groups), the positions the cache has not seen yet (m = 0 on the first call,
         which feeds the class token alone). labels: long [b] in [0, num_classes], or None (null);
         used on the first call only. This one-token-at-a-time path is shared by `sample` and by
         the entropy coder (vqdiff.compress), whose encoder and decoder must compute the same floats.

@@ -242,6 +242,14 @@ def compress_ids(
     return encode_grid(ar, ids, label, tokenizer_hash=tokenizer_hash, ar_hash=ar_hash).data
 
 
+def _check_one_id_per_position(cfg) -> None:
+    if getattr(cfg, "group", 1) > 1:
+        raise CompressError(
+            f"the .vqd codec codes one id per position, and this ar generator reads {cfg.group}x{cfg.group} groups; "
+            "compress with an ar generator of group = 1"
+        )
+
+
 def encode_grid(
     ar: nn.Module,
     ids: Tensor,
@@ -252,6 +260,7 @@ def encode_grid(
 ) -> Encoded:
     """`compress_ids`, with the ideal size under the integer frequencies (for benchmarks)."""
     cfg = ar.cfg
+    _check_one_id_per_position(cfg)
     h, w, k = cfg.grid_h, cfg.grid_w, cfg.codebook_size
     if tuple(ids.shape) != (h, w):
         raise ValueError(f"ids must be long [{h} {w}], got {list(ids.shape)}")
@@ -314,6 +323,7 @@ def decompress_ids(
     """
     header = read_header(data)
     cfg = ar.cfg
+    _check_one_id_per_position(cfg)
     mine = ar_hash if ar_hash is not None else weights_hash(ar)
     if header.ar_hash != mine:
         raise CompressError(

@@ -163,9 +163,15 @@ class DiffusionTransformer(nn.Module):
         labels: long [b] in [0, num_classes] (num_classes = null), or None.
         t: float [b] in [0, 1], the noise level; needed with time conditioning, ignored without.
         """
-        seq = rearrange(ids, "b h w -> b (h w)")
+        return self._logits(ids, labels, t)
+
+    def _logits(self, ids: Tensor, labels: Tensor | None, t: Tensor | None) -> Tensor:
+        """ids long [b h w] or [b n] (cells in raster order) -> logits float [b n k] over the cells
+        (with groups the trunk sees g x g groups, and each id gets its own slot's logits)."""
+        grid = ids.reshape(ids.shape[0], self.cfg.grid_h, self.cfg.grid_w)
         t = t if self.cfg.time_conditioning else None
-        return self.trunk(seq, labels, t=t)[:, 1:]  # drop the class position
+        out = self.trunk(self.trunk.to_positions(grid), labels, t=t)[:, 1:]  # drop the class position
+        return self.trunk.to_cells(out)
 
     def _stratified_t(self, b: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
         """t float [b] in (0, 1): one draw per stratum [i/b, (i+1)/b), lower variance than iid."""
@@ -283,7 +289,7 @@ class DiffusionTransformer(nn.Module):
         tt = torch.full((x.shape[0],), t, device=x.device)
         if guided:  # [cond; uncond] on a doubled batch, one pass
             x, tt = torch.cat([x, x]), torch.cat([tt, tt])
-        logits = self.trunk(x, labels, t=tt if self.cfg.time_conditioning else None)[:, 1:].float()
+        logits = self._logits(x, labels, tt).float()
         return cfg_mix(logits, cfg) if guided else logits
 
     @torch.no_grad()

@@ -47,6 +47,10 @@ class TrunkConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # multi-token positions: the trunk reads the h x w id grid as an (h/g) x (w/g) grid of g x g groups,
+    # each position the sum of its g^2 ids' embeddings plus a slot embedding, and predicts the g^2 ids of
+    # a position with g^2 heads at once (1 = one id per position)
+    group: int = 1
 
     def __post_init__(self) -> None:
         check_trunk_config(self)
@@ -70,6 +74,8 @@ def check_trunk_config(cfg: Any) -> None:
         raise ValueError(f"mlp_ratio must be > 0, got {cfg.mlp_ratio}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.group < 1 or cfg.grid_h % cfg.group or cfg.grid_w % cfg.group:
+        raise ValueError(f"group must be >= 1 and divide the {cfg.grid_h}x{cfg.grid_w} grid, got {cfg.group}")
 
 
 # ---------------------------------------------------------------- building blocks
@@ -196,7 +202,7 @@ class Transformer(nn.Module):
     """Embeddings, blocks and head over the sequence `[class token] + ids` (raster order).
 
     `cfg` is any config with the shared fields (codebook_size, grid_h, grid_w, num_classes, dim,
-    depth, heads, mlp_ratio, dropout). `vocab_size` is the number of input ids (k, or k + 1 when
+    depth, heads, mlp_ratio, dropout; and optionally group). `vocab_size` is the number of input ids (k, or k + 1 when
     mask_id = k is used); the head predicts `codebook_size` logits. `causal` picks next-token
     attention; `time_conditioning` adds adaLN modulation by a time embedding.
     """
@@ -204,13 +210,16 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Any, *, vocab_size: int, causal: bool, time_conditioning: bool) -> None:
         super().__init__()
         self.causal = causal
-        self.grid_h, self.grid_w = cfg.grid_h, cfg.grid_w
+        self.group = getattr(cfg, "group", 1)  # optional in a config: 1, one id per position
+        self.slots = self.group**2
+        self.grid_h, self.grid_w = cfg.grid_h // self.group, cfg.grid_w // self.group  # positions
         self.num_classes = cfg.num_classes
         dim = cfg.dim
         self.tok_emb = nn.Embedding(vocab_size, dim)
+        self.slot_emb = nn.Parameter(torch.zeros(self.slots, dim)) if self.slots > 1 else None
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, dim)  # last row: null class / start token
-        self.row_emb = nn.Parameter(torch.zeros(cfg.grid_h, dim))
-        self.col_emb = nn.Parameter(torch.zeros(cfg.grid_w, dim))
+        self.row_emb = nn.Parameter(torch.zeros(self.grid_h, dim))
+        self.col_emb = nn.Parameter(torch.zeros(self.grid_w, dim))
         self.time_emb = TimeEmbedding(dim) if time_conditioning else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
@@ -219,7 +228,7 @@ class Transformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, elementwise_affine=not time_conditioning)
         self.ada = nn.Linear(dim, 2 * dim) if time_conditioning else None
-        self.head = nn.Linear(dim, cfg.codebook_size)
+        self.head = nn.Linear(dim, self.slots * cfg.codebook_size)
         self._init_weights(cfg.depth)
 
     def _init_weights(self, depth: int) -> None:
@@ -252,20 +261,24 @@ class Transformer(nn.Module):
         t: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Logits float [b m' k] for every position of this call.
+        """Logits float [b m' k] for every position of this call ([b m' g^2 k] with groups).
 
-        ids: long [b m] in [0, vocab_size), raster order. Without a cache (or with an empty one)
+        ids: long [b m] in [0, vocab_size), raster order ([b m g^2] with groups: the ids of each
+        position, its g x g cells in raster order). Without a cache (or with an empty one)
         the sequence is `[class] + ids` (m' = m + 1, ids start at cell 0). With a cache holding L
         positions, the ids are cells L - 1 ... L + m - 2 and m' = m.
         labels: long [b] in [0, num_classes], num_classes = null; None means null.
         t: float [b] in [0, 1], required with time conditioning.
         """
-        b, m = ids.shape
+        b, m = ids.shape[:2]
         start = cache.length if cache is not None else 0
         cell = max(start - 1, 0)
         if cell + m > self.grid_h * self.grid_w:
             raise ValueError(f"{cell + m} tokens do not fit a {self.grid_h}x{self.grid_w} grid")
-        x = self.tok_emb(ids) + self.positions()[cell : cell + m]  # [b m d]
+        x = self.tok_emb(ids)  # [b m d], or [b m s d] with groups
+        if self.slot_emb is not None:
+            x = (x + self.slot_emb).sum(2)
+        x = x + self.positions()[cell : cell + m]  # [b m d]
         if start == 0:
             if labels is None:
                 labels = torch.full((b,), null_class(self.num_classes), dtype=torch.long, device=ids.device)
@@ -284,4 +297,19 @@ class Transformer(nn.Module):
         if self.ada is not None:
             shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
-        return self.head(x)
+        logits = self.head(x)
+        return logits if self.slot_emb is None else rearrange(logits, "b m (s k) -> b m s k", s=self.slots)
+
+    def to_positions(self, ids: Tensor) -> Tensor:
+        """long [b h w] cells -> [b n] positions in raster order ([b n g^2] with groups)."""
+        if self.slot_emb is None:
+            return rearrange(ids, "b h w -> b (h w)")
+        return rearrange(ids, "b (h p) (w q) -> b (h w) (p q)", p=self.group, q=self.group)
+
+    def to_cells(self, x: Tensor) -> Tensor:
+        """The inverse of `to_positions` for per-position values x [b n ...] ([b n g^2 ...] with groups):
+        [b (h w) ...] over the cells in raster order."""
+        if self.slot_emb is None:
+            return x
+        g, w = self.group, self.grid_w
+        return rearrange(x, "b (h w) (p q) ... -> b (h p w q) ...", w=w, p=g, q=g)
