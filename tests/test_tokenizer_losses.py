@@ -87,6 +87,19 @@ def test_perceptual_network_builds_offline_and_learns_the_classes(no_network):
     assert d > 0 and y.grad is not None and y.grad.abs().sum() > 0
 
 
+def test_the_tokenizers_frozen_perceptual_network_is_the_one_that_trains():
+    # the tokenizer holds its perceptual net with requires_grad off; training it must still move its
+    # convolutions (a linear probe on frozen random features is not a trained net)
+    data = load_dataset("shapes", "train", limit=300)
+    torch.manual_seed(0)
+    model = VQTokenizer(tiny(perceptual_weight=1.0, perceptual_width=8))
+    before = {k: v.clone() for k, v in model.perceptual.state_dict().items()}
+    train_perceptual(model.perceptual, data, PerceptualRecipe(steps=5, batch_size=16), holdout=50)
+    after = model.perceptual.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert not any(p.requires_grad for p in model.perceptual.parameters())
+
+
 def test_perceptual_network_needs_labels():
     data = load_dataset("shapes", "train", limit=64)
     data.num_classes = 0

@@ -85,7 +85,8 @@ def train_perceptual(net: PerceptualNet, train_set: ImageSet, recipe: Perceptual
     n_train = max(len(train_set) - holdout, 1)
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed)
-        classifier = nn.Sequential(net, nn.Linear(net.out_dim, train_set.num_classes)).to(device).train()
+        # the tokenizer holds the net frozen: it trains here, and is frozen again at the end
+        classifier = nn.Sequential(net.requires_grad_(True), nn.Linear(net.out_dim, train_set.num_classes)).to(device).train()
     opt = torch.optim.AdamW(classifier.parameters(), lr=recipe.lr, weight_decay=0.05)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:  # random images, randomly flipped
