@@ -95,36 +95,16 @@ class ARTransformer(nn.Module):
         it, limited to what a next-token model can do: the kept positions of each sample must be a
         prefix in raster order, of any length (`suffix_start`); a ValueError says so otherwise.
         """
-        h, w, k = self.cfg.grid_h, self.cfg.grid_w, self.cfg.codebook_size
+        k = self.cfg.codebook_size
         trunk, device = self.trunk, self.device
         num, slots = trunk.grid_h * trunk.grid_w, trunk.slots  # positions, and ids per position
-
-        def positions(grid: Tensor) -> Tensor:  # long [n h' w] cells -> [n i slots] positions
-            return trunk.to_positions(grid).reshape(grid.shape[0], -1, slots)
 
         def feed(x: Tensor) -> Tensor:  # [n i slots] -> what the trunk takes
             return x if slots > 1 else x[..., 0]
 
         labels = sample_labels(labels, n, self.cfg.num_classes, device)
         labels, guided = guidance_labels(labels, self.cfg.num_classes, options.cfg)
-        ids = torch.zeros(n, 0, slots, dtype=torch.long, device=device)  # [n i slots] decoded so far
-        if prefix is not None:
-            if prefix.dim() != 3 or prefix.shape[0] != n or prefix.shape[2] != w or prefix.shape[1] > h:
-                raise ValueError(f"prefix must be long [{n} r {w}] with r <= {h}, got {list(prefix.shape)}")
-            if prefix.numel() and (prefix.min() < 0 or prefix.max() >= k):
-                raise ValueError(f"prefix ids must be in [0, {k})")
-            if prefix.shape[1] % trunk.group:
-                raise ValueError(f"this generator reads {trunk.group}x{trunk.group} groups: the prefix rows must be a multiple of {trunk.group}")
-            ids = positions(prefix.to(device).long())
-        forced = None  # [n N] bool, with `known`: positions past the shortest prefix that a longer one keeps
-        if keep is not None or known is not None:
-            if prefix is not None:
-                raise ValueError("give either prefix or known and keep, not both")
-            starts = self.suffix_start(known, keep, n)  # [n]
-            known = positions(known.to(device).long())
-            first = int(starts.min())
-            ids = known[:, :first]
-            forced = torch.arange(num, device=device)[None] < starts.to(device)[:, None]
+        ids, known, forced = self._given(n, prefix, known, keep)
 
         def double(x: Tensor) -> Tensor:  # the same tokens for the cond and uncond halves
             return torch.cat([x, x]) if guided else x
@@ -149,6 +129,33 @@ class ARTransformer(nn.Module):
                 rest = torch.full((n, num - ids.shape[1], slots), k, dtype=torch.long, device=device)
                 callback(i, self._grid(torch.cat([ids, rest], 1)))
         return self._grid(ids)
+
+    def _positions(self, grid: Tensor) -> Tensor:
+        """long [n h' w] cells -> [n i slots] positions."""
+        return self.trunk.to_positions(grid).reshape(grid.shape[0], -1, self.trunk.slots)
+
+    def _given(self, n: int, prefix: Tensor | None, known: Tensor | None, keep: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """What `sample` starts from: (ids long [n i slots], the ids decoded so far: the prefix or the
+        shortest kept prefix; known [n positions slots] or None; forced bool [n positions] or None, the
+        positions past the shortest kept prefix that a longer one keeps)."""
+        h, w, k, device = self.cfg.grid_h, self.cfg.grid_w, self.cfg.codebook_size, self.device
+        ids = torch.zeros(n, 0, self.trunk.slots, dtype=torch.long, device=device)
+        if prefix is not None:
+            if prefix.dim() != 3 or prefix.shape[0] != n or prefix.shape[2] != w or prefix.shape[1] > h:
+                raise ValueError(f"prefix must be long [{n} r {w}] with r <= {h}, got {list(prefix.shape)}")
+            if prefix.numel() and (prefix.min() < 0 or prefix.max() >= k):
+                raise ValueError(f"prefix ids must be in [0, {k})")
+            if prefix.shape[1] % self.trunk.group:
+                raise ValueError(f"this generator reads {self.trunk.group}x{self.trunk.group} groups: the prefix rows must be a multiple of {self.trunk.group}")
+            ids = self._positions(prefix.to(device).long())
+        if keep is None and known is None:
+            return ids, None, None
+        if prefix is not None:
+            raise ValueError("give either prefix or known and keep, not both")
+        starts = self.suffix_start(known, keep, n)  # [n]
+        known = self._positions(known.to(device).long())
+        forced = torch.arange(known.shape[1], device=device)[None] < starts.to(device)[:, None]
+        return known[:, : int(starts.min())], known, forced
 
     def _grid(self, ids: Tensor) -> Tensor:
         """long [n positions slots] -> the id grid [n h w]."""
