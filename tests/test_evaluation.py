@@ -384,20 +384,3 @@ def test_inception_modes_are_registered_apart_and_agree_with_fp32(random_incepti
     assert get_extractor("inception", **kw).mode == evaluation.extractors.default_inception_mode(torch.device("cpu"))
     with pytest.raises(EvaluationError, match="unknown inception mode 'fp8'"):
         get_extractor("inception", inception_mode="fp8", **kw)
-
-
-def test_the_airbench_classifier_trains_deterministically_with_its_augmentation(train_set, test_set, tmp_path):
-    recipe = dataclasses.replace(evaluation.CLASSIFIERS["airbench"], width=8, steps=6, batch_size=32)
-    kw = dict(dataset="shapes", train_set=train_set, test_set=test_set, recipe=recipe, device="cpu")
-    a = get_extractor("classifier", cache_dir=tmp_path / "a", **kw)
-    b = get_extractor("classifier", cache_dir=tmp_path / "b", **kw)
-    assert a.hash == b.hash and a.info["config"]["recipe"]["arch"] == "airbench"
-    features = extract_features(to_uint8(test_set.batch(torch.arange(8))["images"]), a)
-    assert features.shape == (8, 4 * 8) and torch.isfinite(features).all()  # the pooled last block: 4 x width
-    # the augmentation keeps shapes, flips about half and moves the rest by at most 2 pixels
-    g = torch.Generator().manual_seed(0)
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).repeat(50, 1, 1, 1)
-    y = evaluation.classifier._augment(x, g)
-    assert y.shape == x.shape and not torch.equal(x, y)
-    with pytest.raises(EvaluationError, match="unknown classifier 'vgg'"):
-        ClassifierRecipe(arch="vgg")

@@ -24,7 +24,6 @@ def fit_classifier(
     lr_at: Callable[[int], float],
     steps: int,
     progress: Callable[[int, int], None] | None = None,
-    label_smoothing: float = 0.0,
 ) -> None:
     """`steps` steps of cross-entropy on the logits of `model` (in train mode): step s sets every
     parameter group's learning rate to lr_at(s), takes batch(s), and steps `opt`.
@@ -33,7 +32,7 @@ def fit_classifier(
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         images, labels = batch(step)
-        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(model(images), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
