@@ -39,7 +39,8 @@ class EvalOptions(EvaluateSection):
         own = {f.name for f in dataclasses.fields(cls)}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         given = {k: overrides.pop(k) for k in list(overrides) if k in FIELDS and k not in own}
-        opts = dataclasses.replace(opts, samplers=opts.samplers or (recipe["diffusion"]["sampler"],), given=given, **overrides)
+        samplers = overrides.pop("samplers", None) or opts.samplers or (recipe["diffusion"]["sampler"],)
+        opts = dataclasses.replace(opts, samplers=samplers, given=given, **overrides)
         opts.validate(recipe)
         return opts
 
