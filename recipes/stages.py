@@ -61,14 +61,7 @@ def train_tokenizer(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict
             model, step, resumed_from = result.model, result.step, result.resumed_from
         seconds = time.perf_counter() - t0
         if is_main():  # under torchrun the other ranks wait at the barrier
-            model = model.to(run.torch_device).eval()
-            test_set = run.load_split(recipe, "test")
-            metrics = evaluate_tokenizer(model, test_set, on_eval)
-            metrics.update(train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from, software=software_versions(), autocast=autocast_name("tokenizer", tcfg, run))
-            if (folder / "perceptual.json").exists():
-                metrics["perceptual"] = read_json(folder / "perceptual.json")
-            write_json(run.metrics_path("tokenizer"), metrics)
-            save_reconstructions(model, test_set, folder / "reconstructions.png")
+            _measure_tokenizer(model, "tokenizer", recipe, run, tcfg, on_eval, train_seconds_this_call=round(seconds, 1), steps=step, resumed_from=resumed_from)
         barrier()
     return read_json(run.metrics_path("tokenizer"))
 
@@ -108,20 +101,27 @@ def refine_decoder(recipe: Recipe, run: Run, on_log=None, on_eval=None) -> dict[
     result = train(model, train_set, tcfg, folder, device=run.torch_device, on_log=on_log)
     seconds = time.perf_counter() - t0
     if is_main():
-        model = result.model.to(run.torch_device).eval()
-        test_set = run.load_split(recipe, "test")
-        metrics = evaluate_tokenizer(model, test_set, on_eval)
-        metrics.update(
-            train_seconds_this_call=round(seconds, 1), steps=result.step, resumed_from=result.resumed_from,
-            software=software_versions(), autocast=autocast_name("tokenizer", tcfg, run),
-            refined_from=run.tokenizer_hash, losses={k: recipe["decoder"][k] for k in REFINED_FIELDS},
+        _measure_tokenizer(
+            result.model, "decoder", recipe, run, tcfg, on_eval, train_seconds_this_call=round(seconds, 1), steps=result.step,
+            resumed_from=result.resumed_from, refined_from=run.tokenizer_hash, losses={k: recipe["decoder"][k] for k in REFINED_FIELDS},
         )  # fmt: skip
-        if (folder / "perceptual.json").exists():
-            metrics["perceptual"] = read_json(folder / "perceptual.json")
-        write_json(run.metrics_path("decoder"), metrics)
-        save_reconstructions(model, test_set, folder / "reconstructions.png")
     barrier()
     return read_json(run.metrics_path("decoder"))
+
+
+def _measure_tokenizer(model: torch.nn.Module, kind: str, recipe: Recipe, run: Run, tcfg: Any, on_eval, **facts: Any) -> None:
+    """Measure a trained tokenizer (`kind`: tokenizer, or its refined decoder) on the test split and
+    write RUN/kind/metrics.json (with `facts`, the software, the autocast and the perceptual network)
+    and reconstructions.png."""
+    folder = run.model_dir(kind)
+    model = model.to(run.torch_device).eval()
+    test_set = run.load_split(recipe, "test")
+    metrics = evaluate_tokenizer(model, test_set, on_eval)
+    metrics.update(**facts, software=software_versions(), autocast=autocast_name("tokenizer", tcfg, run))
+    if (folder / "perceptual.json").exists():
+        metrics["perceptual"] = read_json(folder / "perceptual.json")
+    write_json(run.metrics_path(kind), metrics)
+    save_reconstructions(model, test_set, folder / "reconstructions.png")
 
 
 def prepare_perceptual(model: torch.nn.Module, train_set: ImageSet, folder, device) -> None:
