@@ -1,7 +1,8 @@
 """Multi-token positions (`group = 2`): both generators read a 2x2-grouped id grid as a quarter as
 many positions, predict the 4 ids of a position with 4 heads, and keep every sampling path working
 on the full grid: CFG, the KV cache, prefixes, partial grids (edits) and trajectories; the codec
-refuses them in one line."""
+refuses them in one line. The AR generator draws a position's ids either at once from 4 heads or in
+slot order through a depth head (`depth_head` layers), and every AR test runs both."""
 
 import pytest
 import torch
@@ -20,8 +21,11 @@ def make(cls, cfg_cls, seed=0, **kw):
     return cls(cfg).eval()
 
 
-def ar():
-    return make(ARTransformer, ARConfig)
+def ar(depth_head=0):
+    return make(ARTransformer, ARConfig, depth_head=depth_head)
+
+
+both_heads = pytest.mark.parametrize("depth_head", [0, 2], ids=["heads", "depth"])
 
 
 def diffusion(**kw):
@@ -43,8 +47,9 @@ def test_positions_and_cells_round_trip():
         ARConfig(codebook_size=K, grid_h=H, grid_w=5, group=2)
 
 
-def test_ar_predicts_a_position_from_the_positions_before_it_only():
-    model = ar()
+@both_heads
+def test_ar_predicts_a_position_from_the_positions_before_it_only(depth_head):
+    model = ar(depth_head)
     ids = torch.randint(0, K, (1, H, W))
     logits = model(ids, torch.tensor([1]))
     changed = ids.clone()
@@ -52,6 +57,9 @@ def test_ar_predicts_a_position_from_the_positions_before_it_only():
     after = model(changed, torch.tensor([1]))
     cells = lambda r, c: r * W + c  # noqa: E731
     same = [cells(r, c) for r in (0, 1) for c in (0, 1, 2, 3)]  # positions 0 and 1: before or at the change
+    if depth_head:  # slots 2 and 3 of position 1 (cells (1, 2) and (1, 3)) see its slot 1, the changed id
+        same = [cells(r, c) for r, c in ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3))]
+        assert not torch.allclose(logits[0, cells(1, 2)], after[0, cells(1, 2)])
     assert torch.allclose(logits[0, same], after[0, same], atol=1e-6)
     assert not torch.allclose(logits[0, cells(0, 4)], after[0, cells(0, 4)])  # position 2 sees position 1
     assert model.forward_passes() == (H // G) * (W // G)
@@ -59,8 +67,9 @@ def test_ar_predicts_a_position_from_the_positions_before_it_only():
     assert torch.isfinite(loss) and abs(logs["bits_per_token"] - model.bits_per_token({"ids": ids, "labels": torch.tensor([1])})["bits_per_token"]) < 0.05
 
 
-def test_ar_sampling_with_groups_cache_cfg_prefix_and_partial_grids():
-    model = ar()
+@both_heads
+def test_ar_sampling_with_groups_cache_cfg_prefix_and_partial_grids(depth_head):
+    model = ar(depth_head)
     opts = SampleOptions(cfg=2.0)
     a = model.sample(3, opts, labels=torch.tensor([0, 1, 2]), generator=gen())
     b = model.sample(3, opts, labels=torch.tensor([0, 1, 2]), generator=gen(), use_cache=False)
@@ -82,6 +91,21 @@ def test_ar_sampling_with_groups_cache_cfg_prefix_and_partial_grids():
     frames = []
     model.sample(2, generator=gen(), callback=lambda i, x: frames.append(x.clone()))
     assert len(frames) == (H // G) * (W // G) and (frames[0] == K).sum(dim=(1, 2)).tolist() == [H * W - 4] * 2
+
+
+def test_the_depth_head_predicts_each_slot_from_the_slots_before_it():
+    model = ar(depth_head=2)
+    assert model.trunk.head is None and model.depth is not None  # no unused parameters
+    ids = torch.randint(0, K, (1, H, W))
+    logits = model(ids)
+    changed = ids.clone()
+    changed[0, 1, 0] = (ids[0, 1, 0] + 1) % K  # slot 2 of position 0
+    after = model(changed)
+    slot = [0, 1, W, W + 1]  # the cells of position 0, slots 0-3
+    assert torch.allclose(logits[0, slot[:3]], after[0, slot[:3]], atol=1e-6)  # slots 0-2 do not see slot 2
+    assert not torch.allclose(logits[0, slot[3]], after[0, slot[3]])  # slot 3 does
+    with pytest.raises(ValueError, match="depth_head .* needs group >= 2"):
+        ARConfig(codebook_size=K, grid_h=H, grid_w=W, depth_head=1)
 
 
 @pytest.mark.parametrize("sampler", ["maskgit", "ancestral", "halton"])
@@ -106,15 +130,15 @@ def test_the_codec_refuses_grouped_positions_in_one_line():
         compress_ids(ar(), torch.zeros(H, W, dtype=torch.long), 1)
 
 
-def test_a_run_with_grouped_generators_trains_samples_edits_and_evaluates(tmp_path):
+def test_a_run_with_grouped_generators_trains_samples_edits_and_evaluates(tmp_path):  # AR with its depth head
     from helpers import TINY, invoke, ok, one_line_error
 
     from recipes.run import Run
 
-    grouped = [*TINY, "tokenizer.downsample=2", "ar.group=2", "diffusion.group=2", "evaluate.num=8", "evaluate.steps=[2]"]
+    grouped = [*TINY, "tokenizer.downsample=2", "ar.group=2", "ar.depth_head=1", "diffusion.group=2", "evaluate.num=8", "evaluate.steps=[2]"]
     run = tmp_path / "run"
     ok(invoke("run", "shapes", "--run-dir", run, "--extractor", "classifier", *sum((["--set", s] for s in grouped), [])))
-    assert Run(run).load_generator("ar").cfg.group == 2 and Run(run).tokenizer_meta()["grid"] == [16, 16]
+    assert Run(run).load_generator("ar").cfg.group == 2 and Run(run).load_generator("ar").cfg.depth_head == 1 and Run(run).tokenizer_meta()["grid"] == [16, 16]
     for g in ("ar", "diffusion"):
         ok(invoke("sample", run, "-g", g, "-n", 2, "--cfg", 2.0, "--out", tmp_path / g))
     ok(invoke("sample", run, "-g", "ar", "-n", 2, "--prefix-rows", 4, "--out", tmp_path / "prefix"))

@@ -25,12 +25,52 @@ from torch import Tensor, nn
 from vqdiff.options import DEFAULTS, SampleOptions
 from vqdiff.precision import sampling_autocast
 from vqdiff.sampling_ops import cfg_mix, check_partial_grid, guidance_labels, sample_labels, sample_logits, train_labels
-from vqdiff.trunk import KVCache, Transformer, TrunkConfig
+from vqdiff.trunk import Block, KVCache, Transformer, TrunkConfig, init_weights
 
 
 @dataclass(frozen=True)
 class ARConfig(TrunkConfig):
-    """The next-token generator: the shared trunk fields (vqdiff.trunk.TrunkConfig), nothing more."""
+    """The next-token generator: the shared trunk fields (vqdiff.trunk.TrunkConfig), and how it draws
+    the g^2 ids of a grouped position."""
+
+    # with group > 1: layers of the depth transformer that draws a position's ids one after the other,
+    # each given the ones before it (RQ-Transformer, Lee et al. 2022); 0 = all g^2 at once from g^2 heads
+    depth_head: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.depth_head < 0 or (self.depth_head and self.group < 2):
+            raise ValueError(f"depth_head draws the ids of a grouped position: it needs group >= 2 and >= 0 layers, got group {self.group}, depth_head {self.depth_head}")
+
+
+class DepthHead(nn.Module):
+    """The RQ-Transformer's depth transformer over the g^2 slots of one position.
+
+    Slot s reads the trunk's state of its position plus its slot embedding plus the embedding of
+    the id in slot s - 1, under causal attention over the slots: so p(slot s | position's context,
+    slots < s), and a position's ids are drawn in slot order.
+    """
+
+    def __init__(self, cfg: ARConfig) -> None:
+        super().__init__()
+        self.slots = cfg.group**2
+        self.slot_emb = nn.Parameter(torch.zeros(self.slots, cfg.dim))
+        self.tok_emb = nn.Embedding(cfg.codebook_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, layer=i, adaptive=False) for i in range(cfg.depth_head))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.codebook_size)
+        init_weights(self, cfg.depth_head)
+
+    def forward(self, h: Tensor, ids: Tensor) -> Tensor:
+        """h: float [b m d], the trunk's states of m positions; ids: long [b m j], j < slots, the first
+        j ids of each -> logits float [b m j+1 k] for slots 0 ... j."""
+        b, j = h.shape[0], ids.shape[2]
+        x = h[:, :, None] + self.slot_emb[: j + 1]  # [b m j+1 d]
+        x = torch.cat([x[:, :, :1], x[:, :, 1:] + self.tok_emb(ids)], dim=2)
+        x = rearrange(x, "b m s d -> (b m) s d")
+        for block in self.blocks:
+            x = block(x, None, causal=True, cache=None)
+        return rearrange(self.head(self.norm(x)), "(b m) s k -> b m s k", b=b)
 
 
 class ARTransformer(nn.Module):
@@ -39,7 +79,9 @@ class ARTransformer(nn.Module):
     def __init__(self, cfg: ARConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = Transformer(cfg, vocab_size=cfg.codebook_size, causal=True, time_conditioning=False)
+        depth = cfg.depth_head > 0
+        self.trunk = Transformer(cfg, vocab_size=cfg.codebook_size, causal=True, time_conditioning=False, head=not depth)
+        self.depth = DepthHead(cfg) if depth else None
 
     @property
     def device(self) -> torch.device:
@@ -50,8 +92,12 @@ class ARTransformer(nn.Module):
 
         ids: long [b h w] in [0, k). labels: long [b] in [0, num_classes] (num_classes = null), or None.
         """
-        logits = self.trunk(self.trunk.to_positions(ids), labels)  # [b 1+n k] over [class] + ids ([b 1+n s k] with groups)
-        return self.trunk.to_cells(logits[:, :-1])  # the last position would predict past the grid
+        positions = self.trunk.to_positions(ids)
+        if self.depth is None:
+            logits = self.trunk(positions, labels)  # [b 1+n k] over [class] + ids ([b 1+n s k] with groups)
+            return self.trunk.to_cells(logits[:, :-1])  # the last position would predict past the grid
+        h = self.trunk.hidden(positions, labels)[:, :-1]  # [b n d]: the state that predicts each position
+        return self.trunk.to_cells(self.depth(h, positions[..., :-1]))  # teacher forcing over the slots
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Mean next-token cross-entropy in nats. batch: {"ids": long [b h w], "labels": long [b] (optional)}."""
@@ -112,15 +158,8 @@ class ARTransformer(nn.Module):
         cache = KVCache(trunk.seq_len) if use_cache else None
         pending = ids  # positions the cache has not seen yet (the whole prefix at first)
         for i in range(ids.shape[1], num):
-            if cache is not None:
-                logits = self.next_logits(feed(double(pending)), labels, cache).float()  # [n k] ([n slots k]; x2 if guided)
-            else:
-                logits = trunk(feed(double(ids)), labels)[:, -1].float()
-            if guided:
-                logits = cfg_mix(logits, options.cfg)
-            logits = logits.reshape(-1, k)  # [(n slots) k]: the ids of one position are drawn independently
-            nxt = sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
-            nxt = nxt.view(n, slots)
+            out = self._next(feed(double(pending if cache is not None else ids)), labels, cache)  # x2 if guided
+            nxt = self._draw(out, guided, options, generator)  # [n slots]
             if forced is not None:
                 nxt = torch.where(forced[:, i, None], known[:, i], nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -129,6 +168,30 @@ class ARTransformer(nn.Module):
                 rest = torch.full((n, num - ids.shape[1], slots), k, dtype=torch.long, device=device)
                 callback(i, self._grid(torch.cat([ids, rest], 1)))
         return self._grid(ids)
+
+    def _next(self, new: Tensor, labels: Tensor | None, cache: KVCache | None) -> Tensor:
+        """What the next position is drawn from: its logits [b k] ([b g^2 k] with groups), or with a
+        depth head the trunk's state [b d]. `new`: the positions the cache has not seen (every
+        position so far without a cache)."""
+        if self.depth is not None:
+            return self.trunk.hidden(new, labels, cache=cache)[:, -1]
+        return self.next_logits(new, labels, cache) if cache is not None else self.trunk(new, labels)[:, -1]
+
+    def _draw(self, out: Tensor, guided: bool, options: SampleOptions, generator: torch.Generator | None) -> Tensor:
+        """The ids long [n slots] of one position from `_next`'s output (a doubled batch when guided):
+        all at once from the heads, or slot by slot through the depth head."""
+        def draw(logits: Tensor) -> Tensor:  # [b ... k] -> [n ...]
+            logits = cfg_mix(logits, options.cfg) if guided else logits.float()
+            nxt = sample_logits(logits.reshape(-1, logits.shape[-1]), temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
+            return nxt.view(logits.shape[:-1])
+
+        if self.depth is None:
+            return draw(out).view(-1, self.trunk.slots)  # the ids of one position drawn independently
+        drawn = torch.zeros(out.shape[0], 1, 0, dtype=torch.long, device=out.device)  # [b 1 j], both halves alike
+        for _ in range(self.trunk.slots):
+            nxt = draw(self.depth(out[:, None], drawn)[:, 0, -1])  # [n]
+            drawn = torch.cat([drawn, (torch.cat([nxt, nxt]) if guided else nxt)[:, None, None]], dim=2)
+        return drawn[: nxt.shape[0], 0]
 
     def _positions(self, grid: Tensor) -> Tensor:
         """long [n h' w] cells -> [n i slots] positions."""

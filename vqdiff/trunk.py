@@ -195,6 +195,20 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
+def init_weights(model: nn.Module, depth: int) -> None:
+    """GPT-2 / nanoGPT: N(0, 0.02), residual projections scaled by 1/sqrt(2 depth); adaLN starts at zero."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, std=std)
+    for module in model.modules():
+        if getattr(module, "ada", None) is not None:
+            nn.init.zeros_(module.ada.weight)  # no modulation at first: the plain block
+            nn.init.zeros_(module.ada.bias)
+
+
 # ---------------------------------------------------------------- the trunk
 
 
@@ -204,10 +218,11 @@ class Transformer(nn.Module):
     `cfg` is any config with the shared fields (codebook_size, grid_h, grid_w, num_classes, dim,
     depth, heads, mlp_ratio, dropout; and optionally group). `vocab_size` is the number of input ids (k, or k + 1 when
     mask_id = k is used); the head predicts `codebook_size` logits. `causal` picks next-token
-    attention; `time_conditioning` adds adaLN modulation by a time embedding.
+    attention; `time_conditioning` adds adaLN modulation by a time embedding. `head=False` leaves the
+    logits to the caller (the AR generator's depth head reads `hidden`).
     """
 
-    def __init__(self, cfg: Any, *, vocab_size: int, causal: bool, time_conditioning: bool) -> None:
+    def __init__(self, cfg: Any, *, vocab_size: int, causal: bool, time_conditioning: bool, head: bool = True) -> None:
         super().__init__()
         self.causal = causal
         self.group = getattr(cfg, "group", 1)  # optional in a config: 1, one id per position
@@ -228,21 +243,11 @@ class Transformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, elementwise_affine=not time_conditioning)
         self.ada = nn.Linear(dim, 2 * dim) if time_conditioning else None
-        self.head = nn.Linear(dim, self.slots * cfg.codebook_size)
+        self.head = nn.Linear(dim, self.slots * cfg.codebook_size) if head else None
         self._init_weights(cfg.depth)
 
     def _init_weights(self, depth: int) -> None:
-        # GPT-2 / nanoGPT: N(0, 0.02), residual projections scaled by 1/sqrt(2 depth)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * depth) if name.endswith("proj.weight") else 0.02
-                nn.init.normal_(p, std=std)
-        for module in self.modules():
-            if isinstance(module, (Block, Transformer)) and module.ada is not None:
-                nn.init.zeros_(module.ada.weight)  # no modulation at first: the plain block
-                nn.init.zeros_(module.ada.bias)
+        init_weights(self, depth)
 
     @property
     def seq_len(self) -> int:
@@ -270,6 +275,18 @@ class Transformer(nn.Module):
         labels: long [b] in [0, num_classes], num_classes = null; None means null.
         t: float [b] in [0, 1], required with time conditioning.
         """
+        logits = self.head(self.hidden(ids, labels, t=t, cache=cache))
+        return logits if self.slot_emb is None else rearrange(logits, "b m (s k) -> b m s k", s=self.slots)
+
+    def hidden(
+        self,
+        ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        t: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """The final normed states [b m' d] that `forward` maps to logits; the arguments are forward's."""
         b, m = ids.shape[:2]
         start = cache.length if cache is not None else 0
         cell = max(start - 1, 0)
@@ -297,8 +314,7 @@ class Transformer(nn.Module):
         if self.ada is not None:
             shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
-        logits = self.head(x)
-        return logits if self.slot_emb is None else rearrange(logits, "b m (s k) -> b m s k", s=self.slots)
+        return x
 
     def to_positions(self, ids: Tensor) -> Tensor:
         """long [b h w] cells -> [b n] positions in raster order ([b n g^2] with groups)."""
