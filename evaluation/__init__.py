@@ -6,7 +6,7 @@
 It knows nothing of generators: images in (uint8 [n c h w]), numbers out.
 """
 
-from evaluation.classifier import Classifier, ClassifierConfig, ClassifierRecipe, accuracy, train_classifier
+from evaluation.classifier import CLASSIFIERS, Classifier, ClassifierConfig, ClassifierRecipe, accuracy, train_classifier
 from evaluation.common import EvaluationError
 from evaluation.extractors import (
     INCEPTION_ENV,
@@ -30,6 +30,7 @@ __all__ = [
     "Classifier",
     "ClassifierConfig",
     "ClassifierRecipe",
+    "CLASSIFIERS",
     "EvaluationError",
     "Extractor",
     "UInt8Images",

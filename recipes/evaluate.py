@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from evaluation import (
-    INCEPTION_MODES, ClassifierRecipe, Extractor, class_accuracy, compute_metrics, get_extractor, has_labels, inception_available,
+    CLASSIFIERS, INCEPTION_MODES, Extractor, class_accuracy, compute_metrics, get_extractor, has_labels, inception_available,
 )  # fmt: skip
 from recipes.recipe import EvaluateSection, Recipe, check_generator, resolve_options
 from recipes.report import reference_note, setting, write_report
@@ -57,6 +57,8 @@ class EvalOptions(EvaluateSection):
         for extractor in (self.extractor, self.curve_extractor or self.extractor):
             if extractor not in ("auto", "classifier", "inception"):
                 raise StageError(f"unknown extractor {extractor!r}; choose auto, classifier or inception")
+        if self.classifier not in CLASSIFIERS:
+            raise StageError(f"unknown classifier {self.classifier!r}; choose from {', '.join(CLASSIFIERS)}")
         if self.curve_num < 0:
             raise StageError(f"curve_num must be >= 0 (0 = num), got {self.curve_num}")
         r = self.reference_num
@@ -112,7 +114,7 @@ class Measuring:
             return get_extractor(
                 kind, dataset=recipe.data.dataset, image_size=recipe.data.image_size, data_root=run.data_root,
                 train_set=train_set, test_set=test_set, inception_weights=opts.inception_weights, device=run.device,
-                recipe=ClassifierRecipe(steps=opts.classifier_steps) if opts.classifier_steps else None,
+                recipe=dataclasses.replace(CLASSIFIERS[opts.classifier], **({"steps": opts.classifier_steps} if opts.classifier_steps else {})),
                 progress=bar("feature extractor"), inception_mode=opts.inception_mode,
             )  # fmt: skip
 

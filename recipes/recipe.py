@@ -68,7 +68,8 @@ class EvaluateSection:
     batch_size: int = 100  # sampling batch size
     seed: int = 0
     gif_steps: int = 16  # steps of the diffusion trajectory GIF in the report
-    classifier_steps: int = 0  # training steps of the classifier extractor (0 = its fixed default recipe)
+    classifier: str = "cnn3"  # the classifier extractor's recipe (evaluation.classifier.CLASSIFIERS): cnn3 | airbench
+    classifier_steps: int = 0  # its training steps (0 = the recipe's own)
     curve_steps: int = 16  # diffusion sampling steps of the learning curves (evaluate --checkpoints)
     curve_num: int = 0  # samples per kept snapshot on the learning curves (0 = num)
     curve_extractor: str = ""  # the learning curves' extractor ("" = extractor), e.g. the cheap classifier

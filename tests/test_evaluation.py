@@ -384,3 +384,28 @@ def test_inception_modes_are_registered_apart_and_agree_with_fp32(random_incepti
     assert get_extractor("inception", **kw).mode == evaluation.extractors.default_inception_mode(torch.device("cpu"))
     with pytest.raises(EvaluationError, match="unknown inception mode 'fp8'"):
         get_extractor("inception", inception_mode="fp8", **kw)
+
+
+def test_the_airbench_classifier_trains_deterministically_with_its_augmentation(train_set, test_set, tmp_path):
+    recipe = dataclasses.replace(evaluation.CLASSIFIERS["airbench"], width=8, steps=6, batch_size=32)
+    kw = dict(dataset="shapes", train_set=train_set, test_set=test_set, recipe=recipe, device="cpu")
+    a = get_extractor("classifier", cache_dir=tmp_path / "a", **kw)
+    b = get_extractor("classifier", cache_dir=tmp_path / "b", **kw)
+    assert a.hash == b.hash and a.info["config"]["recipe"]["arch"] == "airbench"
+    features = extract_features(to_uint8(test_set.batch(torch.arange(8))["images"]), a)
+    assert features.shape == (8, 4 * 8) and torch.isfinite(features).all()  # the pooled last block: 4 x width
+    # the augmentation keeps shapes, flips about half and moves the rest by at most 2 pixels
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8).repeat(50, 1, 1, 1)
+    y = evaluation.classifier._augment(x, g)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    moves = []
+    for xi, yi in zip(x, y):  # every output is a window of the reflect-padded image or of its mirror
+        found = [(f, dy, dx) for f in (0, 1) for dy in range(5) for dx in range(5)
+                 if torch.equal(torch.nn.functional.pad((xi.flip(2) if f else xi)[None], (2,) * 4, mode="reflect")[0, :, dy : dy + 8, dx : dx + 8], yi)]  # fmt: skip
+        assert found
+        moves.append(found[0])
+    flips = sum(f for f, _, _ in moves)
+    assert 25 <= flips <= 75 and len({(dy, dx) for _, dy, dx in moves}) > 10
+    with pytest.raises(EvaluationError, match="unknown classifier 'vgg'"):
+        ClassifierRecipe(arch="vgg")

@@ -24,15 +24,20 @@ def fit_classifier(
     lr_at: Callable[[int], float],
     steps: int,
     progress: Callable[[int, int], None] | None = None,
+    label_smoothing: float = 0.0,
+    amp: torch.dtype | None = None,
 ) -> None:
     """`steps` steps of cross-entropy on the logits of `model` (in train mode): step s sets every
     parameter group's learning rate to lr_at(s), takes batch(s), and steps `opt`.
-    progress(done, steps) after every step."""
+    progress(done, steps) after every step. `amp`: the forward pass alone under autocast to that
+    dtype (the backward pass and the optimiser step stay outside it, as torch.amp asks)."""
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         images, labels = batch(step)
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
