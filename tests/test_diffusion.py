@@ -436,3 +436,24 @@ def test_temperature_zero_is_argmax_for_every_sampler(monkeypatch):
         for sampler in MASK_SAMPLERS if corruption == "mask" else (MASK_SAMPLERS[0],):
             out = model.sample(4, SampleOptions(steps=N, sampler=sampler, temperature=0), generator=gen(0)).flatten(1)
             assert torch.equal(out, logits.argmax(-1).expand(4, N)), (corruption, sampler)
+
+
+def test_label_smoothing_smooths_the_masked_cross_entropy_only():
+    ids = torch.randint(0, K, (4, H, W), generator=torch.Generator().manual_seed(0))
+    plain, smooth = make(), make(label_smoothing=0.1)  # the same weights: only the targets differ
+    torch.manual_seed(1)
+    a, _ = plain.loss({"ids": ids})
+    torch.manual_seed(1)
+    b, _ = smooth.loss({"ids": ids})
+    torch.manual_seed(1)  # the draws loss makes, in its order
+    t = plain._stratified_t(4, ids.device)
+    x_t = plain.corrupt(ids, t)
+    with torch.no_grad():
+        logp = plain(x_t, None, t).float().log_softmax(-1)  # [b n k]
+    masked = (x_t == plain.mask_id).flatten(1).float()
+    ce = -logp.gather(-1, ids.flatten(1)[..., None])[..., 0]
+    expected = ((0.9 * ce - 0.1 * logp.mean(-1)) * masked).sum() / masked.sum()  # targets (1 - 0.1) one-hot + 0.1 / K
+    assert masked.sum() > 0 and not torch.isclose(a, b)
+    assert torch.allclose(a, (ce * masked).sum() / masked.sum(), atol=1e-5) and torch.allclose(b, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        make(label_smoothing=0.1, elbo_weighting=True)

@@ -61,6 +61,7 @@ class DiffusionConfig(TrunkConfig):
     replace_fraction: float = 0.1  # mask-and-replace: rho, random ids among visible tokens = rho * gamma(t)
     time_conditioning: bool = True  # adaLN on t; optional for mask only (the mask count tells t)
     elbo_steps: int = 100  # T of the discrete-time bound for uniform and mask-and-replace
+    label_smoothing: float = 0.0  # of the plain cross-entropy's targets (MaskGIT trains with 0.1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +74,8 @@ class DiffusionConfig(TrunkConfig):
             raise ValueError(f"corruption {self.corruption!r} needs time_conditioning = true: the model cannot count random ids")
         if self.elbo_steps < 1:
             raise ValueError(f"elbo_steps must be >= 1, got {self.elbo_steps}")
+        if not 0.0 <= self.label_smoothing < 1.0 or (self.label_smoothing and self.elbo_weighting):
+            raise ValueError(f"label_smoothing must be in [0, 1) and smooths the plain cross-entropy only (elbo_weighting = false), got {self.label_smoothing}")
 
 
 def _per_sample(x: Tensor) -> Tensor:
@@ -243,7 +246,7 @@ class DiffusionTransformer(nn.Module):
         t = u
         x_t = self.corrupt(ids, t)
         logits = self(x_t, labels, t).float()  # [b n k]
-        ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"), reduction="none")
+        ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"), reduction="none", label_smoothing=cfg.label_smoothing)
         if cfg.corruption != "mask":
             loss = ce.mean()  # all positions: a visible id may be a random one
             return loss, {"ce": loss.item()}
