@@ -27,6 +27,19 @@ def test_sample_logits_seed_greedy_and_distribution():
     assert (cold == 2).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("kw", [{}, {"top_k": 3}, {"top_p": 0.8, "temperature": 0.7}])
+def test_sample_logits_where_draws_only_those_rows_bit_identical_to_a_full_draw(kw):
+    logits = torch.randn(4, 50, 16)
+    where = torch.rand(4, 50) < 0.2
+    full_g, part_g = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    full = sample_logits(logits, generator=full_g, **kw)
+    part = sample_logits(logits, generator=part_g, where=where, **kw)
+    assert torch.equal(part[where], full[where]) and (part[~where] == 0).all()
+    # the generator moved exactly as for the full draw: the next numbers agree
+    assert torch.equal(torch.rand(3, generator=full_g), torch.rand(3, generator=part_g))
+    assert torch.equal(sample_logits(logits, temperature=0, where=where), logits.argmax(-1))
+
+
 def test_cfg_mix_and_labels():
     cond, uncond = torch.randn(2, 5), torch.randn(2, 5)
     both = torch.cat([cond, uncond])

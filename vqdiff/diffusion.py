@@ -332,8 +332,8 @@ class DiffusionTransformer(nn.Module):
         def denoise(x: Tensor, t: float) -> Tensor:
             return self._denoise(x, labels, guided, options.cfg, t)
 
-        def draw(logits: Tensor) -> Tensor:
-            return sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
+        def draw(logits: Tensor, where: Tensor | None = None) -> Tensor:
+            return sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator, where=where)
 
         def report(i: int, x: Tensor) -> None:
             if callback is not None:

@@ -4,8 +4,8 @@
     run(model, n, grid, denoise, draw, generator, report, options=options) -> ids long [n N]
 
 with `grid` the `Grid` of `time_grid`, `denoise(x long [n N], t) -> logits float [n N k]` (one
-forward pass at the model's time t, guidance included), `draw(logits) -> ids` (temperature, top-k,
-top-p, from `generator`), `report(i, x)` after step i, and `options` the caller's SampleOptions,
+forward pass at the model's time t, guidance included), `draw(logits, where=None) -> ids` (temperature, top-k,
+top-p, from `generator`; `where`, bool [n N], draws only the ids a step uses, bit-identical to a full draw's), `report(i, x)` after step i, and `options` the caller's SampleOptions,
 unchanged (a sampler reads its own fields: `eta`, `choice_temperature`, ...). Each takes exactly
 `grid.steps` forward passes; time runs from t = 1 (noise) down to 0.
 
@@ -136,12 +136,12 @@ def maskgit(
     for i in range(steps):
         logits = denoise(x, grid.times[i])  # [n N k]
         masked = x == model.mask_id
-        x0 = draw(logits)  # [n N]
-        confidence = logits.double().log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+        x0 = draw(logits, masked)  # [n N], drawn at the masked positions
+        confidence = torch.full(masked.shape, float("inf"), dtype=torch.float64, device=x.device)  # decoded: never re-masked
+        confidence[masked] = logits[masked].double().log_softmax(-1).gather(-1, x0[masked][:, None])[:, 0]
         noise_scale = options.choice_temperature * options.temperature * (1 - (i + 1) / steps)
         if noise_scale > 0:
             confidence = confidence + noise_scale * gumbel(confidence.shape, device=x.device, generator=generator)
-        confidence = confidence.masked_fill(~masked, float("inf"))
         # on the schedule, but decode at least one id per step while any is masked
         if keep is None:
             target = 0 if i == steps - 1 else math.floor(grid.gammas[i + 1] * num)
@@ -180,8 +180,8 @@ def ancestral(
         sigma = min(eta, (1 - alpha_s) / alpha_t) if eta > 0 and alpha_t > 0 else 0.0
         reveal_p = 1.0 if s == 0 else (alpha_s - (1 - sigma) * alpha_t) / max(1 - alpha_t, 1e-12)
         u = rand(x.shape, device=x.device, generator=generator)
-        x0 = draw(logits)
         reveal = masked & (u < reveal_p)
+        x0 = draw(logits, reveal)
         if sigma > 0:  # drawn only with remasking, so eta = 0 consumes the same noise as MDLM
             remask = ~masked & (rand(x.shape, device=x.device, generator=generator) < sigma)
             if keep is not None:
@@ -224,7 +224,7 @@ def halton(
         else:
             revealed = (num - (grid.gammas[i + 1] * num).floor() if i < steps - 1 else num)[:, None]  # [n 1]
         reveal = (rank < revealed) & (x == model.mask_id)
-        x = torch.where(reveal, draw(logits), x)
+        x = torch.where(reveal, draw(logits, reveal), x)
         report(i, x)
     return x
 

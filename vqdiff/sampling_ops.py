@@ -48,16 +48,26 @@ def randint(high: int, shape: tuple[int, ...] | torch.Size, *, device: torch.dev
     return torch.randint(high, full, generator=generator, device=_noise_device(generator, device))[rows].to(device)
 
 
-def gumbel(shape: tuple[int, ...] | torch.Size, *, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+def gumbel(
+    shape: tuple[int, ...] | torch.Size, *, device: torch.device | str, generator: torch.Generator | None = None,
+    where: Tensor | None = None,
+) -> Tensor:
     """Standard Gumbel noise, float64: argmax(logits + gumbel) is a sample of softmax(logits).
+
+    where: bool over the leading dims of `shape`: the noise of those rows only, [m shape[-1]]; the
+    whole `shape` is still drawn (the generator moves as without `where`), so the rows are
+    bit-identical to the same rows of a full call and only the logs are spared.
 
     float64 on purpose: float32 uniforms are multiples of 2^-24, which caps the Gumbel tail at
     -log(-log(1 - 2^-24)) ~ 16.6 and truncates rare ids, so float32 Gumbel-max samples at an
     effective temperature below the one asked for (a known bug in the MaskGIT re-implementations).
     """
     u = torch.rand(tuple(shape), generator=generator, device=_noise_device(generator, device), dtype=torch.float64)
-    u = u.to(device).clamp_min(torch.finfo(torch.float64).tiny)
-    return -torch.log(-torch.log(u))
+    u = u.to(device)
+    if where is not None:
+        u = u[where]
+    u = u.clamp_min_(torch.finfo(torch.float64).tiny)
+    return u.log_().neg_().log_().neg_()
 
 
 # ---------------------------------------------------------------- logits
@@ -90,17 +100,26 @@ def sample_logits(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    where: Tensor | None = None,
 ) -> Tensor:
     """One id per row of `logits: float [... k]` -> `long [...]` in [0, k).
 
     Gumbel-max on `logits / temperature` after top-k / top-p filtering; temperature 0 is argmax.
     The values are checked once, where they enter (vqdiff.options.SampleOptions).
+
+    where: bool [...], the rows a sampler will use (e.g. the ids it reveals this step): only they
+    are filtered and drawn, from the same random numbers as a full call, so their ids are
+    bit-identical to a full call's; the other rows are 0 (at temperature 0 every row is its argmax). A diffusion step that reveals 1/16 of
+    a 16x16 grid's ids spends most of its time in the float64 Gumbel logs otherwise.
     """
-    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_logits(logits.double() / temperature, top_k, top_p)  # float64: see `gumbel`
-    return (logits + gumbel(logits.shape, device=logits.device, generator=generator)).argmax(-1)
+        return logits.float().argmax(-1)
+    rows = logits if where is None else logits[where]
+    rows = filter_logits(rows.double() / temperature, top_k, top_p)  # float64: see `gumbel`
+    ids = (rows + gumbel(logits.shape, device=logits.device, generator=generator, where=where)).argmax(-1)
+    if where is None:
+        return ids
+    return torch.zeros(where.shape, dtype=torch.long, device=logits.device).masked_scatter_(where, ids)
 
 
 def cfg_mix(logits: Tensor, cfg: float) -> Tensor:
