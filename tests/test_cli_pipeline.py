@@ -349,6 +349,17 @@ def test_bench_quick(tmp_path):
     assert all(r["time_ratio"] == r["new_seconds"] / r["today_seconds"] for r in result["speedups"])
 
 
+def test_bench_times_grouped_generators_with_a_depth_head(tmp_path):  # the cifar10 recipe's generators
+    out = tmp_path / "bench.json"
+    grouped = ["tokenizer.downsample=2", "ar.group=2", "ar.depth_head=1", "diffusion.group=2"]
+    tiny = sets([s for s in TINY if not s.startswith(("data", "evaluate"))] + grouped)
+    ok(invoke("bench", "shapes", "--quick", "--out", out, *tiny))
+    result = json.loads(out.read_text())
+    stages = {r["what"] for r in result["training"] + result["sampling"]}
+    assert {"ar", "diffusion", "sample-ar", "sample-diffusion"} <= stages
+    assert all(r["flop_per_call"] > 0 for r in result["training"] + result["sampling"])
+
+
 def test_bench_profile_prints_the_top_operators():
     tiny = sets([s for s in TINY if not s.startswith(("data", "evaluate"))])
     result = ok(invoke("bench", "shapes", "--profile", "ar", *tiny))
