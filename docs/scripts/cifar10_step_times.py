@@ -3,7 +3,8 @@ import sys, time, shutil, json, tempfile
 import torch
 from vqdiff.data import load_dataset, resolve_cache_dir
 from vqdiff.steps import TensorSource
-from vqdiff.train import TrainConfig, train, seeded
+from vqdiff.distributed import seeded
+from vqdiff.train import TrainConfig, train
 from vqdiff.tokenizer import VQTokenizer, TokenizerConfig
 from vqdiff.ar import ARTransformer, ARConfig
 from vqdiff.diffusion import DiffusionTransformer, DiffusionConfig

@@ -30,6 +30,8 @@ ARMS = {
     "random-nogan": ["decoder.perceptual_net=random", "decoder.disc=false"],  # the perceptual term alone
     "random-w1": ["decoder.perceptual_net=random", "decoder.perceptual_weight=1.0"],
     "gan-w05": ["decoder.perceptual_net=random", "decoder.disc_weight=0.5"],
+    "gan1": ["decoder.perceptual_weight=0", "decoder.disc_weight=1.0"],  # MSE + PatchGAN at VQGAN's strength
+    "classifier-w1-gan05": ["decoder.perceptual_net=classifier", "decoder.perceptual_weight=1.0", "decoder.disc_weight=0.5"],
 }
 
 

@@ -6,7 +6,8 @@ torch.set_num_threads(1)
 from recipes.recipe import load_recipe
 from vqdiff.data import ImageSet, load_dataset, resolve_cache_dir
 from vqdiff.tokenizer import VQTokenizer
-from vqdiff.train import seeded, train
+from vqdiff.distributed import seeded
+from vqdiff.train import train
 
 r = load_recipe("cifar10", ["data.dataset=folder", "data.path=/work/shared/data/cifar10-jpeg"])
 STEPS = 12

@@ -30,7 +30,8 @@ from vqdiff.data import from_uint8, load_dataset, to_uint8
 from vqdiff.perceptual import PerceptualNet, PerceptualRecipe, train_perceptual
 from vqdiff.pipeline import decode, encode, measure_tokenizer
 from vqdiff.tokenizer import TokenizerConfig, VQTokenizer
-from vqdiff.train import TrainConfig, seeded, train
+from vqdiff.distributed import seeded
+from vqdiff.train import TrainConfig, train
 
 BASE = dict(channels=3, image_size=32, downsample=4, width=64, max_width=128, codebook_size=512, codebook_dim=32)
 ARMS = {
