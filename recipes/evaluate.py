@@ -23,11 +23,14 @@ from vqdiff.options import DEFAULTS, FIELDS, READS, SampleOptions
 from vqdiff.pipeline import decode, encode
 
 
+OWNER = {"eta": "ancestral", "choice_temperature": "maskgit"}  # the sampler each of these options belongs to
+
+
 @dataclass(frozen=True)
 class EvalOptions(EvaluateSection):
     """The [evaluate] section (its defaults are the recipe's), plus what only the CLI gives: the
     Inception weights, and the sampling options [evaluate] has no key for (`given`, by their
-    SampleOptions names: the diffusion's eta and sample schedule), which go to the one resolver
+    SampleOptions names: the diffusion's eta, choice temperature and sample schedule), which go to the one resolver
     beside the recipe's diffusion section."""
 
     inception_weights: str | None = None
@@ -74,9 +77,10 @@ class EvalOptions(EvaluateSection):
     def setting_options(self, recipe: Recipe, generator: str, *, temperature: float, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
         """The SampleOptions of one setting, from the one resolver: this evaluation's cfg, top_k, top_p
         and `given` with the setting's temperature, steps and sampler (None: the default, for
-        corruptions with one sampler). The settings compare samplers, so eta goes to the ancestral one."""
+        corruptions with one sampler). The settings compare samplers, so eta goes to the ancestral one
+        and choice_temperature to maskgit."""
         sampler = sampler or DEFAULTS.sampler
-        given = {k: v for k, v in self.given.items() if k != "eta" or sampler == "ancestral"}
+        given = {k: v for k, v in self.given.items() if OWNER.get(k, sampler) == sampler}
         return resolve_options(
             recipe, generator, temperature=temperature, steps=steps, sampler=sampler, cfg=self.cfg, top_k=self.top_k, top_p=self.top_p, **given,
         )  # fmt: skip

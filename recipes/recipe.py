@@ -96,6 +96,7 @@ class DiffusionExtras:
 
     sampler: str = DEFAULTS.sampler  # maskgit | ancestral | halton (mask corruption; see vqdiff.samplers)
     eta: float = DEFAULTS.eta  # ReMDM remasking strength for the ancestral sampler (0 = plain MDLM)
+    choice_temperature: float = DEFAULTS.choice_temperature  # maskgit sampler: Gumbel noise on the confidences
     # the schedule the sampler's steps follow, a name in vqdiff.schedules (leave out = diffusion.schedule,
     # the trained one): how many tokens are still masked after each step (see vqdiff.samplers.time_grid)
     sample_schedule: str | None = DEFAULTS.sample_schedule
@@ -384,8 +385,8 @@ def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOpt
 
     A value `given` (by its SampleOptions name; None = not given) wins over the recipe's, which
     wins over the default (vqdiff.options.DEFAULTS). The recipe (None: a run folder without one)
-    gives the diffusion's sampler, its sample_schedule, and its eta when the sampler is the
-    ancestral one (remasking belongs to that sampler alone). The fields the generator does not
+    gives the diffusion's sampler, its sample_schedule, its eta when the sampler is the ancestral
+    one (remasking belongs to that sampler alone) and its choice_temperature when it is maskgit. The fields the generator does not
     read (vqdiff.options.READS) stay at their defaults, given or not. A value out of range is an
     OptionError that names it.
     """
@@ -397,6 +398,8 @@ def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOpt
         values = {"sampler": given.get("sampler", d["sampler"]), "sample_schedule": d["sample_schedule"]}
         if values["sampler"] == "ancestral":
             values["eta"] = d["eta"]
+        if values["sampler"] == "maskgit":
+            values["choice_temperature"] = d["choice_temperature"]
     values.update(given)
     return SampleOptions(**{k: v for k, v in values.items() if k in READS[kind]})
 
@@ -407,7 +410,7 @@ def _check_sampling(recipe: Recipe) -> None:
     a bad one is refused before any stage runs, with the message the CLI would give."""
     d, e = recipe["diffusion"], recipe["evaluate"]
     try:
-        for sampler in dict.fromkeys([d["sampler"], *e["samplers"], "ancestral"]):  # ancestral: eta is checked too
+        for sampler in dict.fromkeys([d["sampler"], *e["samplers"], "ancestral", "maskgit"]):  # eta and choice_temperature are checked too
             for temperature in e["temperatures"] or [DEFAULTS.temperature]:
                 resolve_options(recipe, "diffusion", sampler=sampler, temperature=temperature, cfg=e["cfg"], top_k=e["top_k"], top_p=e["top_p"])
     except OptionError as err:

@@ -30,6 +30,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def setting(r: dict[str, Any]) -> str:
     s = r["generator"] + (f" {r['sampler']}" if r.get("sampler") else "") + f" t={r['temperature']:g}"
     s += f" s={r['steps']}" if r.get("steps") else ""
+    s += f" ct={r['choice_temperature']:g}" if r.get("choice_temperature") is not None else ""  # maskgit's, when not 4.5
     return s + "".join(f" on {r[k]}" for k in NAMED_WHEN_SET if r.get(k))  # e.g. " on cosine": a sample schedule
 
 

@@ -104,6 +104,27 @@ def test_evaluate_takes_the_cli_sampling_options_through_the_resolver_and_names_
     assert "sample_schedule" not in SampleSpec("diffusion", DEFAULTS).key()  # unset: left out of sample.json
 
 
+def test_the_choice_temperature_goes_from_the_recipe_or_the_cli_to_maskgit_alone_and_names_its_row():
+    from recipes.evaluate import EvalOptions, _settings
+    from recipes.report import setting
+    from recipes.sampling import SampleSpec
+
+    recipe = load_recipe("shapes", [*TINY, "diffusion.choice_temperature=2.0", "evaluate.samplers=['maskgit','ancestral']"])
+    for opts, want in ((EvalOptions.from_recipe(recipe), 2.0), (EvalOptions.from_recipe(recipe, choice_temperature=1.0), 1.0)):
+        by_sampler = {row["sampler"]: (row, o) for row, o in _settings(recipe, opts, "diffusion", "mask")}
+        row, options = by_sampler["maskgit"]
+        assert options.choice_temperature == want and row["choice_temperature"] == want
+        assert setting(row) == f"diffusion maskgit t=1 s={row['steps']} ct={want:g}"
+        assert SampleSpec("diffusion", options).folder_name(row["steps"]).endswith(f"-ct{want:g}")
+        row, options = by_sampler["ancestral"]  # not its option: the default, and the row does not name it
+        assert options.choice_temperature == DEFAULTS.choice_temperature and "choice_temperature" not in row
+    default = load_recipe("shapes", [*TINY, "evaluate.samplers=['maskgit']"])
+    row, _ = next(_settings(default, EvalOptions.from_recipe(default), "diffusion", "mask"))
+    assert "choice_temperature" not in row  # MaskGIT's 4.5: the row and the folder stay as they were
+    with pytest.raises(RecipeError, match="choice temperature must be finite"):
+        load_recipe("shapes", [*TINY, "diffusion.choice_temperature=-1.0"])
+
+
 def test_the_resolver_refuses_in_one_line():
     with pytest.raises(RecipeError, match="unknown generator 'gan'"):
         resolve_options(None, "gan")

@@ -57,8 +57,12 @@ class SampleOptions:
 
     def named(self, kind: str) -> dict[str, Any]:
         """The fields of NAMED_WHEN_SET that generator `kind` reads and that are set: what a report row
-        names beside its generator, sampler, temperature and steps."""
-        return {k: getattr(self, k) for k in NAMED_WHEN_SET if k in READS[kind] and getattr(self, k) is not None}
+        names beside its generator, sampler, temperature and steps; and maskgit's choice temperature
+        where it is not MaskGIT's."""
+        named = {k: getattr(self, k) for k in NAMED_WHEN_SET if k in READS[kind] and getattr(self, k) is not None}
+        if kind == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != DEFAULTS.choice_temperature:
+            named["choice_temperature"] = self.choice_temperature
+        return named
 
     def diffusion_tags(self) -> list[str]:
         """The samples folder name's parts for the diffusion's own options: each one that is not at its

@@ -78,6 +78,10 @@ def evaluate(
         typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
     ] = None,
     eta: Annotated[Optional[float], typer.Option("--eta", help="ReMDM remasking for the ancestral sampler, in [0, 1].")] = None,
+    choice_temperature: Annotated[
+        Optional[float],
+        typer.Option("--choice-temperature", help="Gumbel noise on the maskgit sampler's confidences. [default: the recipe's, 4.5]"),
+    ] = None,
     sample_schedule: SampleScheduleOpt = None,
     top_k: Annotated[
         Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens, both generators. [default: the recipe's, off]")
@@ -121,6 +125,7 @@ def evaluate(
             cfg=cfg,
             samplers=csv(sampler, str, "--sampler"),
             eta=eta,
+            choice_temperature=choice_temperature,
             sample_schedule=sample_schedule,
             top_k=top_k,
             top_p=top_p,
