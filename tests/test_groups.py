@@ -47,6 +47,20 @@ def test_positions_and_cells_round_trip():
         ARConfig(codebook_size=K, grid_h=H, grid_w=5, group=2)
 
 
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_the_trunk_tells_the_arrangement_of_a_positions_ids_apart(kind):
+    # one table per slot: the same ids in other cells of a group are another input (with one shared table
+    # plus a slot embedding the sums were equal, and neither generator knew which cell held which id)
+    model = ar() if kind == "ar" else diffusion()
+    trunk = model.trunk
+    ids = torch.arange(4).view(1, 1, 4).repeat(1, (H // G) * (W // G), 1)  # ids 0, 1, 2, 3 in every position
+    swapped = ids.flip(-1)  # 3, 2, 1, 0: the same ids, the group mirrored
+    t = {} if kind == "ar" else {"t": torch.tensor([0.5])}
+    with torch.no_grad():
+        assert not torch.allclose(trunk.hidden(ids, **t), trunk.hidden(swapped, **t))
+        assert torch.equal(trunk.hidden(ids, **t), trunk.hidden(ids.clone(), **t))
+
+
 @both_heads
 def test_ar_predicts_a_position_from_the_positions_before_it_only(depth_head):
     model = ar(depth_head)

@@ -48,7 +48,7 @@ class TrunkConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     # multi-token positions: the trunk reads the h x w id grid as an (h/g) x (w/g) grid of g x g groups,
-    # each position the sum of its g^2 ids' embeddings plus a slot embedding, and predicts the g^2 ids of
+    # each position the sum of its g^2 ids' embeddings (one table per slot), and predicts the g^2 ids of
     # a position with g^2 heads at once (1 = one id per position)
     group: int = 1
 
@@ -230,8 +230,11 @@ class Transformer(nn.Module):
         self.grid_h, self.grid_w = cfg.grid_h // self.group, cfg.grid_w // self.group  # positions
         self.num_classes = cfg.num_classes
         dim = cfg.dim
-        self.tok_emb = nn.Embedding(vocab_size, dim)
-        self.slot_emb = nn.Parameter(torch.zeros(self.slots, dim)) if self.slots > 1 else None
+        # with groups, each slot of a position has its own table (row s * vocab_size + id), and a position's
+        # input is the sum of its ids' rows (as MusicGen sums its codebooks'): one shared table plus a slot
+        # embedding would sum to the same input for every arrangement of the same ids in the g x g cells
+        self.tok_emb = nn.Embedding(self.slots * vocab_size, dim)
+        self.register_buffer("slot_offset", torch.arange(self.slots) * vocab_size, persistent=False)
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, dim)  # last row: null class / start token
         self.row_emb = nn.Parameter(torch.zeros(self.grid_h, dim))
         self.col_emb = nn.Parameter(torch.zeros(self.grid_w, dim))
@@ -276,7 +279,7 @@ class Transformer(nn.Module):
         t: float [b] in [0, 1], required with time conditioning.
         """
         logits = self.head(self.hidden(ids, labels, t=t, cache=cache))
-        return logits if self.slot_emb is None else rearrange(logits, "b m (s k) -> b m s k", s=self.slots)
+        return logits if self.slots == 1 else rearrange(logits, "b m (s k) -> b m s k", s=self.slots)
 
     def hidden(
         self,
@@ -292,9 +295,10 @@ class Transformer(nn.Module):
         cell = max(start - 1, 0)
         if cell + m > self.grid_h * self.grid_w:
             raise ValueError(f"{cell + m} tokens do not fit a {self.grid_h}x{self.grid_w} grid")
-        x = self.tok_emb(ids)  # [b m d], or [b m s d] with groups
-        if self.slot_emb is not None:
-            x = (x + self.slot_emb).sum(2)
+        if self.slots == 1:
+            x = self.tok_emb(ids)  # [b m d]
+        else:
+            x = self.tok_emb(ids + self.slot_offset).sum(2)  # [b m s] -> [b m s d] -> [b m d]
         x = x + self.positions()[cell : cell + m]  # [b m d]
         if start == 0:
             if labels is None:
@@ -318,14 +322,14 @@ class Transformer(nn.Module):
 
     def to_positions(self, ids: Tensor) -> Tensor:
         """long [b h w] cells -> [b n] positions in raster order ([b n g^2] with groups)."""
-        if self.slot_emb is None:
+        if self.slots == 1:
             return rearrange(ids, "b h w -> b (h w)")
         return rearrange(ids, "b (h p) (w q) -> b (h w) (p q)", p=self.group, q=self.group)
 
     def to_cells(self, x: Tensor) -> Tensor:
         """The inverse of `to_positions` for per-position values x [b n ...] ([b n g^2 ...] with groups):
         [b (h w) ...] over the cells in raster order."""
-        if self.slot_emb is None:
+        if self.slots == 1:
             return x
         g, w = self.group, self.grid_w
         return rearrange(x, "b (h w) (p q) ... -> b (h p w q) ...", w=w, p=g, q=g)
