@@ -7,7 +7,8 @@ set -euo pipefail
 RUN=$1; OUT=$2; shift 2
 KEEP=$(mktemp -d)
 [ -d "$RUN/report" ] && cp -r "$RUN/report/." "$KEEP/"
-trap 'rm -rf "$RUN/report" && mkdir -p "$RUN/report" && cp -r "$KEEP/." "$RUN/report/"; rm -rf "$KEEP"' EXIT
+# context.json (rFID and the data floor at NUM) is a cache the next sweep reuses: it stays
+trap 'cp -n "$RUN/report/context.json" "$KEEP/" 2>/dev/null; rm -rf "$RUN/report" && mkdir -p "$RUN/report" && cp -r "$KEEP/." "$RUN/report/"; rm -rf "$KEEP"' EXIT
 for setting in "$@"; do
   set -- $setting
   gen=$1; shift
