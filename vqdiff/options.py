@@ -55,12 +55,17 @@ class SampleOptions:
         so that a folder sampled without it keeps the key it was written with and is reused."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in NAMED_WHEN_SET}
 
+    @property
+    def names_choice_temperature(self) -> bool:
+        """Whether a report row and a samples folder name the choice temperature: maskgit's, where it is not MaskGIT's 4.5."""
+        return self.sampler == "maskgit" and self.choice_temperature != DEFAULTS.choice_temperature
+
     def named(self, kind: str) -> dict[str, Any]:
         """The fields of NAMED_WHEN_SET that generator `kind` reads and that are set: what a report row
         names beside its generator, sampler, temperature and steps; and maskgit's choice temperature
         where it is not MaskGIT's."""
         named = {k: getattr(self, k) for k in NAMED_WHEN_SET if k in READS[kind] and getattr(self, k) is not None}
-        if kind == "diffusion" and self.sampler == "maskgit" and self.choice_temperature != DEFAULTS.choice_temperature:
+        if kind == "diffusion" and self.names_choice_temperature:
             named["choice_temperature"] = self.choice_temperature
         return named
 
@@ -74,7 +79,7 @@ class SampleOptions:
             tags.append(f"eta{self.eta:g}")
         if self.sample_schedule is not None:
             tags.append(f"sched{self.sample_schedule}")
-        if self.sampler == DEFAULTS.sampler and self.choice_temperature != DEFAULTS.choice_temperature:
+        if self.names_choice_temperature:
             tags.append(f"ct{self.choice_temperature:g}")
         return tags
 
