@@ -40,6 +40,8 @@ class DataSection:
     limit_train: int = 0  # > 0: use only the first N training images
     limit_test: int = 0
     seed: int = 0  # for `shapes`
+    flip: bool = False  # the generators also train on every train image mirrored left-right (its own token
+    # grid: a mirrored image's ids are not its ids mirrored), which doubles RUN/tokens/train; off for digits
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:

@@ -235,31 +235,40 @@ class Run:
 # ------------------------------------------------------------------ the token cache
 
 
+def tokens_key(run: Run) -> dict[str, Any]:
+    """What RUN/tokens/ is encoded from: the tokenizer, and whether the train split holds mirror images too."""
+    return {"tokenizer_hash": run.tokenizer_hash, "flip": run.read_recipe().data.flip}
+
+
 def tokens_current(run: Run) -> bool:
-    """RUN/tokens/ holds both splits, encoded by the tokenizer that is there now."""
+    """RUN/tokens/ holds both splits, encoded by the tokenizer that is there now, as the recipe asks."""
     if not run.weights("tokenizer").exists():
         return False
-    meta = run.fresh(run.tokens_meta_path, {"tokenizer_hash": run.tokenizer_hash})
+    meta = run.fresh(run.tokens_meta_path, tokens_key(run))
     return meta is not None and all(run.tokens_file(s).exists() for s in ("train", "test"))
 
 
 def encode_dataset(run: Run, on_batch=None) -> dict[str, Any]:
-    """Write the token grids of the train and test splits, with labels, to RUN/tokens/."""
+    """Write the token grids of the train and test splits, with labels, to RUN/tokens/; with
+    `data.flip` the train split also holds the grids of its images mirrored, after the originals."""
     recipe = run.read_recipe()
     model = run.load_tokenizer(refined=False)
+    key = tokens_key(run)
     meta: dict[str, Any] = {
-        "tokenizer_hash": run.tokenizer_hash,
+        **key,
         "codebook_size": model.codebook_size,
         "grid": list(model.grid),
         "dataset": recipe.data.dataset,
     }
     for split in ("train", "test"):
         data = run.load_split(recipe, split)
-        ids = encode(model, data, 512, on_batch)
-        save_tokens(run.tokens_file(split), ids, data.labels, model.codebook_size)
+        ids, labels = encode(model, data, 512, on_batch), data.labels
+        if split == "train" and recipe.data.flip:
+            ids, labels = torch.cat([ids, encode(model, data, 512, on_batch, flip=True)]), labels.repeat(2)
+        save_tokens(run.tokens_file(split), ids, labels, model.codebook_size)
         meta[f"num_{split}"] = len(ids)
         meta["num_classes"] = data.num_classes
-    meta["key"] = {"tokenizer_hash": meta["tokenizer_hash"]}  # what `tokens_current` checks
+    meta["key"] = key  # what `tokens_current` checks
     write_json(run.tokens_meta_path, meta)  # last: its presence means the tokens are complete
     return meta
 

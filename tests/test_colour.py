@@ -41,6 +41,33 @@ def test_cifar10_recipe_on_a_jpeg_folder_trains_a_conditional_generator(tmp_path
     assert config["config"]["num_classes"] == 2  # the class folders became labels for conditioning
 
 
+def test_flip_adds_the_mirrored_images_own_grids_to_the_train_tokens_only(tmp_path, monkeypatch):
+    import torch
+
+    from recipes.run import Run, tokens_current
+    from vqdiff.data import load_tokens
+    from vqdiff.pipeline import encode
+
+    monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
+    _folder(tmp_path / "jpegs")
+    run = tmp_path / "run"
+    folder = ["data.dataset=folder", f"data.path={tmp_path / 'jpegs'}"]
+    tiny = [s for s in TINY if s.startswith(("tokenizer.", "ar."))]
+    ok(invoke("train", "tokenizer", "cifar10", "--run-dir", run, *sets(folder + tiny)))
+    ok(invoke("encode", run))
+    plain, plain_labels = load_tokens(run / "tokens" / "train.safetensors")
+    ok(invoke("train", "ar", "cifar10", "--run-dir", run, *sets(folder + tiny + ["ar.batch_size=8", "data.flip=true"])))
+    meta = json.loads((run / "tokens" / "meta.json").read_text())
+    assert meta["flip"] and meta["num_train"] == 24 and meta["num_test"] == 4  # re-encoded: the key names flip
+    ids, labels = load_tokens(run / "tokens" / "train.safetensors")
+    r = Run(run)
+    images = r.load_split(r.read_recipe(), "train")
+    mirrored = encode(r.load_tokenizer(refined=False), images.batch(torch.arange(12))["images"].flip(-1))
+    assert torch.equal(ids[:12], plain) and torch.equal(ids[12:], mirrored)  # the mirror images' own grids
+    assert torch.equal(labels, plain_labels.repeat(2)) and tokens_current(r)
+    assert json.loads((run / "ar" / "tokens.json").read_text())["flip"] is True
+
+
 def test_inception_weights_without_a_classification_layer_give_no_inception_score(tmp_path, monkeypatch):
     import pytest
     import torch

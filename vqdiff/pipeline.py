@@ -121,14 +121,15 @@ def _images(data: Tensor | ImageSet, start: int, stop: int) -> Tensor:
 
 
 @torch.no_grad()
-def encode(tokenizer: nn.Module, images: Tensor | ImageSet, batch_size: int = 256, on_batch=None) -> Tensor:
+def encode(tokenizer: nn.Module, images: Tensor | ImageSet, batch_size: int = 256, on_batch=None, flip: bool = False) -> Tensor:
     """images float [n c H W] in [-1, 1] (or an ImageSet) -> ids long [n h w] on the CPU, in batches
-    on the tokenizer's device. on_batch(done, n) after every batch."""
+    on the tokenizer's device; flip: of the images mirrored left-right. on_batch(done, n) after every batch."""
     device = next(tokenizer.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         stop = min(start + batch_size, len(images))
-        out.append(tokenizer.encode(_images(images, start, stop).to(device)).cpu())
+        x = _images(images, start, stop)
+        out.append(tokenizer.encode((x.flip(-1) if flip else x).to(device)).cpu())
         if on_batch is not None:
             on_batch(stop, len(images))
     return torch.cat(out)
