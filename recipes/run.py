@@ -236,8 +236,9 @@ class Run:
 
 
 def tokens_key(run: Run) -> dict[str, Any]:
-    """What RUN/tokens/ is encoded from: the tokenizer, and whether the train split holds mirror images too."""
-    return {"tokenizer_hash": run.tokenizer_hash, "flip": run.read_recipe().data.flip}
+    """What RUN/tokens/ is encoded from: the tokenizer, and `flip` when the train split holds mirror images
+    too (named only then, so a cache from before the option stays current)."""
+    return {"tokenizer_hash": run.tokenizer_hash, **({"flip": True} if run.read_recipe().data.flip else {})}
 
 
 def tokens_current(run: Run) -> bool:
@@ -255,7 +256,8 @@ def encode_dataset(run: Run, on_batch=None) -> dict[str, Any]:
     model = run.load_tokenizer(refined=False)
     key = tokens_key(run)
     meta: dict[str, Any] = {
-        **key,
+        "tokenizer_hash": run.tokenizer_hash,
+        "flip": recipe.data.flip,
         "codebook_size": model.codebook_size,
         "grid": list(model.grid),
         "dataset": recipe.data.dataset,

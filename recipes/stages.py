@@ -186,7 +186,7 @@ def train_generator(kind: str, recipe: Recipe, run: Run, on_log=None, on_batch=N
     if is_trained(folder, tcfg.steps) and run.metrics_path(kind).exists():
         return read_json(run.metrics_path(kind))
     if is_main():
-        write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"], "flip": meta["flip"]})
+        write_json(folder / "tokens.json", {"tokenizer_hash": meta["tokenizer_hash"], "flip": meta.get("flip", False)})
     ids, labels = load_tokens(run.tokens_file("train"))
     t0 = time.perf_counter()
     with seeded(tcfg.seed):

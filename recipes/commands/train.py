@@ -90,7 +90,7 @@ def encode(run: RunArg, data_root: DataRootOpt = None, device: DeviceOpt = None)
         if meta is None:
             return
         out.print(
-            f"tokens: {meta['num_train']} train{' (half of them mirrored)' if meta['flip'] else ''} and {meta['num_test']} test grids of "
+            f"tokens: {meta['num_train']} train{' (half of them mirrored)' if meta.get('flip') else ''} and {meta['num_test']} test grids of "
             f"{meta['grid'][0]}x{meta['grid'][1]} -> {run / 'tokens'}"
         )
 
