@@ -264,15 +264,20 @@ def encode_dataset(run: Run, on_batch=None) -> dict[str, Any]:
     }
     for split in ("train", "test"):
         data = run.load_split(recipe, split)
-        ids, labels = encode(model, data, 512, on_batch), data.labels
-        if split == "train" and recipe.data.flip:
-            ids, labels = torch.cat([ids, encode(model, data, 512, on_batch, flip=True)]), labels.repeat(2)
+        flips = (False, True) if split == "train" and recipe.data.flip else (False,)
+        passes = [encode(model, data, 512, _share(on_batch, i, len(flips)), flip=f) for i, f in enumerate(flips)]
+        ids, labels = torch.cat(passes), data.labels.repeat(len(flips))
         save_tokens(run.tokens_file(split), ids, labels, model.codebook_size)
         meta[f"num_{split}"] = len(ids)
         meta["num_classes"] = data.num_classes
     meta["key"] = key  # what `tokens_current` checks
     write_json(run.tokens_meta_path, meta)  # last: its presence means the tokens are complete
     return meta
+
+
+def _share(on_batch, i: int, parts: int):
+    """on_batch(done, n) of pass `i` of `parts` over the same n images, as one count over all of them."""
+    return None if on_batch is None else lambda done, n: on_batch(i * n + done, parts * n)
 
 
 def ensure_tokens(run: Run, on_batch=None) -> dict[str, Any]:
