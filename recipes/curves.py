@@ -54,7 +54,7 @@ def held_out_bits(run: Run, kind: str, snapshot: Path, max_grids: int) -> dict[s
 
 def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
     """FID and recall of every kept snapshot of each generator, on the same axes: training step and
-    training wall time. AR samples at the first temperature; diffusion at the first temperature,
+    training wall time. AR samples at the first temperature (none: its own); diffusion at the first temperature,
     `curve_steps` steps and the first sampler. Writes RUN/report/curve.json and
     learning_curve.png; re-runs reuse samples and metrics."""
     bar = bars_of(bars)
@@ -69,7 +69,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         opts, num=opts.curve_num or opts.num, extractor=opts.curve_extractor or opts.extractor, both_spaces=False
     )  # one space: a curve compares snapshots with each other
     m = Measuring.of(run, curve_opts, recipe, bar)
-    temperature, steps, sampler = opts.temperatures[0], opts.curve_steps, opts.samplers[0]
+    temperature, steps, sampler = opts.setting_temperatures[0], opts.curve_steps, opts.samplers[0]
     diffusion_options = opts.setting_options(recipe, "diffusion", temperature=temperature, steps=steps, sampler=sampler)
     points = []
     for g, snaps in found.items():
@@ -83,7 +83,7 @@ def learning_curve(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
             metrics = m.of_samples(samples, label)
             points.append(
                 {"generator": g, "step": step, "train_seconds": seconds, "fid": metrics["fid"], "recall": metrics.get("recall"),
-                 "precision": metrics.get("precision"), "setting": spec.folder_name(samples.forward_passes),
+                 "precision": metrics.get("precision"), "temperature": options.temperature, "cfg": options.cfg, "setting": spec.folder_name(samples.forward_passes),
                  **held_out_bits(run, g, path, recipe[g]["eval_grids"])}
             )  # fmt: skip
     curve = {

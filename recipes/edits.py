@@ -208,7 +208,7 @@ def evaluate_edits(run: Run, opts, bars=None) -> dict[str, Any]:
     n = m.n
     rows = []
     for g, model in models.items():
-        o = opts.setting_options(recipe, g, temperature=opts.temperatures[0], steps=max(opts.steps), sampler=opts.samplers[0])
+        o = opts.setting_options(recipe, g, temperature=opts.setting_temperatures[0], steps=max(opts.steps), sampler=opts.samplers[0])
         # what edits.json and the caches record of the setting ("cfg_scale" is their key for o.cfg)
         settings: dict[str, Any] = {"temperature": o.temperature, "seed": opts.seed, "cfg_scale": o.cfg, **extra_options(o, g)}
         if "steps" in READS[g]:

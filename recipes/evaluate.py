@@ -55,8 +55,8 @@ class EvalOptions(EvaluateSection):
             raise StageError("no generators to evaluate")
         if self.num < 2:
             raise StageError(f"--num must be >= 2, got {self.num}")
-        if not (self.steps and self.temperatures and self.samplers):
-            raise StageError("--steps, --temperatures and --sampler each need at least one value")
+        if not (self.steps and self.samplers):
+            raise StageError("--steps and --sampler each need at least one value")
         for extractor in (self.extractor, self.curve_extractor or self.extractor):
             if extractor not in ("auto", "classifier", "inception"):
                 raise StageError(f"unknown extractor {extractor!r}; choose auto, classifier or inception")
@@ -70,13 +70,18 @@ class EvalOptions(EvaluateSection):
         if self.inception_mode not in INCEPTION_MODES:
             raise StageError(f"unknown inception mode {self.inception_mode!r}; choose one of {', '.join(INCEPTION_MODES)}")
         for steps in (*self.steps, self.curve_steps, self.gif_steps):
-            for temperature in self.temperatures:
+            for temperature in self.setting_temperatures:
                 for sampler in self.samplers:
                     self.setting_options(recipe, "diffusion", temperature=temperature, steps=steps, sampler=sampler)
 
-    def setting_options(self, recipe: Recipe, generator: str, *, temperature: float, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
+    @property
+    def setting_temperatures(self) -> tuple[float | None, ...]:
+        """The temperatures of the settings: [evaluate] temperatures, or None (each generator's own) when it is empty."""
+        return self.temperatures or (None,)
+
+    def setting_options(self, recipe: Recipe, generator: str, *, temperature: float | None, steps: int | None = None, sampler: str | None = None) -> SampleOptions:
         """The SampleOptions of one setting, from the one resolver: this evaluation's cfg, top_k, top_p
-        and `given` with the setting's temperature, steps and sampler (None: the default, for
+        (None: the generator's own) and `given` with the setting's temperature (None: the generator's own), steps and sampler (None: the default, for
         corruptions with one sampler). The settings compare samplers, so eta goes to the ancestral one
         and choice_temperature to maskgit."""
         sampler = sampler or DEFAULTS.sampler
@@ -223,9 +228,9 @@ def _settings(recipe: Recipe, opts: EvalOptions, g: str, diffusion_kind: str | N
     # one sampler per setting, except the mask corruption, which compares its samplers
     samplers = opts.samplers if g == "diffusion" and diffusion_kind == "mask" else (None,)
     steps_list = opts.steps if "steps" in READS[g] else (None,)
-    for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.temperatures for st in steps_list):
+    for sampler, temperature, steps in ((sm, tp, st) for sm in samplers for tp in opts.setting_temperatures for st in steps_list):
         options = opts.setting_options(recipe, g, temperature=temperature, steps=steps, sampler=sampler)
-        yield {"generator": g, "sampler": sampler, "temperature": temperature, "steps": steps, **options.named(g)}, options
+        yield {"generator": g, "sampler": sampler, "temperature": options.temperature, "cfg": options.cfg, "steps": steps, **options.named(g)}, options
 
 
 def _measure_settings(run: Run, recipe: Recipe, opts: EvalOptions, m: Measuring, diffusion_kind: str | None) -> list[dict[str, Any]]:
@@ -258,7 +263,7 @@ def _trajectory_gif(run: Run, recipe: Recipe, opts: EvalOptions, diffusion_kind:
     if "diffusion" not in opts.generators:
         return None
     sampler = opts.samplers[0] if diffusion_kind == "mask" else None
-    options = opts.setting_options(recipe, "diffusion", temperature=opts.temperatures[0], steps=opts.gif_steps, sampler=sampler)
+    options = opts.setting_options(recipe, "diffusion", temperature=opts.setting_temperatures[0], steps=opts.gif_steps, sampler=sampler)
     spec = SampleSpec(generator="diffusion", options=options, num=16, seed=opts.seed)
     samples = generate(run, spec, out=run.samples_dir / f"trajectory-s{opts.gif_steps}", gif=True)
     return str((samples.folder / "trajectory.gif").relative_to(run.run_dir))
@@ -320,7 +325,7 @@ def evaluate(run: Run, opts: EvalOptions, bars=None) -> dict[str, Any]:
         "classifier_test_accuracy": ctx["classifier_test_accuracy"],
         "classifier_hash": m.classifier.hash if m.classifier is not None else None,
         "bits_per_token": bits,
-        "cfg": opts.cfg,
+        "cfg": opts.cfg,  # None: each generator's own (the rows' cfg)
         "top_k": opts.top_k,
         "top_p": opts.top_p,
         "device": str(run.torch_device),

@@ -62,8 +62,8 @@ class EvaluateSection:
     generators: tuple[str, ...] = ("ar", "diffusion")
     num: int = 1000  # samples per generator and setting
     steps: tuple[int, ...] = (4, 8, 16)  # diffusion sampling steps (AR takes one pass per token)
-    temperatures: tuple[float, ...] = (DEFAULTS.temperature,)  # 0 = argmax
-    cfg: float = DEFAULTS.cfg  # classifier-free guidance scale for class-conditional generators (1 = none)
+    temperatures: tuple[float, ...] = ()  # every setting at each of these (0 = argmax); empty = each generator's own ([ar] and [diffusion] temperature)
+    cfg: float | None = None  # every setting at this guidance scale (1 = none); leave out = each generator's own ([ar] and [diffusion] cfg)
     top_k: int | None = DEFAULTS.top_k  # sample from the k most likely tokens, both generators (leave out = off)
     top_p: float | None = DEFAULTS.top_p  # nucleus sampling, both generators (leave out = off)
     extractor: str = "auto"  # auto | classifier | inception
@@ -89,6 +89,10 @@ class GeneratorExtras:
     """Keys a generator section takes besides its model config and TrainConfig."""
 
     conditional: bool = True  # class-conditional (with CFG) when the dataset has labels
+    # this generator's sampling defaults: vqdiff sample and edit start from them, and evaluate where
+    # [evaluate] temperatures is empty and its cfg left out
+    temperature: float = DEFAULTS.temperature  # 0 = argmax
+    cfg: float = DEFAULTS.cfg  # classifier-free guidance scale of a class-conditional generator (1 = none)
     eval_grids: int = 2000  # test grids for bits per token after training (0 = all)
 
 
@@ -387,7 +391,7 @@ def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOpt
 
     A value `given` (by its SampleOptions name; None = not given) wins over the recipe's, which
     wins over the default (vqdiff.options.DEFAULTS). The recipe (None: a run folder without one)
-    gives the diffusion's sampler, its sample_schedule, its eta when the sampler is the ancestral
+    gives the generator's temperature and cfg, the diffusion's sampler, its sample_schedule, its eta when the sampler is the ancestral
     one (remasking belongs to that sampler alone) and its choice_temperature when it is maskgit. The fields the generator does not
     read (vqdiff.options.READS) stay at their defaults, given or not. A value out of range is an
     OptionError that names it.
@@ -402,6 +406,7 @@ def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOpt
             values["eta"] = d["eta"]
         if values["sampler"] == "maskgit":
             values["choice_temperature"] = d["choice_temperature"]
+        values["temperature"], values["cfg"] = recipe[kind]["temperature"], recipe[kind]["cfg"]
     values.update(given)
     return SampleOptions(**{k: v for k, v in values.items() if k in READS[kind]})
 
@@ -413,7 +418,8 @@ def _check_sampling(recipe: Recipe) -> None:
     d, e = recipe["diffusion"], recipe["evaluate"]
     try:
         for sampler in dict.fromkeys([d["sampler"], *e["samplers"], "ancestral", "maskgit"]):  # eta and choice_temperature are checked too
-            for temperature in e["temperatures"] or [DEFAULTS.temperature]:
+            for temperature in e["temperatures"] or [None]:  # None: the generator's own
                 resolve_options(recipe, "diffusion", sampler=sampler, temperature=temperature, cfg=e["cfg"], top_k=e["top_k"], top_p=e["top_p"])
+        resolve_options(recipe, "ar")  # its temperature and cfg
     except OptionError as err:
-        raise RecipeError(f"[diffusion] or [evaluate]: {err}") from None
+        raise RecipeError(f"[ar], [diffusion] or [evaluate]: {err}") from None

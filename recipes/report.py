@@ -195,7 +195,7 @@ def plot_curve(curve: dict[str, Any], report_dir: Path, *, name: str) -> str:
         twin.legend(fontsize=8, loc="upper right")
     fig.suptitle(
         f"{name}: learning curves ({curve['num_samples']} samples; diffusion {curve['diffusion_sampler']}, "
-        f"{curve['diffusion_steps']} steps; CFG {curve['cfg']:g})"
+        f"{curve['diffusion_steps']} steps; CFG {_guidance(curve['cfg'], curve['points'])})"
     )
     fig.tight_layout()
     fig.savefig(report_dir / "learning_curve.png", dpi=120)
@@ -288,13 +288,22 @@ def _refined_text(r: dict[str, Any] | None) -> str:
     return f"; the decoder refined for {r['steps']} steps on frozen codes (MSE, {perceptual}, {adversarial})"
 
 
+def _guidance(cfg: float | None, rows: list[dict[str, Any]]) -> str:
+    """One guidance scale for every row, or each generator's own (its rows' cfg)."""
+    if cfg is not None:
+        return f"{cfg:g}"
+    own = {r["generator"]: r["cfg"] for r in rows if r.get("cfg") is not None}
+    return ", ".join(f"{g} {c:g}" for g, c in own.items()) or "each generator's own"
+
+
 def _table_lines(report: dict[str, Any]) -> list[str]:
     others, conditional = other_spaces(report), _conditional(report)
-    columns = ["generator", "sampler", "temperature", "steps", "forward passes", "FID", *(f"FID {o}" for o in others)]
+    columns = ["generator", "sampler", "temperature", "CFG", "steps", "forward passes", "FID", *(f"FID {o}" for o in others)]
     columns += ["KID", "precision", "recall", "IS", *["class accuracy"] * conditional, "images/s"]
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(["---"] * len(columns)) + " |"]
     for r in report["results"]:
-        cells = [r["generator"], r.get("sampler") or "–", f"{r['temperature']:g}", r["steps"] or "–", r["forward_passes"], _fmt(r["fid"])]
+        cfg = r.get("cfg", report.get("cfg"))  # a report from before rows named it: the report's
+        cells = [r["generator"], r.get("sampler") or "–", f"{r['temperature']:g}", f"{cfg:g}" if cfg is not None else "–", r["steps"] or "–", r["forward_passes"], _fmt(r["fid"])]
         cells += [_fmt((r.get("fids") or {}).get(o)) for o in others]
         cells += [_fmt(r.get("kid"), 3), _fmt(r.get("precision"), 3), _fmt(r.get("recall"), 3), _fmt(r.get("isc"))]
         cells += [_fmt(r.get("class_accuracy"), 3)] * conditional + [_fmt(r["images_per_second"], 1)]
@@ -319,7 +328,7 @@ def markdown(report: dict[str, Any], report_dir: Path) -> str:
         what = "exact" if b.get("kind") == "exact" else "ELBO upper bound"
         lines.append(f"- {g}: {_fmt(b.get('bits_per_token'), 3)} bits per token on the test split ({what})")
     lines += [
-        f"- Device: {report['device']}; classifier-free guidance scale {report['cfg']:g}; "
+        f"- Device: {report['device']}; classifier-free guidance scale {_guidance(report['cfg'], report['results'])}; "
         f"top-k {report.get('top_k') or 'off'}; top-p {report.get('top_p') or 'off'}"
         + "".join(f"; {k} {v}" for k, v in report.get("software", {}).items()),
         "",

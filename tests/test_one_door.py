@@ -125,6 +125,43 @@ def test_the_choice_temperature_goes_from_the_recipe_or_the_cli_to_maskgit_alone
         load_recipe("shapes", [*TINY, "diffusion.choice_temperature=-1.0"])
 
 
+def test_each_generator_samples_at_its_own_temperature_unless_evaluate_names_one():
+    from recipes.evaluate import EvalOptions, _settings
+    from recipes.report import setting
+
+    recipe = load_recipe("shapes", [*TINY, "ar.temperature=0.9", "evaluate.temperatures=[]"])
+    assert resolve_options(recipe, "ar").temperature == 0.9 and resolve_options(recipe, "diffusion").temperature == 1.0
+    assert resolve_options(recipe, "ar", temperature=0.7).temperature == 0.7  # the command line wins
+    own = EvalOptions.from_recipe(recipe)
+    rows = {g: [row for row, _ in _settings(recipe, own, g, "mask")] for g in ("ar", "diffusion")}
+    assert [r["temperature"] for r in rows["ar"]] == [0.9] and setting(rows["ar"][0]) == "ar t=0.9"
+    assert {r["temperature"] for r in rows["diffusion"]} == {1.0}
+    named = EvalOptions.from_recipe(recipe, temperatures=(0.8, 1.0))  # named: every generator at each of them
+    for g in ("ar", "diffusion"):
+        assert sorted({row["temperature"] for row, _ in _settings(recipe, named, g, "mask")}) == [0.8, 1.0]
+    with pytest.raises(RecipeError, match=r"\[ar\].*temperature must be finite"):
+        load_recipe("shapes", [*TINY, "ar.temperature=-1.0"])
+
+
+def test_each_generator_is_guided_at_its_own_scale_unless_evaluate_names_one():
+    from recipes.evaluate import EvalOptions, _settings
+    from recipes.report import _guidance, _table_lines
+
+    recipe = load_recipe("shapes", [*TINY, "ar.cfg=3.0", "diffusion.cfg=2.0"])
+    assert resolve_options(recipe, "ar").cfg == 3.0 and resolve_options(recipe, "diffusion").cfg == 2.0
+    assert resolve_options(recipe, "diffusion", cfg=1.5).cfg == 1.5  # the command line wins
+    own = EvalOptions.from_recipe(recipe)
+    rows = [row for g in ("ar", "diffusion") for row, _ in _settings(recipe, own, g, "mask")]
+    assert own.cfg is None and {(r["generator"], r["cfg"]) for r in rows} == {("ar", 3.0), ("diffusion", 2.0)}
+    assert _guidance(own.cfg, rows) == "ar 3, diffusion 2"
+    report = {"cfg": None, "results": [{**r, "forward_passes": 1, "fid": 1.0, "images_per_second": 1.0} for r in rows]}
+    assert [line.split(" | ")[3] for line in _table_lines(report)[2:]] == ["3"] + ["2"] * (len(rows) - 1)  # the CFG column
+    named = EvalOptions.from_recipe(recipe, cfg=4.0)  # named: every generator at it
+    assert {row["cfg"] for g in ("ar", "diffusion") for row, _ in _settings(recipe, named, g, "mask")} == {4.0}
+    with pytest.raises(RecipeError, match=r"\[ar\].*cfg must be finite"):
+        load_recipe("shapes", [*TINY, "ar.cfg=-1.0"])
+
+
 def test_the_resolver_refuses_in_one_line():
     with pytest.raises(RecipeError, match="unknown generator 'gan'"):
         resolve_options(None, "gan")

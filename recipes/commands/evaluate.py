@@ -72,7 +72,7 @@ def evaluate(
     inception_weights: InceptionOpt = None,
     inception_mode: InceptionModeOpt = None,
     both_spaces: BothSpacesOpt = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for conditional generators.")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Guidance scale for conditional generators, all of them. [default: each generator's own, [ar] and [diffusion] cfg]")] = None,
     sampler: Annotated[
         Optional[str],
         typer.Option("--sampler", help="Diffusion (mask) samplers, comma list: maskgit,ancestral,halton. [default: the recipe's]"),
