@@ -166,6 +166,7 @@ class Demo:
         names = CLASS_NAMES.get(self.dataset, ())
         self.class_names = [names[i] if i < len(names) else str(i) for i in range(self.num_classes)]
         self.default_sampler = resolve_options(self.recipe, "diffusion").sampler
+        self.defaults = {k: resolve_options(self.recipe, k) for k in self.kinds}  # each generator's temperature and cfg
         self.scale = upscale_factor(self.image_size)
 
     def tokenizer_channels(self) -> int:
@@ -299,12 +300,13 @@ def build_demo(run_dir: Path | str, device: str | None = None) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                kind = gr.Radio(d.kinds, value="diffusion" if "diffusion" in d.kinds else d.kinds[0], label="generator", elem_id="generator")
+                first = "diffusion" if "diffusion" in d.kinds else d.kinds[0]
+                kind = gr.Radio(d.kinds, value=first, label="generator", elem_id="generator")
                 sampler = gr.Dropdown(list(MASK_SAMPLERS), value=d.default_sampler, label="sampler (diffusion)", elem_id="sampler")
-                temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0 = argmax)", elem_id="temperature")
+                temperature = gr.Slider(0.0, 2.0, value=d.defaults[first].temperature, step=0.05, label="temperature (0 = argmax)", elem_id="temperature")
                 steps = gr.Slider(1, 64, value=8, step=1, label="steps (diffusion)", elem_id="steps")
                 class_name = gr.Dropdown([RANDOM_CLASS, *d.class_names], value=RANDOM_CLASS, label="class", visible=conditional, elem_id="class")
-                cfg = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="CFG scale (1 = none)", visible=conditional, elem_id="cfg")
+                cfg = gr.Slider(1.0, 8.0, value=d.defaults[first].cfg, step=0.5, label="CFG scale (1 = none)", visible=conditional, elem_id="cfg")
                 seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
             with gr.Column(scale=3):
                 with gr.Tab("Sample", elem_id="tab-sample"):
@@ -331,6 +333,8 @@ def build_demo(run_dir: Path | str, device: str | None = None) -> gr.Blocks:
                     edit_status = gr.Markdown(elem_id="edit-status")
                     edited = gr.Image(label="original | input | result", type="pil", format="png", interactive=False, elem_id="edit-output")
         settings = [kind, temperature, steps, class_name, cfg, seed, sampler]
+        # a generator's own temperature and guidance (its recipe section) when it is chosen
+        kind.change(lambda k: (d.defaults[k].temperature, d.defaults[k].cfg), kind, [temperature, cfg], show_progress="hidden")
         generate.click(d.sample, [kind, num, temperature, steps, class_name, cfg, seed, sampler], [grid, trajectory, status])
         region = [source, mode, x0, y0, x1, y1, side, amount]
         for control in region:
