@@ -145,5 +145,5 @@ def test_disagreement_sentence_names_the_best_row_of_each_generator_in_each_spac
     assert lines[2].startswith("**The feature spaces disagree")  # the top sentence
     assert any("rFID **9.00** (classifier 0.50)" in line for line in lines)
     assert any("FID **3.00** (classifier 0.10)" in line for line in lines)
-    assert any(line.startswith("| ar | – | 1 | – | 64 | 30.00 | 1.00 |") and "| 0.900 |" in line for line in lines)
+    assert any(line.startswith("| ar | – | 1 | 1 | – | 64 | 30.00 | 1.00 |") and "| 0.900 |" in line for line in lines)  # the CFG column: the report's, from before rows named it
     assert results_table(report).columns[2].header == "FID classifier"
