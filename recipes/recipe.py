@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,8 +328,8 @@ def resolve(raw: dict[str, Any], *, source: str, default_name: str, overrides=()
         for k, v in given.items():
             if OFF_BEFORE_NONE.get((section, k), ...) == v:
                 v = None  # another spelling of off (OFF_BEFORE_NONE)
-            default = merged.get(k)
-            if default is not None and not _same_type(default, v):
+            default = merged.get(k) if merged.get(k) is not None else _off_type_default(section, k)
+            if default is not None and v is not None and not _same_type(default, v):
                 raise RecipeError(f"{section}.{k} = {v!r}: expected a {type(default).__name__}")
             merged[k] = v
         sections[section] = merged
@@ -364,6 +365,17 @@ def validate(recipe: Recipe) -> None:
             "num_classes": 10 if s["conditional"] else 0,
         }
         recipe.model_config(section, **{k: s[k] if s.get(k) is not None else v for k, v in stand_ins.items()})
+
+
+def _off_type_default(section: str, key: str) -> Any:
+    """For a key whose default is None (off): a zero of the type it takes when set (`float | None` -> 0.0), so
+    that a value of another type is refused like any other key's; None where the schema does not say."""
+    for cls in SCHEMAS.get(section, ()):
+        hint = typing.get_type_hints(cls).get(key)
+        if hint is not None:
+            types = [t for t in typing.get_args(hint) if t is not type(None) and isinstance(t, type)]
+            return types[0]() if types else None
+    return None
 
 
 def _same_type(default: Any, value: Any) -> bool:

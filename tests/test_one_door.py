@@ -162,6 +162,12 @@ def test_each_generator_is_guided_at_its_own_scale_unless_evaluate_names_one():
         load_recipe("shapes", [*TINY, "ar.cfg=-1.0"])
 
 
+@pytest.mark.parametrize("key", ["evaluate.cfg", "evaluate.top_k", "evaluate.top_p", "evaluate.reference_num", "ar.cfg", "ar.temperature"])
+def test_a_value_of_the_wrong_type_is_refused_in_one_line_also_where_the_default_is_off(key):
+    with pytest.raises(RecipeError, match=rf"^{key} = 'x': expected a (float|int)$"):
+        load_recipe("shapes", [*TINY, f"{key}='x'"])
+
+
 def test_the_resolver_refuses_in_one_line():
     with pytest.raises(RecipeError, match="unknown generator 'gan'"):
         resolve_options(None, "gan")
