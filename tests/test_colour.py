@@ -27,14 +27,19 @@ def test_cifar10_recipe_is_the_seed_posts_tokenizer():
     assert r["evaluate"]["num"] >= 2000 and r["evaluate"]["extractor"] == "auto"
 
 
-def test_cifar10_recipe_on_a_jpeg_folder_trains_a_conditional_generator(tmp_path, monkeypatch):
+def _tokenizer_on_a_folder(tmp_path, monkeypatch):
+    """(run, the --set values of the folder and the tiny tokenizer and AR) with the cifar10 tokenizer trained on `_folder`'s images."""
     monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
     _folder(tmp_path / "jpegs")
     run = tmp_path / "run"
-    folder = ["data.dataset=folder", f"data.path={tmp_path / 'jpegs'}"]
-    tiny = [s for s in TINY if s.startswith(("tokenizer.", "ar."))]
-    ok(invoke("train", "tokenizer", "cifar10", "--run-dir", run, *sets(folder + tiny)))
-    ok(invoke("train", "ar", "cifar10", "--run-dir", run, *sets(folder + tiny + ["ar.batch_size=8"])))
+    keys = ["data.dataset=folder", f"data.path={tmp_path / 'jpegs'}", *(s for s in TINY if s.startswith(("tokenizer.", "ar.")))]
+    ok(invoke("train", "tokenizer", "cifar10", "--run-dir", run, *sets(keys)))
+    return run, keys
+
+
+def test_cifar10_recipe_on_a_jpeg_folder_trains_a_conditional_generator(tmp_path, monkeypatch):
+    run, keys = _tokenizer_on_a_folder(tmp_path, monkeypatch)
+    ok(invoke("train", "ar", "cifar10", "--run-dir", run, *sets(keys + ["ar.batch_size=8"])))
     meta = json.loads((run / "tokens" / "meta.json").read_text())
     assert meta["num_train"] == 12 and meta["num_test"] == 4 and meta["num_classes"] == 2
     config = json.loads((run / "ar" / "config.json").read_text())
@@ -48,15 +53,10 @@ def test_flip_adds_the_mirrored_images_own_grids_to_the_train_tokens_only(tmp_pa
     from vqdiff.data import load_tokens
     from vqdiff.pipeline import encode
 
-    monkeypatch.setenv("VQDIFF_CACHE", str(tmp_path / "cache"))
-    _folder(tmp_path / "jpegs")
-    run = tmp_path / "run"
-    folder = ["data.dataset=folder", f"data.path={tmp_path / 'jpegs'}"]
-    tiny = [s for s in TINY if s.startswith(("tokenizer.", "ar."))]
-    ok(invoke("train", "tokenizer", "cifar10", "--run-dir", run, *sets(folder + tiny)))
+    run, keys = _tokenizer_on_a_folder(tmp_path, monkeypatch)
     ok(invoke("encode", run))
     plain, plain_labels = load_tokens(run / "tokens" / "train.safetensors")
-    ok(invoke("train", "ar", "cifar10", "--run-dir", run, *sets(folder + tiny + ["ar.batch_size=8", "data.flip=true"])))
+    ok(invoke("train", "ar", "cifar10", "--run-dir", run, *sets(keys + ["ar.batch_size=8", "data.flip=true"])))
     meta = json.loads((run / "tokens" / "meta.json").read_text())
     assert meta["flip"] and meta["num_train"] == 24 and meta["num_test"] == 4  # re-encoded: the key names flip
     ids, labels = load_tokens(run / "tokens" / "train.safetensors")
