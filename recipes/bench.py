@@ -42,12 +42,13 @@ class SpeedPath:
     attention: str  # vqdiff.precision.ATTENTION_PATHS
     precision: dict[str, str]  # per model kind, overriding the recipe's `precision` ({}: the recipe's);
     # "sample": the sampling loops' precision (vqdiff.precision.use_sample_precision; default the rule)
+    compile: bool | None = None  # a training step's loss under torch.compile (None: the recipe's `compile`)
 
 
 NEW = SpeedPath("new", attention="auto", precision={})
 # before the speed rules: SDPA's own kernel everywhere, the tokenizer in fp32 on a CPU ("auto"),
-# sampling in fp32
-TODAY = SpeedPath("today", attention="sdpa", precision={"tokenizer": "auto", "sample": "fp32"})
+# sampling in fp32, no torch.compile
+TODAY = SpeedPath("today", attention="sdpa", precision={"tokenizer": "auto", "sample": "fp32"}, compile=False)
 
 
 @contextlib.contextmanager
@@ -115,18 +116,23 @@ def train_call(models: BenchModels, recipe: Recipe, kind: str, device: torch.dev
     amp = model_autocast(model, tc.precision, device)
     opt = make_optimizer(model, tc, device)
     batch = random_batch(kind, model, tc.batch_size, device)
+    compiled = tc.compile if path.compile is None else path.compile
+    # the training loop's own choice (vqdiff.train): the bound method compiled, the module left plain
+    loss_fn = torch.compile(model.loss) if compiled else model.loss
 
-    def step() -> None:
+    def step(loss_fn: Callable = loss_fn) -> None:
         model.train()
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = model.loss(batch)
+            loss, _ = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     with on_path(path):
         est = memory_estimate(kind, model, tc, device)
-    info = {"batch": tc.batch_size, "dtype": str(amp or torch.float32).removeprefix("torch."),
+    info = {"batch": tc.batch_size, "dtype": str(amp or torch.float32).removeprefix("torch."), "compiled": compiled,
+            # FLOPs are counted on the eager step: the counter does not see inside compiled kernels
+            "eager_call": (lambda: step(model.loss)) if compiled else None,
             "parameters": sum(p.numel() for p in model.parameters()),
             "memory_estimate_bytes": est.peak(), "memory_available_bytes": available_bytes()}  # fmt: skip
     return step, info
@@ -156,9 +162,9 @@ def measure(what: str, calls: list[tuple[SpeedPath, Callable[[], Any], dict]], d
     """One row per path: seconds per call (the fastest of `rounds` rounds, the paths taking turns, so
     that a load that comes and goes on the machine falls on all of them alike), FLOPs per call and their rate."""
     flops, best = [], [float("inf")] * len(calls)
-    for path, call, _ in calls:
+    for path, call, info in calls:
         with on_path(path):
-            flops.append(count_flops(call))
+            flops.append(count_flops(info.pop("eager_call", None) or call))
     for _ in range(rounds if len(calls) > 1 else 1):
         for i, (path, call, _) in enumerate(calls):
             with on_path(path):
@@ -335,7 +341,7 @@ def bench_table(result: dict[str, Any], name: str):
 
 def _setting(row: dict) -> str:
     if row["stage"] == "train":
-        return f"train ({row['parameters'] / 1e6:.2f}M, {row['dtype']})"
+        return f"train ({row['parameters'] / 1e6:.2f}M, {row['dtype']}{', compiled' if row.get('compiled') else ''})"
     if row["stage"] == "features":
         return row["extractor"]
     if row["what"] == "decode":

@@ -178,3 +178,34 @@ def test_sampling_precision_rule_and_its_override(monkeypatch, native, expected)
             model.sample(2, options, labels=1, generator=torch.Generator().manual_seed(0))
         assert set(seen_in) == {torch.float32}, model.kind
         hook.remove()
+
+
+def test_a_compiled_loss_trains_as_the_eager_one_and_saves_plain_weights(tmp_path):
+    """`compile = true` (the cifar10 recipe's generators) compiles `model.loss` only: the same steps as
+    eager up to float rounding, checkpoints with the plain module's keys that load strictly, and a
+    compiled run stopped half-way resumes to the weights of one that was not."""
+    from safetensors.torch import load_file
+
+    from vqdiff.checkpoint import load_model
+    from vqdiff.steps import TensorSource
+    from vqdiff.train import TrainConfig, train
+
+    cfg = ARConfig(codebook_size=16, grid_h=4, grid_w=4, dim=16, depth=1, heads=2, group=2, depth_head=1)  # unconditional: no draws
+    data = TensorSource(ids=torch.randint(0, 16, (32, 4, 4), generator=torch.Generator().manual_seed(0)))
+
+    def run(folder: str, compiled: bool, stop_after: int | None = None) -> dict[str, torch.Tensor]:
+        with seeded(0):
+            model = ARTransformer(cfg)
+        tc = TrainConfig(steps=4, batch_size=8, warmup_steps=1, precision="fp32", compile=compiled, checkpoint_every=2)
+        train(model, data, tc, tmp_path / folder, device="cpu", stop_after=stop_after)
+        return load_file(tmp_path / folder / "model.safetensors")
+
+    eager, compiled = run("eager", False), run("compiled", True)
+    assert compiled.keys() == eager.keys()  # no `_orig_mod.` prefix
+    for k, v in eager.items():
+        assert torch.allclose(compiled[k], v, atol=1e-4), k
+    load_model(tmp_path / "compiled")  # a strict load of the compiled run's folder
+    half = run("resumed", True, stop_after=2)
+    assert not all(torch.equal(half[k], compiled[k]) for k in compiled)  # stopped after 2 of the 4 steps
+    resumed = run("resumed", True)
+    assert all(torch.equal(resumed[k], compiled[k]) for k in compiled)

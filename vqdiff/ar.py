@@ -99,13 +99,16 @@ class ARTransformer(nn.Module):
         h = self.trunk.hidden(positions, labels)[:, :-1]  # [b n d]: the state that predicts each position
         return self.trunk.to_cells(self.depth(h, positions[..., :-1]))  # teacher forcing over the slots
 
-    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """Mean next-token cross-entropy in nats. batch: {"ids": long [b h w], "labels": long [b] (optional)}."""
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean next-token cross-entropy in nats. batch: {"ids": long [b h w], "labels": long [b] (optional)}.
+
+        The logs are detached 0-dim tensors, read as floats when a log line is written: a `.item()`
+        here would break a compiled loss (`compile = true`) into two graphs."""
         ids = batch["ids"]
         labels = train_labels(batch, self.cfg.num_classes, self.cfg.class_dropout)
         logits = self(ids, labels)  # [b n k]
         loss = F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"))
-        return loss, {"bits_per_token": loss.item() / math.log(2)}
+        return loss, {"bits_per_token": loss.detach() / math.log(2)}
 
     def forward_passes(self, options: SampleOptions = DEFAULTS) -> int:
         """Forward passes per sample: one per position (h * w, or h * w / g^2 with groups), whatever `options.steps` says."""

@@ -227,10 +227,11 @@ class DiffusionTransformer(nn.Module):
         kl = self._discrete_kl(rearrange(x_t, "b h w -> b (h w)"), flat, logits, t, s)
         return cfg.elbo_steps * kl.sum(1) / n, x_t
 
-    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Training loss in nats. batch: {"ids": long [b h w] in [0, k), "labels": long [b] (optional)}.
 
-        Uses the global RNG (the training loop re-seeds it every step).
+        Uses the global RNG (the training loop re-seeds it every step). The logs are detached 0-dim
+        tensors (no `.item()`, which would break a compiled loss into two graphs).
         """
         cfg = self.cfg
         ids = batch["ids"]
@@ -239,9 +240,9 @@ class DiffusionTransformer(nn.Module):
         if cfg.elbo_weighting:
             nats, x_t = self.elbo(ids, labels, u)
             loss = nats.mean().float()
-            logs = {"elbo_bits_per_token": loss.item() / math.log(2)}
+            logs = {"elbo_bits_per_token": loss.detach() / math.log(2)}
             if cfg.corruption == "mask":
-                logs["masked_fraction"] = (x_t == self.mask_id).float().mean().item()
+                logs["masked_fraction"] = (x_t == self.mask_id).float().mean()
             return loss, logs
         t = u
         x_t = self.corrupt(ids, t)
@@ -249,12 +250,12 @@ class DiffusionTransformer(nn.Module):
         ce = F.cross_entropy(rearrange(logits, "b n k -> b k n"), rearrange(ids, "b h w -> b (h w)"), reduction="none", label_smoothing=cfg.label_smoothing)
         if cfg.corruption != "mask":
             loss = ce.mean()  # all positions: a visible id may be a random one
-            return loss, {"ce": loss.item()}
+            return loss, {"ce": loss.detach()}
         # loss only on masked positions: elsewhere the target is the input (MaskGIT Sec. 3.2)
         masked = (rearrange(x_t, "b h w -> b (h w)") == self.mask_id).float()
         # the mean over the global batch's masked positions (their count summed over ranks under torchrun)
         loss = batch_ratio((ce * masked).sum(), masked.sum())
-        return loss, {"masked_fraction": masked.mean().item(), "ce_masked": loss.item()}
+        return loss, {"masked_fraction": masked.mean(), "ce_masked": loss.detach()}
 
     @torch.no_grad()
     def bits_per_token(self, batch: dict[str, Tensor], generator: torch.Generator | None = None, *, samples: int = 8) -> dict:

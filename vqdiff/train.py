@@ -363,7 +363,7 @@ def _stop_if_signalled(run: _Run, signals: _DeferSignals) -> None:
 @dataclass
 class _StepOut:
     loss: torch.Tensor  # the global batch's loss
-    logs: dict[str, float]  # the model's own logs, this rank's slice
+    logs: dict[str, Any]  # the model's own logs (floats or 0-dim tensors), this rank's slice
     lr: float
     grad_norm: float
     weight: float  # this rank's share of the global batch
