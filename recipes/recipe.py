@@ -94,6 +94,9 @@ class GeneratorExtras:
     # [evaluate] temperatures is empty and its cfg left out
     temperature: float = DEFAULTS.temperature  # 0 = argmax
     cfg: float = DEFAULTS.cfg  # classifier-free guidance scale of a class-conditional generator (1 = none)
+    # how the scale moves over a generation: leave out (or "constant") for cfg throughout; "linear" rises
+    # from 1 at the first token or step to cfg at the last (vqdiff.options.SampleOptions.guidance_at)
+    cfg_schedule: str | None = DEFAULTS.cfg_schedule
     eval_grids: int = 2000  # test grids for bits per token after training (0 = all)
 
 
@@ -403,7 +406,7 @@ def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOpt
 
     A value `given` (by its SampleOptions name; None = not given) wins over the recipe's, which
     wins over the default (vqdiff.options.DEFAULTS). The recipe (None: a run folder without one)
-    gives the generator's temperature and cfg, the diffusion's sampler, its sample_schedule, its eta when the sampler is the ancestral
+    gives the generator's temperature, cfg and cfg_schedule, the diffusion's sampler, its sample_schedule, its eta when the sampler is the ancestral
     one (remasking belongs to that sampler alone) and its choice_temperature when it is maskgit. The fields the generator does not
     read (vqdiff.options.READS) stay at their defaults, given or not. A value out of range is an
     OptionError that names it.
@@ -419,6 +422,7 @@ def resolve_options(recipe: Recipe | None, kind: str, **given: Any) -> SampleOpt
         if values["sampler"] == "maskgit":
             values["choice_temperature"] = d["choice_temperature"]
         values["temperature"], values["cfg"] = recipe[kind]["temperature"], recipe[kind]["cfg"]
+        values["cfg_schedule"] = recipe[kind]["cfg_schedule"]
     values.update(given)
     return SampleOptions(**{k: v for k, v in values.items() if k in READS[kind]})
 

@@ -31,7 +31,11 @@ def setting(r: dict[str, Any]) -> str:
     s = r["generator"] + (f" {r['sampler']}" if r.get("sampler") else "") + f" t={r['temperature']:g}"
     s += f" s={r['steps']}" if r.get("steps") else ""
     s += f" ct={r['choice_temperature']:g}" if r.get("choice_temperature") is not None else ""  # maskgit's, when not 4.5
-    return s + "".join(f" on {r[k]}" for k in NAMED_WHEN_SET if r.get(k))  # e.g. " on cosine": a sample schedule
+    return s + "".join(LABELS[k].format(r[k]) for k in NAMED_WHEN_SET if r.get(k))  # e.g. " on cosine": a sample schedule
+
+
+# how a setting's name shows each option of vqdiff.options.NAMED_WHEN_SET that is set
+LABELS = {"sample_schedule": " on {}", "cfg_schedule": " cfg {}"}
 
 
 def best_sentence(results: list[dict[str, Any]]) -> list[str]:

@@ -67,6 +67,8 @@ class SampleSpec:
             extras.append(f"c{self.class_}")
         if o.cfg != DEFAULTS.cfg:
             extras.append(f"g{o.cfg:g}")
+        if o.cfg_schedule is not None:
+            extras.append(f"cfg{o.cfg_schedule}")
         if self.prefix_rows:
             extras.append(f"r{self.prefix_rows}")
         if not self.use_cache:

@@ -162,6 +162,39 @@ def test_each_generator_is_guided_at_its_own_scale_unless_evaluate_names_one():
         load_recipe("shapes", [*TINY, "ar.cfg=-1.0"])
 
 
+def test_the_cfg_schedule_goes_from_the_recipe_or_the_cli_to_each_generators_guidance(monkeypatch):
+    """A linear cfg schedule: the first position (AR) or step (diffusion) is mixed at no guidance, the last at cfg."""
+    import vqdiff.ar as ar_mod
+    import vqdiff.diffusion as diffusion_mod
+    from recipes.evaluate import EvalOptions, _settings
+    from recipes.report import setting
+    from recipes.sampling import SampleSpec
+    from vqdiff.ar import ARConfig
+    from vqdiff.diffusion import DiffusionConfig, DiffusionTransformer
+
+    recipe = load_recipe("shapes", [*TINY, "ar.cfg=3.0", "ar.cfg_schedule='linear'"])
+    o = resolve_options(recipe, "ar")
+    assert o.cfg_schedule == "linear" and resolve_options(recipe, "diffusion").cfg_schedule is None  # each generator's own
+    assert resolve_options(recipe, "ar", cfg_schedule="constant").cfg_schedule is None  # the command line wins
+    row = next(row for row, _ in _settings(recipe, EvalOptions.from_recipe(recipe), "ar", "mask"))
+    assert row["cfg_schedule"] == "linear" and setting(row).endswith(" cfg linear")
+    assert SampleSpec("ar", o).folder_name(16).endswith("-g3-cfglinear") and "cfg" not in SampleSpec("ar", o.replace(cfg_schedule=None)).folder_name(16)
+    with pytest.raises(RecipeError, match="unknown cfg schedule 'x'"):
+        load_recipe("shapes", [*TINY, "diffusion.cfg_schedule='x'"])
+
+    scales = []
+    for module in (ar_mod, diffusion_mod):
+        mix = module.cfg_mix
+        monkeypatch.setattr(module, "cfg_mix", lambda logits, cfg, _mix=mix: scales.append(cfg) or _mix(logits, cfg))
+    kw = dict(codebook_size=8, grid_h=4, grid_w=4, num_classes=2, dim=16, depth=1, heads=2)
+    with torch.no_grad():
+        ARTransformer(ARConfig(**kw)).sample(2, o, labels=0)
+        assert scales[0] == 1.0 and scales[-1] == 3.0 and scales == sorted(scales) and len(scales) == 16  # one per position
+        scales.clear()
+        DiffusionTransformer(DiffusionConfig(**kw)).sample(2, o.replace(steps=4), labels=0)
+        assert scales == [1.0 + 2.0 * p for p in (0.0, 0.25, 0.5, 0.75)]  # at 1 - t of each step's time t
+
+
 @pytest.mark.parametrize("key", ["evaluate.cfg", "evaluate.top_k", "evaluate.top_p", "evaluate.reference_num", "ar.cfg", "ar.temperature"])
 def test_a_value_of_the_wrong_type_is_refused_in_one_line_also_where_the_default_is_off(key):
     with pytest.raises(RecipeError, match=rf"^{key} = 'x': expected a (float|int)$"):

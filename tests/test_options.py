@@ -21,6 +21,7 @@ from vqdiff.options import DEFAULTS, FIELDS, MAX_STEPS, MASK_SAMPLERS, READS, Op
         ({"eta": 0.5}, "eta (remasking) is for the ancestral sampler"),
         ({"choice_temperature": float("inf")}, "choice temperature must be finite"),
         ({"sample_schedule": "exp"}, "unknown sample schedule 'exp'"),
+        ({"cfg_schedule": "cosine"}, "unknown cfg schedule 'cosine'; choose constant or linear"),
     ],
 )
 def test_bad_values_are_refused_in_one_line(changes, needle):
@@ -47,7 +48,7 @@ def test_replace_checks_and_without_changes_is_the_same_object():
 
 def test_reads_names_fields_of_the_options():
     assert set(READS["diffusion"]) == set(FIELDS)  # the diffusion generator reads every field
-    assert set(READS["ar"]) == {"temperature", "top_k", "top_p", "cfg"}  # no steps, no sampler
+    assert set(READS["ar"]) == {"temperature", "top_k", "top_p", "cfg", "cfg_schedule"}  # no steps, no sampler
 
 
 def test_a_recipe_toml_written_before_off_was_none_reads_as_off(tmp_path):
@@ -60,3 +61,11 @@ def test_a_recipe_toml_written_before_off_was_none_reads_as_off(tmp_path):
     r = load_recipe(str(path))
     assert (r["evaluate"]["top_k"], r["evaluate"]["top_p"], r["diffusion"]["sample_schedule"]) == (None, None, None)
     assert "top_k" not in r.to_toml() and "sample_schedule" not in r.to_toml()
+
+
+def test_the_cfg_schedule_moves_the_guidance_scale_from_none_to_cfg():
+    assert DEFAULTS.cfg_schedule is None and DEFAULTS.replace(cfg=3.0).guidance_at(0.0) == 3.0  # constant
+    assert SampleOptions(cfg=3.0, cfg_schedule="constant").cfg_schedule is None  # one spelling of the constant scale
+    linear = SampleOptions(cfg=4.0, cfg_schedule="linear")
+    assert [linear.guidance_at(p) for p in (0.0, 0.5, 1.0, 2.0)] == [1.0, 2.5, 4.0, 4.0]
+    assert "cfg_schedule" not in DEFAULTS.record() and linear.record()["cfg_schedule"] == "linear"  # old folders keep their key

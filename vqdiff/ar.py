@@ -134,7 +134,8 @@ class ARTransformer(nn.Module):
 
         options: the fields this generator reads (vqdiff.options.READS["ar"]): temperature >= 0 (0 =
         greedy), top_k / top_p (filter before sampling), cfg (cfg != 1 with labels mixes uncond +
-        cfg * (cond - uncond) on a doubled batch); it takes one pass per token and ignores `steps`.
+        cfg * (cond - uncond) on a doubled batch; cfg_schedule moves the scale over the positions,
+        `SampleOptions.guidance_at`); it takes one pass per token and ignores `steps`.
         labels: long [n] or one int, in [0, num_classes); None samples with the null class.
         callback(step_index, ids long [n h w]) is called after every token, the cells not generated
         yet holding k (as a diffusion trajectory holds mask_id = k). prefix: long [n r w], its r rows
@@ -162,7 +163,7 @@ class ARTransformer(nn.Module):
         pending = ids  # positions the cache has not seen yet (the whole prefix at first)
         for i in range(ids.shape[1], num):
             out = self._next(feed(double(pending if cache is not None else ids)), labels, cache)  # x2 if guided
-            nxt = self._draw(out, guided, options, generator)  # [n slots]
+            nxt = self._draw(out, guided, options, generator, options.guidance_at(i / max(num - 1, 1)))  # [n slots]
             if forced is not None:
                 nxt = torch.where(forced[:, i, None], known[:, i], nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -180,11 +181,11 @@ class ARTransformer(nn.Module):
             return self.trunk.hidden(new, labels, cache=cache)[:, -1]
         return self.next_logits(new, labels, cache) if cache is not None else self.trunk(new, labels)[:, -1]
 
-    def _draw(self, out: Tensor, guided: bool, options: SampleOptions, generator: torch.Generator | None) -> Tensor:
-        """The ids long [n slots] of one position from `_next`'s output (a doubled batch when guided):
-        all at once from the heads, or slot by slot through the depth head."""
+    def _draw(self, out: Tensor, guided: bool, options: SampleOptions, generator: torch.Generator | None, scale: float) -> Tensor:
+        """The ids long [n slots] of one position from `_next`'s output (a doubled batch when guided,
+        mixed at guidance `scale`): all at once from the heads, or slot by slot through the depth head."""
         def draw(logits: Tensor) -> Tensor:  # [b ... k] -> [n ...]
-            logits = cfg_mix(logits, options.cfg) if guided else logits.float()
+            logits = cfg_mix(logits, scale) if guided else logits.float()
             nxt = sample_logits(logits.reshape(-1, logits.shape[-1]), temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator)
             return nxt.view(logits.shape[:-1])
 

@@ -312,7 +312,8 @@ class DiffusionTransformer(nn.Module):
         """Sample n grids in exactly `options.steps` forward passes: long [n h w] in [0, k).
 
         options: every field (vqdiff.options.READS["diffusion"]): temperature >= 0 (0 = argmax),
-        top_k / top_p, cfg (cfg != 1 with labels mixes uncond + cfg * (cond - uncond)), and the
+        top_k / top_p, cfg (cfg != 1 with labels mixes uncond + cfg * (cond - uncond); cfg_schedule
+        moves the scale over the steps, `SampleOptions.guidance_at` at 1 - t), and the
         sampler's choice and settings (`sampler`, `choice_temperature`, `eta`, `sample_schedule`: see
         `_sampler`). The object is read as it is, checked when it was built. labels: long [n] or one
         int, in [0, num_classes); None samples with the null class. callback(step_index, ids long
@@ -330,8 +331,8 @@ class DiffusionTransformer(nn.Module):
         labels = sample_labels(labels, n, self.cfg.num_classes, self.device)
         labels, guided = guidance_labels(labels, self.cfg.num_classes, options.cfg)
 
-        def denoise(x: Tensor, t: float) -> Tensor:
-            return self._denoise(x, labels, guided, options.cfg, t)
+        def denoise(x: Tensor, t: float) -> Tensor:  # the guidance scale at the step's progress 1 - t
+            return self._denoise(x, labels, guided, options.guidance_at(1.0 - t), t)
 
         def draw(logits: Tensor, where: Tensor | None = None) -> Tensor:
             return sample_logits(logits, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, generator=generator, where=where)

@@ -39,6 +39,14 @@ TemperatureOpt = Annotated[
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", "-s", help="Diffusion forward passes, 1 to 1024 (AR ignores it). [default: 8]")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")]
 CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale (1 = none). [default: 1]")]
+CfgScheduleOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cfg-schedule",
+        help="How the guidance scale moves: constant, or linear (from 1 at the first token or step to --cfg at "
+        "the last). [default: the recipe's, else constant]",
+    ),
+]
 SamplerOpt = Annotated[
     Optional[str],
     typer.Option("--sampler", help="Diffusion (mask): maskgit | ancestral | halton. [default: the recipe's diffusion.sampler]"),

@@ -17,7 +17,7 @@ import torch
 import typer
 
 from recipes import edits
-from recipes.commands.common import CfgOpt, DeviceOpt, GifOpt, RunArg, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run
+from recipes.commands.common import CfgOpt, CfgScheduleOpt, DeviceOpt, GifOpt, RunArg, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run
 from recipes.console import console, edge, out
 from recipes.images import frame_recorder
 from recipes.lock import run_lock
@@ -82,6 +82,7 @@ def edit(
     seed: SeedOpt = 0,
     sampler: SamplerOpt = None,
     cfg: CfgOpt = None,
+    cfg_schedule: CfgScheduleOpt = None,
     paste_back: Annotated[
         bool, typer.Option("--paste-back/--no-paste-back", help="Copy the kept pixels of the input over the output.")
     ] = False,
@@ -95,7 +96,7 @@ def edit(
         if generator == "ar" and steps is not None:
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
         recipe = Run(run).read_recipe()  # a StageError when RUN is not a run folder
-        options = resolve_options(recipe, generator, temperature=temperature, steps=steps, cfg=cfg, sampler=sampler)
+        options = resolve_options(recipe, generator, temperature=temperature, steps=steps, cfg=cfg, cfg_schedule=cfg_schedule, sampler=sampler)
         spec = SampleSpec(generator=generator, options=options, num=len(images), seed=seed, class_=class_)
         spec.validate()
         r = open_run(run, None, device)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from recipes.commands.common import (
-    DataRootOpt, DeviceOpt, ExtractorOpt, InceptionOpt, RunArg, SampleScheduleOpt, open_run, progress_log, writer_lock,
+    CfgScheduleOpt, DataRootOpt, DeviceOpt, ExtractorOpt, InceptionOpt, RunArg, SampleScheduleOpt, open_run, progress_log, writer_lock,
 )  # fmt: skip
 from recipes.console import batch_logger, edge, fail, out, progress_bars
 from recipes.curves import decoder_curve, learning_curve
@@ -83,6 +83,7 @@ def evaluate(
         typer.Option("--choice-temperature", help="Gumbel noise on the maskgit sampler's confidences. [default: the recipe's, 4.5]"),
     ] = None,
     sample_schedule: SampleScheduleOpt = None,
+    cfg_schedule: CfgScheduleOpt = None,
     top_k: Annotated[
         Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens, both generators. [default: the recipe's, off]")
     ] = None,
@@ -127,6 +128,7 @@ def evaluate(
             eta=eta,
             choice_temperature=choice_temperature,
             sample_schedule=sample_schedule,
+            cfg_schedule=cfg_schedule,
             top_k=top_k,
             top_p=top_p,
         )

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from recipes.commands.common import (
-    CfgOpt, DeviceOpt, GifOpt, RunArg, SampleScheduleOpt, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run, progress_log,
+    CfgOpt, CfgScheduleOpt, DeviceOpt, GifOpt, RunArg, SampleScheduleOpt, SamplerOpt, SeedOpt, StepsOpt, TemperatureOpt, open_run, progress_log,
     writer_lock,
 )  # fmt: skip
 from recipes.console import batch_logger, console, edge, fail, out, progress_bars
@@ -33,6 +33,7 @@ def sample(
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling (both generators).")] = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Class to generate (conditional models).")] = None,
     cfg: CfgOpt = None,
+    cfg_schedule: CfgScheduleOpt = None,
     prefix_rows: Annotated[int, typer.Option("--prefix-rows", help="AR: keep the first R token rows of test images.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder. [default: RUN/samples/GEN-tT-sS]")] = None,
     gif: GifOpt = False,
@@ -54,7 +55,7 @@ def sample(
             console.print("note: the ar generator ignores --steps (it takes one forward pass per token)")
         options = resolve_options(
             Run(run).read_recipe(missing_ok=True), generator, temperature=temperature, steps=steps, top_k=top_k,
-            top_p=top_p, cfg=cfg, sampler=sampler, eta=eta, sample_schedule=sample_schedule, choice_temperature=choice_temperature,
+            top_p=top_p, cfg=cfg, cfg_schedule=cfg_schedule, sampler=sampler, eta=eta, sample_schedule=sample_schedule, choice_temperature=choice_temperature,
         )  # fmt: skip
         spec = SampleSpec(
             generator=generator, options=options, num=num, seed=seed, class_=class_, prefix_rows=prefix_rows,
